@@ -1,0 +1,1 @@
+//! sgps: offline few-shot medical image classification.

@@ -1,0 +1,1 @@
+"""Training recipe for the sgps shipped models (image encoder, text encoder, synthesizer)."""

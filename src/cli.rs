@@ -1,0 +1,311 @@
+//! Command-line argument structs and dispatch. `main.rs` only parses and calls [`run`].
+//!
+//! Each subcommand's arguments live in their own struct; the subcommands implemented by other
+//! modules (eval, bench, demo, run) own their argument structs in those modules.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::classifier::Classifier;
+use crate::image_io::has_image_extension;
+use crate::pipeline::{LoadOptions, Pipeline, SynthMode, resolve_models_dir};
+use crate::support::{SupportSpec, read_descriptions};
+
+/// Offline few-shot medical image classification: synthesize a classifier from a few example
+/// images and descriptions per class (no training), then classify new images.
+#[derive(Debug, Parser)]
+#[command(name = "sgps", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Models directory (default: $SGPS_MODELS, else models/ of the workspace or next to the executable, else ./models).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub models: Option<PathBuf>,
+    /// Inference threads.
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Image-encoder variant from the manifest (e.g. fp32, int8); default: the manifest's.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub image_variant: Option<String>,
+    /// Text-encoder variant from the manifest; default: the manifest's.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub text_variant: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// The models directory this invocation uses.
+    pub fn models_dir(&self) -> PathBuf {
+        resolve_models_dir(self.models.as_deref())
+    }
+
+    /// Load options from the global flags.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            image_variant: self.image_variant.clone(),
+            text_variant: self.text_variant.clone(),
+            threads: self.threads,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Synthesize a classifier from a support set (2-16 classes, 0-20 images each, optional descriptions).
+    Synth(SynthArgs),
+    /// Classify images with a saved classifier.
+    Classify(ClassifyArgs),
+}
+
+/// Which support information the synthesizer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Images and descriptions.
+    ImagesAndText,
+    /// Images only (descriptions ignored).
+    ImagesOnly,
+    /// Descriptions only (zero-shot).
+    TextOnly,
+}
+
+impl From<ModeArg> for SynthMode {
+    fn from(m: ModeArg) -> SynthMode {
+        match m {
+            ModeArg::ImagesAndText => SynthMode::ImagesAndText,
+            ModeArg::ImagesOnly => SynthMode::ImagesOnly,
+            ModeArg::TextOnly => SynthMode::TextOnly,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    sgps synth support/ --out lesions.sgps          # support/<class>/*.jpg, optional support/descriptions.json\n  \
+    sgps synth --class ak=a1.jpg,a2.jpg --class df=d1.jpg --describe df=\"firm brown papule\" --out t.sgps")]
+pub struct SynthArgs {
+    /// Support folder: <DIR>/<class>/*.jpg|png|bmp, optional <DIR>/descriptions.json.
+    #[arg(value_name = "DIR", conflicts_with = "class")]
+    pub dir: Option<PathBuf>,
+    /// A class and its images: name=img1,img2 (empty list = text-only class). Repeat per class.
+    #[arg(long = "class", value_name = "NAME=IMG,...")]
+    pub class: Vec<String>,
+    /// A class description: name="text". Repeatable.
+    #[arg(long, value_name = "NAME=TEXT")]
+    pub describe: Vec<String>,
+    /// JSON file of {"class": "description"} (instead of / in addition to --describe).
+    #[arg(long, value_name = "FILE")]
+    pub descriptions: Option<PathBuf>,
+    /// What the synthesizer may use.
+    #[arg(long, value_enum, default_value_t = ModeArg::ImagesAndText)]
+    pub mode: ModeArg,
+    /// Output classifier file.
+    #[arg(long, short, default_value = "classifier.sgps")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// Classifier file made by `sgps synth`.
+    #[arg(long, short, value_name = "FILE")]
+    pub classifier: PathBuf,
+    /// Images (or folders of images) to classify.
+    #[arg(required = true, value_name = "IMG")]
+    pub images: Vec<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run a parsed command line. Returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let models = cli.models_dir();
+    let opts = cli.load_options();
+    match &cli.command {
+        Command::Synth(a) => synth(a, &models, &opts),
+        Command::Classify(a) => classify(a, &models, &opts),
+    }
+}
+
+fn load_pipeline(models: &Path, opts: &LoadOptions) -> anyhow::Result<Pipeline> {
+    Pipeline::load(models, opts)
+        .with_context(|| format!("loading the models from {}", models.display()))
+}
+
+/// `sgps synth`.
+pub fn synth(a: &SynthArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result<ExitCode> {
+    let mut spec = match &a.dir {
+        Some(dir) => SupportSpec::from_dir(dir)?,
+        None if !a.class.is_empty() => SupportSpec::from_args(&a.class, &[])?,
+        None => anyhow::bail!(
+            "no support set given: pass a folder (sgps synth DIR) or --class name=img1,img2 for each class"
+        ),
+    };
+    if let Some(f) = &a.descriptions {
+        spec.apply_descriptions(read_descriptions(f)?)?;
+    }
+    if !a.describe.is_empty() {
+        let names: Vec<String> = spec.class_names();
+        let only_desc = SupportSpec::from_args(
+            &names.iter().map(|n| format!("{n}=")).collect::<Vec<_>>(),
+            &a.describe,
+        )?;
+        let map = only_desc
+            .classes
+            .into_iter()
+            .filter_map(|c| c.description.map(|d| (c.name, d)))
+            .collect();
+        spec.apply_descriptions(map)?;
+    }
+    let pipeline = load_pipeline(models, opts)?;
+    let clf = pipeline.synthesize_spec(&spec, a.mode.into())?;
+    clf.save(&a.out)?;
+    println!(
+        "synthesized classifier {} ({}, {} classes) -> {}",
+        clf.id,
+        clf.mode,
+        clf.num_classes(),
+        a.out.display()
+    );
+    for (c, shots) in clf.classes.iter().zip(&clf.shots) {
+        println!(
+            "  {:<28} {:>2} image(s){}",
+            c.name,
+            shots,
+            if c.description.is_some() {
+                " + description"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Expand folders into their image files (sorted); keep files as given.
+fn expand_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|f| f.is_file() && has_image_extension(f))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+/// `sgps classify`.
+pub fn classify(a: &ClassifyArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result<ExitCode> {
+    let pipeline = load_pipeline(models, opts)?;
+    let clf = pipeline.load_classifier(&a.classifier)?;
+    let files = expand_inputs(&a.images);
+    let results = pipeline.classify_files(&clf, &files);
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&classify_json(&clf, &files, &results))?
+        );
+    } else {
+        print!("{}", classify_table(&clf, &files, &results));
+    }
+    if failed > 0 {
+        eprintln!(
+            "{failed} of {} image(s) could not be classified",
+            files.len()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+type Results = [crate::error::Result<crate::classifier::Prediction>];
+
+/// JSON report of a classify run.
+pub fn classify_json(clf: &Classifier, files: &[PathBuf], results: &Results) -> serde_json::Value {
+    let rows: Vec<_> = files
+        .iter()
+        .zip(results)
+        .map(|(f, r)| match r {
+            Ok(p) => json!({
+                "file": f.display().to_string(),
+                "top_label": p.top_label,
+                "confidence": p.confidence,
+                "refer": p.refer,
+                "probabilities": clf.classes.iter().zip(&p.probabilities)
+                    .map(|(c, p)| (c.name.clone(), json!(p)))
+                    .collect::<serde_json::Map<_, _>>(),
+            }),
+            Err(e) => json!({"file": f.display().to_string(), "error": e.to_string()}),
+        })
+        .collect();
+    json!({
+        "classifier": {
+            "id": clf.id,
+            "classes": clf.class_names(),
+            "refer_threshold": clf.refer_threshold,
+            "mode": clf.mode,
+        },
+        "results": rows,
+    })
+}
+
+/// Human-readable table of a classify run.
+pub fn classify_table(clf: &Classifier, files: &[PathBuf], results: &Results) -> String {
+    use std::fmt::Write;
+    let fw = files
+        .iter()
+        .map(|f| f.display().to_string().len())
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 60);
+    let cw = clf
+        .classes
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "classifier {} ({} classes, refer below {:.0}%)",
+        clf.id,
+        clf.num_classes(),
+        clf.refer_threshold * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "{:<fw$}  {:<cw$}  {:>10}  verdict",
+        "file", "class", "confidence"
+    );
+    for (f, r) in files.iter().zip(results) {
+        let name = f.display().to_string();
+        match r {
+            Ok(p) => {
+                let _ = writeln!(
+                    s,
+                    "{name:<fw$}  {:<cw$}  {:>9.1}%  {}",
+                    p.top_label,
+                    p.confidence * 100.0,
+                    if p.refer { "REFER" } else { "ok" }
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(s, "{name:<fw$}  ERROR: {e}");
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,72 @@
+//! Image encoder E_I: preprocessed NCHW batch → L2-normalised embedding per image.
+
+use image::RgbImage;
+use tract_onnx::prelude::*;
+
+use super::{Dim, Plan, load_onnx, rows, run_f32, tensor};
+use crate::error::Result;
+use crate::manifest::Manifest;
+use crate::preprocess::Preprocess;
+
+/// Largest batch fed to the encoder at once (bounds activation memory).
+pub const MAX_BATCH: usize = 16;
+
+/// The loaded, optimised image encoder.
+pub struct ImageEncoder {
+    plan: Plan,
+    pub preprocess: Preprocess,
+    pub embedding_dim: usize,
+    pub variant: String,
+    pub sha256: String,
+}
+
+impl ImageEncoder {
+    /// Verify and load the image encoder `variant` (`None` = manifest default).
+    pub fn load(manifest: &Manifest, variant: Option<&str>) -> Result<ImageEncoder> {
+        let spec = &manifest.image_encoder;
+        let (name, entry) = manifest.image_variant(variant)?;
+        let path = manifest.verified_path(&entry.file, &entry.sha256)?;
+        let [h, w] = spec.input_size;
+        let shape = [Dim::Sym("N"), Dim::Fixed(3), Dim::Fixed(h), Dim::Fixed(w)];
+        let plan = load_onnx(
+            &path,
+            &[(spec.input.as_str(), f32::datum_type(), &shape)],
+            &[spec.output.as_str()],
+        )?;
+        log::info!("loaded image encoder {name} ({})", path.display());
+        Ok(ImageEncoder {
+            plan,
+            preprocess: Preprocess::from_spec(spec),
+            embedding_dim: spec.embedding_dim,
+            variant: name.to_string(),
+            sha256: entry.sha256.to_ascii_lowercase(),
+        })
+    }
+
+    /// Embed decoded RGB images (preprocessing included), in batches of at most [`MAX_BATCH`].
+    pub fn embed(&self, imgs: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(imgs.len());
+        for chunk in imgs.chunks(MAX_BATCH) {
+            let t = self.preprocess.batch(chunk);
+            out.extend(self.embed_tensor(&t, chunk.len())?);
+        }
+        Ok(out)
+    }
+
+    /// Embed an already preprocessed `[n, 3, H, W]` tensor (used by parity tests).
+    pub fn embed_tensor(&self, data: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let shape = [
+            n,
+            3,
+            self.preprocess.height as usize,
+            self.preprocess.width as usize,
+        ];
+        let input = tensor("image encoder", &shape, data)?;
+        let mut outs = run_f32(&self.plan, "image encoder", tvec![input])?;
+        let (shape, data) = outs.remove(0);
+        rows("image encoder", &shape, data, n, self.embedding_dim)
+    }
+}

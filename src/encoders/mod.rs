@@ -1,0 +1,127 @@
+//! The ONNX encoders (image E_I, text E_T) and the shared tract loading helper.
+
+pub mod image;
+pub mod text;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+
+pub use self::image::ImageEncoder;
+pub use self::text::TextEncoder;
+
+/// A runnable, optimised tract plan.
+pub(crate) type Plan = Arc<TypedRunnableModel>;
+
+/// One dimension of an input fact: a named symbol (e.g. the batch) or a fixed size.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dim {
+    Sym(&'static str),
+    Fixed(usize),
+}
+
+/// Load an ONNX file with tract, declare its inputs (by name, type and shape with symbolic
+/// dimensions), select its outputs by name, optimise it and make it runnable.
+pub(crate) fn load_onnx(
+    path: &Path,
+    inputs: &[(&str, DatumType, &[Dim])],
+    outputs: &[&str],
+) -> Result<Plan> {
+    let err = |e: TractError| Error::ModelLoad {
+        path: path.to_path_buf(),
+        reason: format!("{e:#}"),
+    };
+    let mut model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
+    model
+        .set_input_names(inputs.iter().map(|(n, _, _)| *n))
+        .map_err(|e| Error::ModelLoad {
+            path: path.to_path_buf(),
+            reason: format!(
+                "inputs {:?} not found ({e}); the model does not match models/manifest.json",
+                inputs.iter().map(|(n, _, _)| *n).collect::<Vec<_>>()
+            ),
+        })?;
+    for (ix, (_, dt, dims)) in inputs.iter().enumerate() {
+        let shape: TVec<TDim> = dims
+            .iter()
+            .map(|d| match d {
+                Dim::Sym(s) => model.sym(s).to_dim(),
+                Dim::Fixed(n) => n.to_dim(),
+            })
+            .collect();
+        model
+            .set_input_fact(ix, InferenceFact::dt_shape(*dt, shape))
+            .map_err(err)?;
+    }
+    model
+        .select_outputs_by_name(outputs.iter().copied())
+        .map_err(|e| Error::ModelLoad {
+            path: path.to_path_buf(),
+            reason: format!(
+                "outputs {outputs:?} not found ({e}); the model does not match models/manifest.json"
+            ),
+        })?;
+    let plan = model
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(err)?;
+    Ok(plan)
+}
+
+/// Run a plan and return its outputs as (shape, data) f32 pairs.
+pub(crate) fn run_f32(
+    plan: &Plan,
+    what: &str,
+    inputs: TVec<TValue>,
+) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
+    let err = |e: TractError| Error::Inference {
+        model: what.to_string(),
+        reason: format!("{e:#}"),
+    };
+    let outs = plan.run(inputs).map_err(err)?;
+    outs.iter()
+        .map(|t| {
+            let t = t.cast_to::<f32>().map_err(err)?;
+            let v = t.to_plain_array_view::<f32>().map_err(err)?;
+            Ok((v.shape().to_vec(), v.iter().copied().collect()))
+        })
+        .collect()
+}
+
+/// Make a tensor from a shape and data, mapping tract errors.
+pub(crate) fn tensor<T: Datum + Copy>(what: &str, shape: &[usize], data: &[T]) -> Result<TValue> {
+    Tensor::from_shape(shape, data)
+        .map(|t| t.into_tvalue())
+        .map_err(|e| Error::Inference {
+            model: what.to_string(),
+            reason: format!("{e:#}"),
+        })
+}
+
+/// Split a row-major `[n, d]` buffer into rows, checking the shape.
+pub(crate) fn rows(
+    what: &str,
+    shape: &[usize],
+    data: Vec<f32>,
+    n: usize,
+    d: usize,
+) -> Result<Vec<Vec<f32>>> {
+    if shape != [n, d] {
+        return Err(Error::Inference {
+            model: what.to_string(),
+            reason: format!("output shape {shape:?}, expected [{n}, {d}] per the manifest"),
+        });
+    }
+    Ok(data.chunks(d).map(|c| c.to_vec()).collect())
+}
+
+/// L2-normalise in place (no-op on a zero vector).
+pub fn l2_normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}

@@ -1,0 +1,141 @@
+//! Text encoder E_T: tokenizer (pure-Rust `tokenizers`) + MiniLM ONNX → L2-normalised embedding.
+
+use tokenizers::{Tokenizer, TruncationParams};
+use tract_onnx::prelude::*;
+
+use super::{Dim, Plan, load_onnx, rows, run_f32, tensor};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+
+/// Token ids of one batch, padded to the longest sequence (no fixed-length padding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBatch {
+    pub n: usize,
+    pub seq: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub token_type_ids: Vec<i64>,
+}
+
+/// The loaded tokenizer and text encoder.
+pub struct TextEncoder {
+    plan: Plan,
+    tokenizer: Tokenizer,
+    has_token_type_ids: bool,
+    pub embedding_dim: usize,
+    pub max_tokens: usize,
+    pub variant: String,
+    pub sha256: String,
+}
+
+impl TextEncoder {
+    /// Verify and load the tokenizer and text encoder `variant` (`None` = manifest default).
+    pub fn load(manifest: &Manifest, variant: Option<&str>) -> Result<TextEncoder> {
+        let spec = &manifest.text_encoder;
+        let tok_path = manifest.verified_path(&spec.tokenizer.file, &spec.tokenizer.sha256)?;
+        let tokenizer = load_tokenizer(&tok_path, spec.max_tokens)?;
+        let (name, entry) = manifest.text_variant(variant)?;
+        let path = manifest.verified_path(&entry.file, &entry.sha256)?;
+        let shape = [Dim::Sym("N"), Dim::Sym("S")];
+        let mut inputs = vec![
+            (
+                spec.inputs.input_ids.as_str(),
+                i64::datum_type(),
+                &shape[..],
+            ),
+            (
+                spec.inputs.attention_mask.as_str(),
+                i64::datum_type(),
+                &shape[..],
+            ),
+        ];
+        if let Some(tt) = &spec.inputs.token_type_ids {
+            inputs.push((tt.as_str(), i64::datum_type(), &shape[..]));
+        }
+        let plan = load_onnx(&path, &inputs, &[spec.output.as_str()])?;
+        log::info!("loaded text encoder {name} ({})", path.display());
+        Ok(TextEncoder {
+            plan,
+            tokenizer,
+            has_token_type_ids: spec.inputs.token_type_ids.is_some(),
+            embedding_dim: spec.embedding_dim,
+            max_tokens: spec.max_tokens,
+            variant: name.to_string(),
+            sha256: entry.sha256.to_ascii_lowercase(),
+        })
+    }
+
+    /// Tokenize a batch: special tokens added, truncated to `max_tokens`, padded to the longest.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<TokenBatch> {
+        tokenize_with(&self.tokenizer, texts)
+    }
+
+    /// Embed texts (one forward pass per batch).
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = self.tokenize(texts)?;
+        let shape = [b.n, b.seq];
+        let mut inputs = tvec![
+            tensor("text encoder", &shape, &b.input_ids)?,
+            tensor("text encoder", &shape, &b.attention_mask)?,
+        ];
+        if self.has_token_type_ids {
+            inputs.push(tensor("text encoder", &shape, &b.token_type_ids)?);
+        }
+        let mut outs = run_f32(&self.plan, "text encoder", inputs)?;
+        let (shape, data) = outs.remove(0);
+        rows("text encoder", &shape, data, b.n, self.embedding_dim)
+    }
+}
+
+/// Load `tokenizer.json` offline with truncation to `max_tokens` and no padding.
+pub fn load_tokenizer(path: &std::path::Path, max_tokens: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(path)
+        .map_err(|e| Error::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
+    tok.with_padding(None);
+    tok.with_truncation(Some(TruncationParams {
+        max_length: max_tokens,
+        ..Default::default()
+    }))
+    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(tok)
+}
+
+/// Tokenize with an already configured tokenizer (see [`load_tokenizer`]).
+pub fn tokenize_with(tok: &Tokenizer, texts: &[&str]) -> Result<TokenBatch> {
+    let encs = texts
+        .iter()
+        .map(|t| tok.encode(*t, true))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let n = encs.len();
+    let seq = encs
+        .iter()
+        .map(|e| e.get_ids().len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut b = TokenBatch {
+        n,
+        seq,
+        input_ids: vec![0; n * seq],
+        attention_mask: vec![0; n * seq],
+        token_type_ids: vec![0; n * seq],
+    };
+    for (i, e) in encs.iter().enumerate() {
+        for (j, ((id, m), tt)) in e
+            .get_ids()
+            .iter()
+            .zip(e.get_attention_mask())
+            .zip(e.get_type_ids())
+            .enumerate()
+        {
+            b.input_ids[i * seq + j] = *id as i64;
+            b.attention_mask[i * seq + j] = *m as i64;
+            b.token_type_ids[i * seq + j] = *tt as i64;
+        }
+    }
+    Ok(b)
+}

@@ -1,0 +1,269 @@
+//! The one pipeline every front end uses (CLI, device loop, eval, bench, demo):
+//! decode → preprocess → E_I, text → E_T, support set → G → [`Classifier`] → prediction.
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::classifier::{ClassInfo, Classifier, Prediction, now_unix};
+use crate::encoders::{ImageEncoder, TextEncoder};
+use crate::error::{Error, Result};
+use crate::image_io;
+use crate::manifest::Manifest;
+use crate::support::SupportSpec;
+use crate::synthesizer::Synthesizer;
+
+pub use crate::synthesizer::{ClassSupport, SynthMode};
+
+/// An embedding vector (L2-normalised by the encoders).
+pub type Embedding = Vec<f32>;
+
+/// Environment variable naming the models directory.
+pub const MODELS_ENV: &str = "SGPS_MODELS";
+
+/// Which model variants to load and how many threads to use.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Image-encoder variant (`fp32`, `int8`, …); `None` = manifest default.
+    pub image_variant: Option<String>,
+    /// Text-encoder variant; `None` = manifest default.
+    pub text_variant: Option<String>,
+    /// Inference threads; `None` = 1.
+    pub threads: Option<usize>,
+}
+
+/// Loaded and optimised models plus the manifest.
+pub struct Pipeline {
+    manifest: Manifest,
+    image: ImageEncoder,
+    text: TextEncoder,
+    synth: Synthesizer,
+}
+
+impl Pipeline {
+    /// Read the manifest in `models_dir`, verify every model file's SHA-256 and load the models.
+    pub fn load(models_dir: &Path, opts: &LoadOptions) -> Result<Pipeline> {
+        configure_threads(opts.threads);
+        let manifest = Manifest::load(models_dir)?;
+        let image = ImageEncoder::load(&manifest, opts.image_variant.as_deref())?;
+        let text = TextEncoder::load(&manifest, opts.text_variant.as_deref())?;
+        let synth = Synthesizer::load(&manifest)?;
+        Ok(Pipeline {
+            manifest,
+            image,
+            text,
+            synth,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn image_encoder(&self) -> &ImageEncoder {
+        &self.image
+    }
+
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text
+    }
+
+    pub fn synthesizer(&self) -> &Synthesizer {
+        &self.synth
+    }
+
+    /// SHA-256 of the image encoder file in use (classifiers are bound to it).
+    pub fn encoder_sha256(&self) -> &str {
+        &self.image.sha256
+    }
+
+    /// Embed decoded RGB images (batched).
+    pub fn embed_images(&self, imgs: &[RgbImage]) -> Result<Vec<Embedding>> {
+        self.image.embed(imgs)
+    }
+
+    /// Decode (bounded, converted to RGB) and embed one image file; errors name the file.
+    pub fn embed_image_file(&self, path: &Path) -> Result<Embedding> {
+        let img = image_io::load_rgb(path)?;
+        Ok(self.image.embed(std::slice::from_ref(&img))?.remove(0))
+    }
+
+    /// Embed many files, batched; a bad file gives an error in its slot and the rest still run.
+    pub fn embed_image_files(&self, paths: &[PathBuf]) -> Vec<Result<Embedding>> {
+        let mut out: Vec<Option<Result<Embedding>>> = (0..paths.len()).map(|_| None).collect();
+        let batch = crate::encoders::image::MAX_BATCH;
+        let mut pending: Vec<(usize, RgbImage)> = Vec::with_capacity(batch);
+        let flush = |pending: &mut Vec<(usize, RgbImage)>,
+                     out: &mut Vec<Option<Result<Embedding>>>| {
+            if pending.is_empty() {
+                return;
+            }
+            let imgs: Vec<RgbImage> = pending.iter().map(|(_, i)| i.clone()).collect();
+            match self.image.embed(&imgs) {
+                Ok(embs) => {
+                    for ((ix, _), e) in pending.iter().zip(embs) {
+                        out[*ix] = Some(Ok(e));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (ix, _) in pending.iter() {
+                        out[*ix] = Some(Err(Error::image(&paths[*ix], &msg)));
+                    }
+                }
+            }
+            pending.clear();
+        };
+        for (ix, p) in paths.iter().enumerate() {
+            match image_io::load_rgb(p) {
+                Ok(img) => pending.push((ix, img)),
+                Err(e) => out[ix] = Some(Err(e)),
+            }
+            if pending.len() == batch {
+                flush(&mut pending, &mut out);
+            }
+        }
+        flush(&mut pending, &mut out);
+        out.into_iter()
+            .map(|o| o.expect("every slot filled"))
+            .collect()
+    }
+
+    /// Embed descriptions with the text encoder (one batch).
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Embedding>> {
+        self.text.embed(texts)
+    }
+
+    /// Run G on embedded classes and build the classifier (bound to this image encoder).
+    pub fn synthesize(&self, classes: &[ClassSupport], mode: SynthMode) -> Result<Classifier> {
+        let out = self.synth.run(classes, mode)?;
+        let mut c = Classifier {
+            classes: classes
+                .iter()
+                .map(|c| ClassInfo {
+                    name: c.name.clone(),
+                    description: match mode {
+                        SynthMode::ImagesOnly => None,
+                        _ => c.description.clone(),
+                    },
+                })
+                .collect(),
+            weight: out.weight,
+            bias: out.bias,
+            scale: out.scale,
+            refer_threshold: self.manifest.head.refer_threshold,
+            encoder_sha256: self.image.sha256.clone(),
+            text_encoder_sha256: self.text.sha256.clone(),
+            synthesizer_sha256: self.synth.sha256.clone(),
+            manifest_format: self.manifest.format,
+            mode: mode.label().to_string(),
+            shots: classes
+                .iter()
+                .map(|c| match mode {
+                    SynthMode::TextOnly => 0,
+                    _ => c.shots.len() as u32,
+                })
+                .collect(),
+            created_at_unix: now_unix(),
+            id: String::new(),
+        };
+        c.validate().map_err(|e| Error::Inference {
+            model: "synthesizer".into(),
+            reason: format!("produced an invalid classifier: {e}"),
+        })?;
+        c.refresh_id();
+        Ok(c)
+    }
+
+    /// Embed a support-set specification: every image (a bad one is an error naming the file)
+    /// and every description (one text batch).
+    pub fn embed_support(&self, spec: &SupportSpec) -> Result<Vec<ClassSupport>> {
+        let max = self.manifest.synthesizer.max_shots;
+        let mut out = Vec::with_capacity(spec.classes.len());
+        for c in &spec.classes {
+            if c.images.len() > max {
+                return Err(Error::Support(format!(
+                    "class {:?} has {} images; at most {max} per class are supported",
+                    c.name,
+                    c.images.len()
+                )));
+            }
+            let shots = self
+                .embed_image_files(&c.images)
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?;
+            out.push(ClassSupport {
+                name: c.name.clone(),
+                description: c.description.clone(),
+                text_embedding: None,
+                shots,
+            });
+        }
+        let described: Vec<(usize, &str)> = spec
+            .classes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.description.as_deref().map(|d| (i, d)))
+            .collect();
+        if !described.is_empty() {
+            let texts: Vec<&str> = described.iter().map(|(_, d)| *d).collect();
+            for ((i, _), e) in described.iter().zip(self.embed_texts(&texts)?) {
+                out[*i].text_embedding = Some(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Embed a support-set specification and synthesize its classifier.
+    pub fn synthesize_spec(&self, spec: &SupportSpec, mode: SynthMode) -> Result<Classifier> {
+        let classes = self.embed_support(spec)?;
+        self.synthesize(&classes, mode)
+    }
+
+    /// Load a classifier artifact and check it belongs to this pipeline's image encoder.
+    pub fn load_classifier(&self, path: &Path) -> Result<Classifier> {
+        Classifier::load(path, self.encoder_sha256())
+    }
+
+    /// Classify image files; a bad file gets an error in its slot, the others are still classified.
+    pub fn classify_files(&self, clf: &Classifier, paths: &[PathBuf]) -> Vec<Result<Prediction>> {
+        self.embed_image_files(paths)
+            .into_iter()
+            .map(|r| r.map(|e| clf.predict(&e)))
+            .collect()
+    }
+}
+
+/// Set tract's thread count (1 unless asked otherwise).
+fn configure_threads(threads: Option<usize>) {
+    let n = threads.unwrap_or(1).max(1);
+    if n > 1 {
+        log::warn!("multi-threaded inference is not enabled in this build; using 1 thread");
+    }
+}
+
+/// Where the models are: `flag` if given, else `$SGPS_MODELS`, else a `models/` directory with a
+/// manifest next to the executable or one of its ancestors (the workspace when run from
+/// `target/…`), else the source workspace's `models/`, else `./models`.
+pub fn resolve_models_dir(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os(MODELS_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let has_manifest = |d: &Path| d.join("manifest.json").is_file();
+    if let Ok(exe) = std::env::current_exe() {
+        for anc in exe.ancestors().skip(1) {
+            let cand = anc.join("models");
+            if has_manifest(&cand) {
+                return cand;
+            }
+        }
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    if has_manifest(&src) {
+        return src;
+    }
+    PathBuf::from("models")
+}

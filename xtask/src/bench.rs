@@ -1,0 +1,23 @@
+//! `cargo xtask bench`: release build of the host binary, then `sgps bench …`.
+
+use crate::build::{self, Board, BuildOptions};
+use crate::tools;
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// Builds `sgps` for the host in release mode and runs `sgps bench` with `args`.
+pub fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let host = Board {
+        name: "host".into(),
+        profile: root.join("board/sim.toml"),
+        target: None,
+        qemu_cpu: "max",
+        image_variant: None,
+        text_variant: None,
+        glibc: None,
+    };
+    let bin = build::build(root, &host, &BuildOptions::default())?;
+    tools::run(Command::new(bin).arg("bench").args(args).current_dir(root))
+        .context("`sgps bench` failed")
+}

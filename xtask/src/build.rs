@@ -1,0 +1,442 @@
+//! Board profiles (as far as tooling needs them) and the release build for a board's target,
+//! including the cross-compilation environment for aarch64.
+
+use crate::tools::{self, Requirement, need_tool};
+use anyhow::{Context, Result, bail};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The aarch64 Linux target used by every supported ARM board.
+pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
+/// Sysroot of Debian's aarch64 cross toolchain (`libc6-dev-arm64-cross`).
+pub const CROSS_SYSROOT: &str = "/usr/aarch64-linux-gnu";
+/// glibc of the cross toolchain's sysroot (Debian 12); boards with an older glibc need zigbuild.
+const CROSS_GLIBC: (u32, u32) = (2, 36);
+
+/// What tooling needs to know about a board: its target, CPU, model variants and glibc.
+#[derive(Debug, Clone)]
+pub struct Board {
+    pub name: String,
+    /// `board/<name>.toml`.
+    pub profile: PathBuf,
+    /// Rust target triple; `None` = the host (the `sim` board).
+    pub target: Option<String>,
+    /// CPU to emulate with qemu (`-cpu`).
+    pub qemu_cpu: &'static str,
+    /// Image encoder variant to ship (key `image_variant` in the profile); `None` = manifest default.
+    pub image_variant: Option<String>,
+    /// Text encoder variant to ship (key `text_variant`); `None` = manifest default.
+    pub text_variant: Option<String>,
+    /// Oldest glibc on the board's OS (key `glibc`, e.g. "2.31"); older than the cross sysroot's
+    /// means the build goes through `cargo zigbuild`.
+    pub glibc: Option<(u32, u32)>,
+}
+
+impl Board {
+    /// Loads `board/<name>.toml` under `root`.
+    pub fn load(root: &Path, name: &str) -> Result<Board> {
+        let dir = root.join("board");
+        let profile = dir.join(format!("{name}.toml"));
+        if !profile.is_file() {
+            bail!(
+                "unknown board `{name}`: {} does not exist (available: {})",
+                profile.display(),
+                available_boards(&dir).join(", ")
+            );
+        }
+        let text = fs::read_to_string(&profile)
+            .with_context(|| format!("cannot read board profile {}", profile.display()))?;
+        Board::from_toml(name, &profile, &text)
+    }
+
+    /// Parses the parts of a profile that tooling needs. Keys may sit at the top level or in any
+    /// table one level down (e.g. `[models] image_variant = "int8"`).
+    pub fn from_toml(name: &str, profile: &Path, text: &str) -> Result<Board> {
+        let table: toml::Table = toml::from_str(text)
+            .with_context(|| format!("board profile {} is not valid TOML", profile.display()))?;
+        let get = |key: &str| -> Option<String> {
+            let direct = table.get(key).and_then(|v| v.as_str());
+            let nested = || {
+                table
+                    .values()
+                    .filter_map(|v| v.as_table())
+                    .find_map(|t| t.get(key).and_then(|v| v.as_str()))
+            };
+            direct.or_else(nested).map(str::to_string)
+        };
+        let target = match get("target").as_deref() {
+            Some("host") => None,
+            Some(t) => Some(t.to_string()),
+            None if name == "sim" => None,
+            None => Some(AARCH64.to_string()),
+        };
+        let glibc = match get("glibc") {
+            Some(v) => Some(parse_glibc(&v).with_context(|| {
+                format!("board profile {}: bad `glibc` value", profile.display())
+            })?),
+            None if name.starts_with("jetson") => Some((2, 31)),
+            None => None,
+        };
+        let qemu_cpu = match name {
+            "rpi4" => "cortex-a72",
+            _ => "cortex-a76",
+        };
+        Ok(Board {
+            name: name.to_string(),
+            profile: profile.to_path_buf(),
+            target,
+            qemu_cpu,
+            image_variant: get("image_variant").or_else(|| get("model_variant")),
+            text_variant: get("text_variant"),
+            glibc,
+        })
+    }
+
+    /// True when the glibc on the board is older than the cross sysroot's.
+    pub fn needs_zigbuild(&self) -> bool {
+        self.target.is_some() && self.glibc.is_some_and(|g| g < CROSS_GLIBC)
+    }
+
+    /// The Debian architecture name of the board (for `.deb`).
+    pub fn deb_arch(&self) -> &'static str {
+        match self.target.as_deref() {
+            Some(t) if t.starts_with("aarch64") => "arm64",
+            Some(t) if t.starts_with("armv7") => "armhf",
+            _ => host_deb_arch(),
+        }
+    }
+}
+
+fn host_deb_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => {
+            log::warn!("unknown host architecture {other}; labelling the .deb `all`");
+            "all"
+        }
+    }
+}
+
+fn parse_glibc(v: &str) -> Result<(u32, u32)> {
+    let (a, b) = v
+        .split_once('.')
+        .with_context(|| format!("expected MAJOR.MINOR, got `{v}`"))?;
+    Ok((a.trim().parse()?, b.trim().parse()?))
+}
+
+/// Names of the profiles in `board/`.
+pub fn available_boards(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension().is_some_and(|x| x == "toml"))
+                .then(|| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .flatten()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Environment for cross-compiling to aarch64 with Debian's toolchain. The same values are used
+/// by `build`, `dist` and `test-arm` so that they share one set of compiled dependencies.
+pub fn cross_env() -> Vec<(String, String)> {
+    let t = AARCH64.replace('-', "_");
+    vec![
+        (
+            format!("CARGO_TARGET_{}_LINKER", t.to_uppercase()),
+            "aarch64-linux-gnu-gcc".into(),
+        ),
+        (format!("CC_{t}"), "aarch64-linux-gnu-gcc".into()),
+        (format!("CXX_{t}"), "aarch64-linux-gnu-g++".into()),
+        (format!("AR_{t}"), "aarch64-linux-gnu-ar".into()),
+        // The v4l crate runs bindgen: point clang at the aarch64 headers.
+        (
+            format!("BINDGEN_EXTRA_CLANG_ARGS_{t}"),
+            format!("--sysroot={CROSS_SYSROOT}"),
+        ),
+    ]
+}
+
+/// Everything needed to cross-build for aarch64 that is missing here.
+pub fn cross_requirements(board: &Board) -> Vec<Requirement> {
+    let mut missing = Vec::new();
+    let Some(target) = board.target.as_deref() else {
+        return missing;
+    };
+    if !rust_target_installed(target) {
+        missing.push(Requirement {
+            what: format!("Rust standard library for {target}"),
+            install: format!("rustup target add {target}"),
+        });
+    }
+    missing.extend(need_tool(
+        "aarch64-linux-gnu-gcc",
+        "apt-get install gcc-aarch64-linux-gnu",
+    ));
+    if !Path::new(CROSS_SYSROOT).join("include/stdio.h").is_file() {
+        missing.push(Requirement {
+            what: format!("aarch64 C library headers in {CROSS_SYSROOT}"),
+            install: "apt-get install libc6-dev-arm64-cross".into(),
+        });
+    }
+    if !Path::new(CROSS_SYSROOT)
+        .join("include/linux/videodev2.h")
+        .is_file()
+    {
+        missing.push(Requirement {
+            what: format!("aarch64 Linux kernel headers in {CROSS_SYSROOT} (V4L2)"),
+            install: "apt-get install linux-libc-dev-arm64-cross".into(),
+        });
+    }
+    if !libclang_present() {
+        missing.push(Requirement {
+            what: "libclang (bindgen for the V4L2 camera crate)".into(),
+            install: "apt-get install libclang-dev".into(),
+        });
+    }
+    if board.needs_zigbuild() {
+        if tools::which("cargo-zigbuild").is_none() {
+            missing.push(Requirement {
+                what: format!(
+                    "cargo-zigbuild (board {} has glibc older than {}.{})",
+                    board.name, CROSS_GLIBC.0, CROSS_GLIBC.1
+                ),
+                install: "cargo install --locked cargo-zigbuild".into(),
+            });
+        }
+        if tools::which("zig").is_none() && !python_ziglang_present() {
+            missing.push(Requirement {
+                what: "the zig compiler (used by cargo-zigbuild as linker)".into(),
+                install: "pip install ziglang".into(),
+            });
+        }
+    }
+    missing
+}
+
+fn rust_target_installed(target: &str) -> bool {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match sysroot {
+        Some(s) => Path::new(&s)
+            .join("lib/rustlib")
+            .join(target)
+            .join("lib")
+            .is_dir(),
+        None => false,
+    }
+}
+
+fn libclang_present() -> bool {
+    if let Ok(p) = std::env::var("LIBCLANG_PATH")
+        && Path::new(&p).exists()
+    {
+        return true;
+    }
+    let dirs = ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"];
+    let in_dir = |d: &Path| {
+        fs::read_dir(d).into_iter().flatten().flatten().any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("libclang") && n.contains(".so")
+        })
+    };
+    dirs.iter().any(|d| in_dir(Path::new(d)))
+        || fs::read_dir("/usr/lib")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+            .any(|e| in_dir(&e.path().join("lib")))
+}
+
+fn python_ziglang_present() -> bool {
+    Command::new("python3")
+        .args(["-c", "import ziglang"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Options for a release build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Build without the V4L2 camera feature (no bindgen / libclang needed).
+    pub no_camera: bool,
+}
+
+/// Builds the release `sgps` binary for `board` and returns its path.
+pub fn build(root: &Path, board: &Board, opts: &BuildOptions) -> Result<PathBuf> {
+    tools::ensure("build", cross_requirements(board))?;
+    let mut c = Command::new(tools::cargo());
+    c.current_dir(root);
+    let zig = board.needs_zigbuild();
+    c.arg(if zig { "zigbuild" } else { "build" });
+    c.args(["--release", "--package", "sgps", "--bin", "sgps"]);
+    if opts.no_camera {
+        c.arg("--no-default-features");
+    }
+    let target_dir = target_dir(root);
+    let bin = match board.target.as_deref() {
+        None => target_dir.join("release/sgps"),
+        Some(t) => {
+            if zig {
+                let (a, b) = board.glibc.unwrap_or(CROSS_GLIBC);
+                c.args(["--target", &format!("{t}.{a}.{b}")]);
+                // zig brings its own linker; keep only the bindgen sysroot.
+                for (k, v) in cross_env() {
+                    if k.starts_with("BINDGEN") {
+                        c.env(k, v);
+                    }
+                }
+            } else {
+                c.args(["--target", t]);
+                c.envs(cross_env());
+            }
+            target_dir.join(t).join("release/sgps")
+        }
+    };
+    tools::run(&mut c).with_context(|| format!("release build for board {} failed", board.name))?;
+    if !bin.is_file() {
+        bail!("build succeeded but {} is missing", bin.display());
+    }
+    log::info!("built {}", bin.display());
+    Ok(bin)
+}
+
+/// The cargo target directory (honours `CARGO_TARGET_DIR`).
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// qemu user-mode emulator command for a board: `[qemu, -cpu, CPU, -L, sysroot]`.
+pub fn qemu_command(board: &Board) -> Result<Vec<String>> {
+    let qemu = tools::first_available(&["qemu-aarch64", "qemu-aarch64-static"]);
+    let Some(qemu) = qemu else {
+        tools::ensure(
+            "test-arm",
+            vec![Requirement {
+                what: "qemu-aarch64 (user-mode emulation)".into(),
+                install: "apt-get install qemu-user-static".into(),
+            }],
+        )?;
+        unreachable!("ensure fails on a non-empty list");
+    };
+    Ok(vec![
+        qemu.to_string_lossy().into_owned(),
+        "-cpu".into(),
+        board.qemu_cpu.into(),
+        "-L".into(),
+        CROSS_SYSROOT.into(),
+    ])
+}
+
+/// Builds the `sgps` test suite for aarch64 (release profile, sharing the compiled dependencies
+/// with `dist`) and runs it under qemu with the board's CPU. `tests` selects integration test
+/// targets (`--test NAME`); `args` go to the test harness.
+pub fn test_arm(
+    root: &Path,
+    board: &Board,
+    tests: &[String],
+    args: &[String],
+    opts: &BuildOptions,
+) -> Result<()> {
+    let Some(target) = board.target.as_deref() else {
+        bail!("board {} runs on the host; use `cargo test`", board.name);
+    };
+    let mut missing = cross_requirements(board);
+    missing.extend(need_tool_any(
+        &["qemu-aarch64", "qemu-aarch64-static"],
+        "apt-get install qemu-user-static",
+    ));
+    tools::ensure("test-arm", missing)?;
+    let runner = qemu_command(board)?.join(" ");
+    let mut c = Command::new(tools::cargo());
+    c.current_dir(root)
+        .args(["test", "--release", "--package", "sgps", "--target", target])
+        .envs(cross_env())
+        .env(
+            format!(
+                "CARGO_TARGET_{}_RUNNER",
+                target.replace('-', "_").to_uppercase()
+            ),
+            runner,
+        );
+    if opts.no_camera {
+        c.arg("--no-default-features");
+    }
+    for t in tests {
+        c.args(["--test", t]);
+    }
+    if !args.is_empty() {
+        c.arg("--").args(args);
+    }
+    tools::run(&mut c).with_context(|| format!("tests under qemu ({}) failed", board.qemu_cpu))
+}
+
+fn need_tool_any(names: &[&str], install: &str) -> Option<Requirement> {
+    tools::first_available(names)
+        .is_none()
+        .then(|| Requirement {
+            what: format!("`{}` (not found on PATH)", names.join("` or `")),
+            install: install.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_keys_top_level_or_nested() {
+        let b = Board::from_toml(
+            "rpi5",
+            Path::new("board/rpi5.toml"),
+            "threads = 4\n[models]\nimage_variant = \"int8\"\n",
+        )
+        .unwrap();
+        assert_eq!(b.target.as_deref(), Some(AARCH64));
+        assert_eq!(b.image_variant.as_deref(), Some("int8"));
+        assert_eq!(b.qemu_cpu, "cortex-a76");
+        assert!(!b.needs_zigbuild());
+        assert_eq!(b.deb_arch(), "arm64");
+
+        let sim =
+            Board::from_toml("sim", Path::new("board/sim.toml"), "image_variant='fp32'").unwrap();
+        assert!(sim.target.is_none());
+        assert_eq!(sim.image_variant.as_deref(), Some("fp32"));
+
+        let rpi4 = Board::from_toml("rpi4", Path::new("x"), "").unwrap();
+        assert_eq!(rpi4.qemu_cpu, "cortex-a72");
+    }
+
+    #[test]
+    fn old_glibc_boards_go_through_zigbuild() {
+        let j = Board::from_toml("jetson-orin-nano", Path::new("x"), "").unwrap();
+        assert_eq!(j.glibc, Some((2, 31)));
+        assert!(j.needs_zigbuild());
+        let j = Board::from_toml("jetson-orin-nano", Path::new("x"), "glibc = \"2.39\"").unwrap();
+        assert!(!j.needs_zigbuild());
+        assert!(Board::from_toml("rpi5", Path::new("x"), "glibc = \"two\"").is_err());
+    }
+
+    #[test]
+    fn unknown_board_names_the_available_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("board")).unwrap();
+        fs::write(dir.path().join("board/rpi5.toml"), "").unwrap();
+        let err = Board::load(dir.path(), "rpi9").unwrap_err().to_string();
+        assert!(err.contains("rpi9") && err.contains("rpi5"), "{err}");
+    }
+}

@@ -1,0 +1,330 @@
+//! Release bundle for a board: a versioned directory, a `.tar.gz` of it and a `.deb`.
+//!
+//! Bundle layout (`sgps-<version>-<board>/`):
+//! `bin/sgps`, `models/` (manifest, tokenizer, the board's encoder variants, synthesizer),
+//! `board/<board>.toml`, `sgps.service`, `install.sh`, `VERSION`, `BOARD`, `release.pub.pem`,
+//! `SHA256SUMS` (every other file) and `SHA256SUMS.sig` (ed25519 over `SHA256SUMS`).
+
+use crate::build::Board;
+use crate::sign;
+use crate::tools;
+use anyhow::{Context, Result, bail};
+use ed25519_dalek::SigningKey;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use serde_json::Value;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The installer shipped in every bundle.
+pub const INSTALL_SH: &str = include_str!("install.sh");
+
+/// Everything a bundle is made of.
+pub struct DistInputs<'a> {
+    pub board: &'a Board,
+    /// The `sgps` binary built for the board.
+    pub binary: &'a Path,
+    /// `models/` with `manifest.json`.
+    pub models_dir: &'a Path,
+    /// The systemd unit (`board/sgps.service`).
+    pub unit: &'a Path,
+    pub version: &'a str,
+    pub key: &'a SigningKey,
+    /// Where bundles are written (`target/dist`).
+    pub out_dir: &'a Path,
+    /// Also build a `.deb` (needs `dpkg-deb`).
+    pub deb: bool,
+}
+
+/// What `dist` produced.
+#[derive(Debug, Clone)]
+pub struct DistOutput {
+    pub dir: PathBuf,
+    pub tarball: PathBuf,
+    pub deb: Option<PathBuf>,
+}
+
+/// Bundle directory name for a version and board.
+pub fn bundle_name(version: &str, board: &str) -> String {
+    format!("sgps-{version}-{board}")
+}
+
+/// Creates the bundle directory, tarball and (optionally) `.deb`.
+pub fn make_bundle(i: &DistInputs) -> Result<DistOutput> {
+    let name = bundle_name(i.version, &i.board.name);
+    let dir = i.out_dir.join(&name);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir.join("bin"))?;
+    copy_exec(i.binary, &dir.join("bin/sgps"))?;
+    copy_models(i.models_dir, &dir.join("models"), i.board)?;
+    fs::create_dir_all(dir.join("board"))?;
+    let profile_name = format!("{}.toml", i.board.name);
+    copy(&i.board.profile, &dir.join("board").join(&profile_name))?;
+    if !i.unit.is_file() {
+        bail!(
+            "systemd unit {} is missing (it belongs in board/sgps.service)",
+            i.unit.display()
+        );
+    }
+    copy(i.unit, &dir.join("sgps.service"))?;
+    fs::write(dir.join("install.sh"), INSTALL_SH)?;
+    fs::set_permissions(dir.join("install.sh"), fs::Permissions::from_mode(0o755))?;
+    fs::write(dir.join("VERSION"), format!("{}\n", i.version))?;
+    fs::write(dir.join("BOARD"), format!("{}\n", i.board.name))?;
+    fs::write(dir.join(sign::BUNDLE_PUBKEY), sign::public_pem(i.key)?)?;
+    sign::write_sums_and_sign(&dir, i.key)?;
+    sign::verify_dir(&dir, &i.key.verifying_key())
+        .context("the bundle just written fails its own verification")?;
+
+    let tarball = i.out_dir.join(format!("{name}.tar.gz"));
+    write_tarball(&dir, &name, &tarball)?;
+    let deb = if i.deb {
+        if tools::which("dpkg-deb").is_some() {
+            Some(make_deb(i, &dir, &name)?)
+        } else {
+            log::warn!("`dpkg-deb` not found: skipping the .deb (apt-get install dpkg)");
+            None
+        }
+    } else {
+        None
+    };
+    Ok(DistOutput { dir, tarball, deb })
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    fs::copy(from, to)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn copy_exec(from: &Path, to: &Path) -> Result<()> {
+    copy(from, to)?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Model files a board needs, as (file, expected sha256) from the manifest.
+pub fn model_files(manifest: &Value, board: &Board) -> Result<Vec<(String, Option<String>)>> {
+    let mut files = Vec::new();
+    for (section, variant) in [
+        ("image_encoder", board.image_variant.as_deref()),
+        ("text_encoder", board.text_variant.as_deref()),
+    ] {
+        let sec = manifest
+            .get(section)
+            .with_context(|| format!("manifest.json has no `{section}`"))?;
+        let variants = sec
+            .get("variants")
+            .and_then(Value::as_object)
+            .with_context(|| format!("manifest.json: `{section}.variants` is missing"))?;
+        let chosen = match variant {
+            Some(v) => v.to_string(),
+            None => sec
+                .get("default_variant")
+                .and_then(Value::as_str)
+                .with_context(|| format!("manifest.json: `{section}.default_variant` missing"))?
+                .to_string(),
+        };
+        let v = variants.get(&chosen).with_context(|| {
+            format!(
+                "board {} asks for {section} variant `{chosen}`, but manifest.json only has: {}",
+                board.name,
+                variants.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        files.push(file_entry(v, &format!("{section}.variants.{chosen}"))?);
+        if section == "text_encoder"
+            && let Some(tok) = sec.get("tokenizer")
+        {
+            files.push(file_entry(tok, "text_encoder.tokenizer")?);
+        }
+    }
+    let synth = manifest
+        .get("synthesizer")
+        .context("manifest.json has no `synthesizer`")?;
+    files.push(file_entry(synth, "synthesizer")?);
+    Ok(files)
+}
+
+fn file_entry(v: &Value, what: &str) -> Result<(String, Option<String>)> {
+    let file = v
+        .get("file")
+        .and_then(Value::as_str)
+        .with_context(|| format!("manifest.json: `{what}.file` missing"))?;
+    if file.contains("..") || file.starts_with('/') {
+        bail!("manifest.json: `{what}.file` = {file} points outside models/");
+    }
+    let sha = v.get("sha256").and_then(Value::as_str).map(str::to_string);
+    Ok((file.to_string(), sha))
+}
+
+fn copy_models(models: &Path, out: &Path, board: &Board) -> Result<()> {
+    let manifest_path = models.join("manifest.json");
+    let text = fs::read_to_string(&manifest_path).with_context(|| {
+        format!(
+            "cannot read {}: the models have not been exported yet (run `cargo xtask train`)",
+            manifest_path.display()
+        )
+    })?;
+    let manifest: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", manifest_path.display()))?;
+    fs::create_dir_all(out)?;
+    copy(&manifest_path, &out.join("manifest.json"))?;
+    for (file, sha) in model_files(&manifest, board)? {
+        let src = models.join(&file);
+        if !src.is_file() {
+            bail!(
+                "{} (listed in manifest.json) is missing; export the models first (`cargo xtask train`)",
+                src.display()
+            );
+        }
+        if let Some(expected) = sha {
+            let actual = tools::sha256_file(&src)?;
+            if !actual.eq_ignore_ascii_case(&expected) {
+                bail!(
+                    "{} does not match the SHA-256 in manifest.json (has {actual}, manifest says \
+                     {expected}); re-export the models or fix the manifest",
+                    src.display()
+                );
+            }
+        }
+        let dst = out.join(&file);
+        if let Some(d) = dst.parent() {
+            fs::create_dir_all(d)?;
+        }
+        copy(&src, &dst)?;
+    }
+    Ok(())
+}
+
+/// Writes `dir` as `<name>/...` into a deterministic gzip'd tarball.
+pub fn write_tarball(dir: &Path, name: &str, out: &Path) -> Result<()> {
+    let tmp = out.with_extension("tmp");
+    {
+        let f =
+            fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut b = tar::Builder::new(GzEncoder::new(f, Compression::default()));
+        b.mode(tar::HeaderMode::Deterministic);
+        b.follow_symlinks(false);
+        b.append_dir_all(name, dir)?;
+        b.into_inner()?.finish()?.sync_all()?;
+    }
+    fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// Unpacks a bundle tarball into `into`, returning the bundle directory.
+pub fn unpack_tarball(tarball: &Path, into: &Path) -> Result<PathBuf> {
+    let f =
+        fs::File::open(tarball).with_context(|| format!("cannot open {}", tarball.display()))?;
+    let mut a = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    a.set_preserve_permissions(true);
+    a.unpack(into)
+        .with_context(|| format!("cannot unpack {}", tarball.display()))?;
+    let mut dirs = fs::read_dir(into)?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.path());
+    match (dirs.next(), dirs.next()) {
+        (Some(d), None) => Ok(d),
+        _ => bail!(
+            "{} does not hold exactly one bundle directory",
+            tarball.display()
+        ),
+    }
+}
+
+/// Debian package: the bundle under `/opt/sgps/bundles/<name>/`; `postinst` runs its verifying
+/// installer.
+fn make_deb(i: &DistInputs, bundle: &Path, name: &str) -> Result<PathBuf> {
+    let work = tempfile::tempdir()?;
+    let root = work.path().join("pkg");
+    let inside = root.join("opt/sgps/bundles").join(name);
+    fs::create_dir_all(&inside)?;
+    for rel in sign::list_files(bundle)? {
+        let dst = inside.join(&rel);
+        if let Some(d) = dst.parent() {
+            fs::create_dir_all(d)?;
+        }
+        fs::copy(bundle.join(&rel), &dst)?;
+    }
+    let debian = root.join("DEBIAN");
+    fs::create_dir_all(&debian)?;
+    let version = deb_version(i.version);
+    let control = format!(
+        "Package: sgps\nVersion: {version}\nArchitecture: {arch}\nMaintainer: sgps maintainers <sgps@localhost>\n\
+         Depends: openssl, coreutils\nSection: science\nPriority: optional\n\
+         Description: offline few-shot medical image classification runtime ({board})\n \
+         Installs the signed sgps release bundle for the {board} board and enables sgps.service.\n",
+        arch = i.board.deb_arch(),
+        board = i.board.name,
+    );
+    fs::write(debian.join("control"), control)?;
+    let postinst = format!(
+        "#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n    sh /opt/sgps/bundles/{name}/install.sh install\nfi\n"
+    );
+    fs::write(debian.join("postinst"), postinst)?;
+    fs::set_permissions(debian.join("postinst"), fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(&debian, fs::Permissions::from_mode(0o755))?;
+    let out = i
+        .out_dir
+        .join(format!("sgps_{version}_{}.deb", i.board.deb_arch()));
+    let mut c = Command::new("dpkg-deb");
+    c.args(["--root-owner-group", "--build"])
+        .arg(&root)
+        .arg(&out);
+    tools::output(&mut c).context("dpkg-deb failed")?;
+    Ok(out)
+}
+
+/// Debian-compatible version (no `-`, which would mean a Debian revision).
+pub fn deb_version(v: &str) -> String {
+    v.replace('-', "+")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_files_follow_board_variant_and_reject_unknown() {
+        let m: Value = serde_json::json!({
+            "image_encoder": {"variants": {
+                "fp32": {"file": "image_encoder.onnx", "sha256": "aa"},
+                "int8": {"file": "image_encoder.int8.onnx", "sha256": "bb"}},
+                "default_variant": "fp32"},
+            "text_encoder": {"variants": {"int8": {"file": "text_encoder.int8.onnx"}},
+                "default_variant": "int8", "tokenizer": {"file": "tokenizer.json"}},
+            "synthesizer": {"file": "synthesizer.onnx"}
+        });
+        let mut b = Board::from_toml("rpi5", Path::new("x"), "image_variant='int8'").unwrap();
+        let f: Vec<String> = model_files(&m, &b)
+            .unwrap()
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(
+            f,
+            [
+                "image_encoder.int8.onnx",
+                "text_encoder.int8.onnx",
+                "tokenizer.json",
+                "synthesizer.onnx"
+            ]
+        );
+        b.image_variant = None;
+        assert_eq!(model_files(&m, &b).unwrap()[0].0, "image_encoder.onnx");
+        b.image_variant = Some("fp16".into());
+        let e = model_files(&m, &b).unwrap_err().to_string();
+        assert!(e.contains("fp16") && e.contains("int8"), "{e}");
+    }
+
+    #[test]
+    fn deb_versions_have_no_dash() {
+        assert_eq!(deb_version("0.1.0-gabc-dirty"), "0.1.0+gabc+dirty");
+    }
+}

@@ -1,0 +1,860 @@
+//! The point-of-care loop (`sgps run --board <profile>`): an explicit state machine driven by
+//! button events, frames from the camera, the quality gate and the one shared [`Pipeline`].
+//!
+//! ```text
+//!            capture                 shot k+1 == K for every class / long next
+//!   Idle ───────────────▶ Enroll(class i, shot k) ───────────────────────────▶ Synthesize
+//!    ▲                     │  ▲  short next: next class                            │ ok
+//!    │ long capture        │  └─ capture: capture, gate, embed, store shot         ▼
+//!    └─────────────────────┘                                   long capture ◀── Screen ◀─┐
+//!                                                            (add shots/classes)  │ capture │
+//!                                                                                 └─────────┘
+//! ```
+//! Screening captures, gates, embeds, classifies with the synthesized classifier, shows the
+//! verdict on the LEDs (green = confident benign, amber = refer, red = confident urgent class),
+//! prints it on the console and appends it to the audit log. Every state change is logged.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use image::RgbImage;
+
+use crate::board::{BoardProfile, CameraConfig, GpioConfig, TaskFile};
+use crate::camera::{Camera, CameraError, Fault, ReplayCamera};
+use crate::classifier::{Classifier, Prediction};
+use crate::gpio::sim::{SimButtons, SimLeds};
+use crate::gpio::{Button, ButtonEvent, ButtonInput, Indication, Press, StatusLeds};
+use crate::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
+use crate::quality;
+use crate::store::{
+    self, ActiveRecord, AuditEvent, AuditLog, ClassRecord, ShotRecord, Store, Verdict,
+};
+
+/// Arguments of `sgps run`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunArgs {
+    /// Board profile (board/<name>.toml; installed devices: /etc/sgps/board.toml).
+    #[arg(long, value_name = "FILE")]
+    pub board: PathBuf,
+    /// Button script for boards with simulated GPIO (lines: `press capture`, `long next`, `wait 100`).
+    #[arg(long, value_name = "FILE")]
+    pub script: Option<PathBuf>,
+    /// Override the profile's storage directory.
+    #[arg(long, value_name = "DIR")]
+    pub storage_dir: Option<PathBuf>,
+    /// Override the replay camera's frame directory (replay boards only).
+    #[arg(long, value_name = "DIR")]
+    pub replay_dir: Option<PathBuf>,
+    /// Models directory; overrides the profile (the CLI fills it from the global --models).
+    #[arg(skip)]
+    pub models_dir: Option<PathBuf>,
+    /// Inference threads; overrides the profile (the CLI fills it from the global --threads).
+    #[arg(skip)]
+    pub threads: Option<usize>,
+}
+
+/// States of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No usable classifier; waiting for a capture press to start enrollment.
+    Idle,
+    /// Capturing support shot `shot` of class `class`.
+    Enroll { class: usize, shot: usize },
+    /// Synthesizing the classifier from the stored support set.
+    Synthesize,
+    /// Screening captures.
+    Screen,
+}
+
+/// What the loop must do after a button event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    None,
+    /// Capture a support shot for the class.
+    CaptureShot {
+        class: usize,
+    },
+    /// Capture and classify.
+    CaptureScreen,
+}
+
+/// What the state machine needs to know about the stored task.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Stored shots per class, in task order.
+    pub shots: Vec<usize>,
+    /// Shots wanted per class.
+    pub per_class: usize,
+    /// A classifier matching the task is active.
+    pub has_classifier: bool,
+}
+
+impl Progress {
+    /// First class (from `from`, wrapping) with fewer shots than wanted.
+    pub fn next_incomplete(&self, from: usize) -> Option<usize> {
+        let n = self.shots.len();
+        (0..n)
+            .map(|i| (from + i) % n)
+            .find(|&c| self.shots[c] < self.per_class)
+    }
+
+    fn enroll_at(&self, class: usize) -> State {
+        State::Enroll {
+            class,
+            shot: self.shots[class],
+        }
+    }
+}
+
+/// The pure transition function: (state, event) -> (state, action).
+pub fn transition(state: State, ev: ButtonEvent, p: &Progress) -> (State, Action) {
+    use Button::*;
+    use Press::*;
+    match (state, ev.button, ev.press) {
+        (State::Idle, Capture, _) => (p.enroll_at(p.next_incomplete(0).unwrap_or(0)), Action::None),
+        (State::Idle, Next, Long) if p.shots.iter().any(|&s| s > 0) => {
+            (State::Synthesize, Action::None)
+        }
+        (State::Idle, Next, _) => (State::Idle, Action::None),
+        (State::Enroll { class, .. }, Capture, Short) => (state, Action::CaptureShot { class }),
+        (State::Enroll { class, .. }, Next, Short) => {
+            (p.enroll_at((class + 1) % p.shots.len()), Action::None)
+        }
+        (State::Enroll { .. }, Next, Long) => (State::Synthesize, Action::None),
+        (State::Enroll { .. }, Capture, Long) => (
+            if p.has_classifier {
+                State::Screen
+            } else {
+                State::Idle
+            },
+            Action::None,
+        ),
+        (State::Synthesize, _, _) => (State::Synthesize, Action::None),
+        (State::Screen, Capture, Short) => (State::Screen, Action::CaptureScreen),
+        (State::Screen, Capture, Long) => {
+            (p.enroll_at(p.next_incomplete(0).unwrap_or(0)), Action::None)
+        }
+        (State::Screen, Next, Long) => (State::Synthesize, Action::None),
+        (State::Screen, Next, Short) => (State::Screen, Action::None),
+    }
+}
+
+/// State after a support shot for `class` was stored.
+pub fn after_shot(class: usize, p: &Progress) -> State {
+    if p.shots[class] < p.per_class {
+        return p.enroll_at(class);
+    }
+    match p.next_incomplete(class + 1) {
+        Some(c) => p.enroll_at(c),
+        None => State::Synthesize,
+    }
+}
+
+/// One screening decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub capture_sha256: [u8; 32],
+    pub prediction: Prediction,
+    pub verdict: Verdict,
+}
+
+/// What a session did (returned when the button input ends).
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub shots_enrolled: usize,
+    pub rejected: usize,
+    pub camera_errors: usize,
+    pub syntheses: usize,
+    pub decisions: Vec<Decision>,
+    pub classifier_id: Option<String>,
+    pub final_state: Option<State>,
+}
+
+/// The verdict for a prediction under a task.
+pub fn verdict(pred: &Prediction, task: &TaskFile) -> Verdict {
+    if pred.refer {
+        Verdict::Refer
+    } else if task.classes.get(pred.top).is_some_and(|c| c.urgent) {
+        Verdict::Urgent
+    } else {
+        Verdict::Benign
+    }
+}
+
+fn indication(v: Verdict) -> Indication {
+    match v {
+        Verdict::Benign => Indication::Green,
+        Verdict::Refer => Indication::Amber,
+        Verdict::Urgent => Indication::Red,
+    }
+}
+
+/// Camera attempts per button press before giving up (transient errors only).
+const CAPTURE_ATTEMPTS: usize = 4;
+
+/// The device: hardware, store, pipeline and the state machine.
+pub struct Device<'p> {
+    pub profile: BoardProfile,
+    pub task: TaskFile,
+    pipeline: &'p Pipeline,
+    camera: Box<dyn Camera>,
+    leds: Box<dyn StatusLeds>,
+    store: Store,
+    audit: AuditLog,
+    classes: Vec<ClassRecord>,
+    classifier: Option<Classifier>,
+    state: State,
+    summary: Summary,
+}
+
+impl<'p> Device<'p> {
+    /// Open the store and restore the task's support sets and the active classifier.
+    pub fn new(
+        profile: BoardProfile,
+        task: TaskFile,
+        pipeline: &'p Pipeline,
+        camera: Box<dyn Camera>,
+        leds: Box<dyn StatusLeds>,
+    ) -> Result<Device<'p>> {
+        let store = Store::open(&profile.storage_dir)
+            .with_context(|| format!("opening storage {}", profile.storage_dir.display()))?;
+        let (audit, rep) = store.open_audit()?;
+        log::info!(
+            "audit log {}: {} records, {} damaged, {} torn bytes cut",
+            audit.path().display(),
+            rep.records,
+            rep.damaged.len(),
+            rep.torn_tail_bytes
+        );
+        let (stored, bad) = store.load_classes();
+        for e in bad {
+            log::warn!("{e}");
+        }
+        let enc = pipeline.encoder_sha256().to_owned();
+        let mut classes = Vec::new();
+        for tc in &task.classes {
+            let mut rec = stored
+                .iter()
+                .find(|r| r.name.as_str() == tc.name)
+                .cloned()
+                .unwrap_or(ClassRecord {
+                    name: store::label(&tc.name)?,
+                    description: None,
+                    urgent: false,
+                    encoder_sha256: enc.clone(),
+                    shots: Vec::new(),
+                });
+            if rec.encoder_sha256 != enc && !rec.shots.is_empty() {
+                log::warn!(
+                    "class {}: {} stored shots were embedded by another image encoder; they are dropped, re-enroll",
+                    tc.name,
+                    rec.shots.len()
+                );
+                rec.shots.clear();
+                rec.encoder_sha256 = enc.clone();
+            }
+            rec.description = tc.description.clone();
+            rec.urgent = tc.urgent;
+            classes.push(rec);
+        }
+        let mut dev = Device {
+            profile,
+            task,
+            pipeline,
+            camera,
+            leds,
+            store,
+            audit,
+            classes,
+            classifier: None,
+            state: State::Idle,
+            summary: Summary::default(),
+        };
+        dev.classifier = dev.restore_classifier();
+        if let Some(c) = &dev.classifier {
+            dev.summary.classifier_id = Some(c.id.clone());
+            dev.set_state(State::Screen);
+        } else {
+            dev.set_state(State::Idle);
+        }
+        dev.leds.show(Indication::Off)?;
+        Ok(dev)
+    }
+
+    fn restore_classifier(&self) -> Option<Classifier> {
+        let active = match self.store.active() {
+            Ok(Some(a)) => a,
+            Ok(None) => return None,
+            Err(e) => {
+                log::warn!("{e}");
+                return None;
+            }
+        };
+        let path = self.store.root().join("classifiers").join(&active.file);
+        match self.pipeline.load_classifier(&path) {
+            Ok(c) => {
+                let names: Vec<&str> = self.task.classes.iter().map(|c| c.name.as_str()).collect();
+                if c.class_names() == names {
+                    log::info!("restored classifier {} ({} classes)", c.id, names.len());
+                    Some(c)
+                } else {
+                    log::info!(
+                        "stored classifier {} is for classes {:?}, the task has {:?}: enrollment needed",
+                        c.id,
+                        c.class_names(),
+                        names
+                    );
+                    None
+                }
+            }
+            Err(e) => {
+                log::warn!("stored classifier not usable: {e}");
+                None
+            }
+        }
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            shots: self.classes.iter().map(|c| c.shots.len()).collect(),
+            per_class: self.profile.shots_per_class,
+            has_classifier: self.classifier.is_some(),
+        }
+    }
+
+    fn set_state(&mut self, s: State) {
+        if s != self.state || matches!(s, State::Enroll { .. }) {
+            match s {
+                State::Enroll { class, shot } => log::info!(
+                    "state {:?} -> Enroll: class {} ({}/{}), shot {}/{}",
+                    self.state,
+                    self.task.classes[class].name,
+                    class + 1,
+                    self.task.classes.len(),
+                    shot + 1,
+                    self.profile.shots_per_class
+                ),
+                _ => log::info!("state {:?} -> {s:?}", self.state),
+            }
+        }
+        self.state = s;
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn classifier(&self) -> Option<&Classifier> {
+        self.classifier.as_ref()
+    }
+
+    /// Handle one button event (and run synthesis when the machine enters that state).
+    pub fn handle(&mut self, ev: ButtonEvent) -> Result<()> {
+        log::debug!("button {:?} {:?} in {:?}", ev.button, ev.press, self.state);
+        let (next, action) = transition(self.state, ev, &self.progress());
+        self.set_state(next);
+        match action {
+            Action::None => {}
+            Action::CaptureShot { class } => self.enroll_shot(class)?,
+            Action::CaptureScreen => self.screen()?,
+        }
+        if self.state == State::Synthesize {
+            self.synthesize()?;
+        }
+        Ok(())
+    }
+
+    /// Capture a frame with retries on transient camera errors; `None` when no frame came.
+    fn capture(&mut self) -> Result<Option<RgbImage>> {
+        for attempt in 1..=CAPTURE_ATTEMPTS {
+            match self.camera.capture() {
+                Ok(img) => return Ok(Some(img)),
+                Err(e @ CameraError::Exhausted { .. }) => return Err(e.into()),
+                Err(e) if e.is_transient() => {
+                    self.summary.camera_errors += 1;
+                    log::warn!("capture attempt {attempt}/{CAPTURE_ATTEMPTS}: {e}");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        log::error!(
+            "no frame from {} after {CAPTURE_ATTEMPTS} attempts; press capture again",
+            self.camera.describe()
+        );
+        self.leds.show(Indication::Amber)?;
+        Ok(None)
+    }
+
+    /// Capture and gate; `None` when rejected (reason logged and audited).
+    fn gated_capture(&mut self) -> Result<Option<(RgbImage, [u8; 32], quality::QualityMetrics)>> {
+        let Some(img) = self.capture()? else {
+            return Ok(None);
+        };
+        let sha = store::capture_sha256(&img);
+        match quality::check(&img, &self.profile.gate) {
+            Ok(m) => Ok(Some((img, sha, m))),
+            Err(r) => {
+                self.summary.rejected += 1;
+                log::warn!("{r}");
+                println!("REJECTED {}: {}", r.reason.as_str(), r.message);
+                self.audit.append(AuditEvent::Rejected {
+                    capture_sha256: sha,
+                    reason: r.to_string(),
+                })?;
+                self.leds.show(Indication::Amber)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn enroll_shot(&mut self, class: usize) -> Result<()> {
+        let max = self.pipeline.manifest().synthesizer.max_shots;
+        if self.classes[class].shots.len() >= max {
+            log::warn!(
+                "class {} already has {max} shots (the synthesizer's maximum)",
+                self.task.classes[class].name
+            );
+            self.leds.show(Indication::Amber)?;
+            return Ok(());
+        }
+        let Some((img, sha, metrics)) = self.gated_capture()? else {
+            return Ok(());
+        };
+        let embedding = self
+            .pipeline
+            .embed_images(std::slice::from_ref(&img))?
+            .remove(0);
+        let mut rec = self.classes[class].clone();
+        rec.shots.push(ShotRecord {
+            capture_sha256: sha,
+            time_unix_ms: store::audit::now_unix_ms(),
+            width: img.width(),
+            height: img.height(),
+            quality: metrics,
+            embedding,
+        });
+        self.store.save_class(&rec)?;
+        let shot = rec.shots.len();
+        self.classes[class] = rec;
+        self.summary.shots_enrolled += 1;
+        self.audit.append(AuditEvent::Enrolled {
+            class: self.task.classes[class].name.clone(),
+            shot: shot as u16,
+            capture_sha256: sha,
+        })?;
+        println!("ENROLLED {} shot {shot}", self.task.classes[class].name);
+        self.leds.show(Indication::Green)?;
+        let next = after_shot(class, &self.progress());
+        self.set_state(next);
+        Ok(())
+    }
+
+    /// Build the synthesizer input from the stored support set (text embedded in one batch,
+    /// in task order, exactly like `Pipeline::embed_support`).
+    pub fn support(&self) -> Result<Vec<ClassSupport>> {
+        support_from_records(self.pipeline, &self.classes)
+    }
+
+    fn synthesize(&mut self) -> Result<()> {
+        let support = self.support()?;
+        let result = self.pipeline.synthesize(&support, SynthMode::ImagesAndText);
+        let clf = match result {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("synthesis failed: {e}");
+                self.leds.show(Indication::Amber)?;
+                let back = match self.progress().next_incomplete(0) {
+                    Some(c) => self.progress().enroll_at(c),
+                    None if self.classifier.is_some() => State::Screen,
+                    None => State::Idle,
+                };
+                self.set_state(back);
+                return Ok(());
+            }
+        };
+        let file = format!("{}.sgpc", clf.id);
+        clf.save(&self.store.root().join("classifiers").join(&file))?;
+        let mut names = heapless::Vec::new();
+        for c in &self.classes {
+            names
+                .push(c.name.clone())
+                .map_err(|_| anyhow!("too many classes"))?;
+        }
+        self.store.set_active(&ActiveRecord {
+            classifier_id: clf.id.clone(),
+            file,
+            encoder_sha256: clf.encoder_sha256.clone(),
+            classes: names,
+            created_unix_ms: store::audit::now_unix_ms(),
+        })?;
+        self.audit.append(AuditEvent::Synthesized {
+            classifier_id: clf.id.clone(),
+            classes: self.task.classes.iter().map(|c| c.name.clone()).collect(),
+            shots: self.classes.iter().map(|c| c.shots.len() as u16).collect(),
+        })?;
+        println!(
+            "SYNTHESIZED classifier {} ({} classes)",
+            clf.id,
+            clf.num_classes()
+        );
+        self.summary.syntheses += 1;
+        self.summary.classifier_id = Some(clf.id.clone());
+        self.classifier = Some(clf);
+        self.leds.show(Indication::Off)?;
+        self.set_state(State::Screen);
+        Ok(())
+    }
+
+    fn screen(&mut self) -> Result<()> {
+        let Some(clf) = &self.classifier else {
+            bail!("screening without a classifier (state machine bug)");
+        };
+        let clf_id = clf.id.clone();
+        let Some((img, sha, _)) = self.gated_capture()? else {
+            return Ok(());
+        };
+        let emb = self
+            .pipeline
+            .embed_images(std::slice::from_ref(&img))?
+            .remove(0);
+        let clf = self.classifier.as_ref().expect("checked above");
+        let pred = clf.predict(&emb);
+        let v = verdict(&pred, &self.task);
+        self.leds.show(indication(v))?;
+        let seq = self.audit.append(AuditEvent::Decision {
+            capture_sha256: sha,
+            classifier_id: clf_id,
+            probabilities: pred.probabilities.clone(),
+            top: pred.top as u16,
+            label: pred.top_label.clone(),
+            verdict: v,
+        })?;
+        println!(
+            "DECISION #{seq} {} p={:.3} verdict={} capture={}",
+            pred.top_label,
+            pred.confidence,
+            v.as_str(),
+            hex::encode(&sha[..8])
+        );
+        log::info!(
+            "decision: {} (p = {:.3}) -> {}",
+            pred.top_label,
+            pred.confidence,
+            v.as_str()
+        );
+        self.summary.decisions.push(Decision {
+            capture_sha256: sha,
+            prediction: pred,
+            verdict: v,
+        });
+        Ok(())
+    }
+
+    /// Run until the button input ends.
+    pub fn run(mut self, buttons: &mut dyn ButtonInput) -> Result<Summary> {
+        self.audit.append(AuditEvent::Note(format!(
+            "start: board {}, task {}",
+            self.profile.name, self.task.name
+        )))?;
+        while let Some(ev) = buttons.next_event()? {
+            self.handle(ev)?;
+        }
+        log::info!("button input ended in state {:?}", self.state);
+        self.summary.final_state = Some(self.state);
+        Ok(self.summary)
+    }
+}
+
+/// Synthesizer input from stored class records: shots as stored, descriptions embedded in one
+/// batch in class order.
+pub fn support_from_records(
+    pipeline: &Pipeline,
+    classes: &[ClassRecord],
+) -> Result<Vec<ClassSupport>> {
+    let mut out: Vec<ClassSupport> = classes
+        .iter()
+        .map(|c| ClassSupport {
+            name: c.name.to_string(),
+            description: c.description.clone(),
+            text_embedding: None,
+            shots: c.shots.iter().map(|s| s.embedding.clone()).collect(),
+        })
+        .collect();
+    let described: Vec<(usize, &str)> = classes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.description.as_deref().map(|d| (i, d)))
+        .collect();
+    if !described.is_empty() {
+        let texts: Vec<&str> = described.iter().map(|(_, d)| *d).collect();
+        for ((i, _), e) in described.iter().zip(pipeline.embed_texts(&texts)?) {
+            out[*i].text_embedding = Some(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Build the camera a profile describes.
+pub fn open_camera(profile: &BoardProfile) -> Result<Box<dyn Camera>> {
+    match &profile.camera {
+        CameraConfig::Replay {
+            dir,
+            looping,
+            timeout_ms,
+            faults,
+        } => {
+            let faults = faults
+                .iter()
+                .map(|f| Fault::parse(f).map_err(|e| anyhow!(e)))
+                .collect::<Result<Vec<_>>>()?;
+            let cam = ReplayCamera::open(dir, *looping, Duration::from_millis(*timeout_ms))?
+                .with_faults(faults);
+            log::info!(
+                "replay camera: {} frames from {}",
+                cam.frames().len(),
+                dir.display()
+            );
+            Ok(Box::new(cam))
+        }
+        #[cfg(all(feature = "v4l2", target_os = "linux"))]
+        CameraConfig::V4l2 {
+            device,
+            format,
+            width,
+            height,
+            timeout_ms,
+        } => {
+            use crate::camera::v4l2::{PixelFormat, V4l2Camera};
+            let fmt = PixelFormat::parse(format).map_err(|e| anyhow!(e))?;
+            Ok(Box::new(V4l2Camera::new(
+                device,
+                fmt,
+                *width,
+                *height,
+                Duration::from_millis(*timeout_ms),
+            )))
+        }
+        #[cfg(not(all(feature = "v4l2", target_os = "linux")))]
+        CameraConfig::V4l2 { .. } => {
+            bail!(
+                "this sgps was built without the `v4l2` feature (or not for Linux); rebuild with --features v4l2"
+            )
+        }
+    }
+}
+
+/// Build buttons and LEDs; a sim board needs a script.
+pub fn open_gpio(
+    profile: &BoardProfile,
+    script: Option<&Path>,
+) -> Result<(Box<dyn ButtonInput>, Box<dyn StatusLeds>)> {
+    match &profile.gpio {
+        GpioConfig::Sim { timing } => {
+            let path = script.ok_or_else(|| {
+                anyhow!("board {} has simulated buttons: pass --script FILE (lines like `press capture`, `long next`, `wait 100`)", profile.name)
+            })?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading button script {}", path.display()))?;
+            let b = SimButtons::from_script(&text, &path.display().to_string(), *timing)?;
+            log::info!(
+                "button script {}: {} presses",
+                path.display(),
+                b.remaining()
+            );
+            Ok((Box::new(b), Box::new(SimLeds::default())))
+        }
+        #[cfg(target_os = "linux")]
+        GpioConfig::Cdev {
+            chip,
+            capture_line,
+            next_line,
+            green_line,
+            amber_line,
+            red_line,
+            buttons_active_low,
+            leds_active_low,
+            timing,
+        } => {
+            if script.is_some() {
+                log::warn!(
+                    "--script is ignored: board {} has real buttons",
+                    profile.name
+                );
+            }
+            let b = crate::gpio::linux::open_buttons(
+                chip,
+                *capture_line,
+                *next_line,
+                *buttons_active_low,
+                *timing,
+            )?;
+            let l = crate::gpio::linux::open_leds(
+                chip,
+                *green_line,
+                *amber_line,
+                *red_line,
+                *leds_active_low,
+            )?;
+            Ok((Box::new(b), Box::new(l)))
+        }
+        #[cfg(not(target_os = "linux"))]
+        GpioConfig::Cdev { .. } => bail!("character-device GPIO needs Linux"),
+    }
+}
+
+/// `sgps run`: load the profile, the task, the pipeline and the hardware, then run the loop.
+pub fn run(args: &RunArgs) -> Result<Summary> {
+    let mut profile = BoardProfile::load(&args.board)?;
+    if let Some(d) = &args.storage_dir {
+        profile.storage_dir = d.clone();
+    }
+    if let Some(d) = &args.models_dir {
+        profile.models_dir = d.clone();
+    }
+    if let Some(t) = args.threads {
+        profile.threads = Some(t);
+    }
+    if let Some(d) = &args.replay_dir {
+        match &mut profile.camera {
+            CameraConfig::Replay { dir, .. } => *dir = d.clone(),
+            CameraConfig::V4l2 { .. } => {
+                bail!("--replay-dir needs a board with a replay camera (e.g. board/sim.toml)")
+            }
+        }
+    }
+    log::info!(
+        "board {} ({}), storage {}",
+        profile.name,
+        args.board.display(),
+        profile.storage_dir.display()
+    );
+    let task = profile.load_task()?;
+    let pipeline = Pipeline::load(
+        &profile.models_dir,
+        &LoadOptions {
+            image_variant: profile.image_variant.clone(),
+            text_variant: profile.text_variant.clone(),
+            threads: profile.threads,
+        },
+    )
+    .with_context(|| format!("loading models from {}", profile.models_dir.display()))?;
+    let camera = open_camera(&profile)?;
+    let (mut buttons, leds) = open_gpio(&profile, args.script.as_deref())?;
+    let dev = Device::new(profile, task, &pipeline, camera, leds)?;
+    let summary = dev.run(buttons.as_mut())?;
+    println!(
+        "SESSION shots={} rejected={} camera_errors={} syntheses={} decisions={} classifier={}",
+        summary.shots_enrolled,
+        summary.rejected,
+        summary.camera_errors,
+        summary.syntheses,
+        summary.decisions.len(),
+        summary.classifier_id.as_deref().unwrap_or("-")
+    );
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(button: Button, press: Press) -> ButtonEvent {
+        ButtonEvent { button, press }
+    }
+    const CAP: ButtonEvent = ButtonEvent {
+        button: Button::Capture,
+        press: Press::Short,
+    };
+
+    fn prog(shots: &[usize], has: bool) -> Progress {
+        Progress {
+            shots: shots.to_vec(),
+            per_class: 2,
+            has_classifier: has,
+        }
+    }
+
+    #[test]
+    fn enrollment_walks_classes_then_synthesizes() {
+        let p = prog(&[0, 0, 0], false);
+        let (s, a) = transition(State::Idle, CAP, &p);
+        assert_eq!((s, a), (State::Enroll { class: 0, shot: 0 }, Action::None));
+        let (s, a) = transition(s, CAP, &p);
+        assert_eq!(a, Action::CaptureShot { class: 0 });
+        assert_eq!(s, State::Enroll { class: 0, shot: 0 });
+        assert_eq!(
+            after_shot(0, &prog(&[1, 0, 0], false)),
+            State::Enroll { class: 0, shot: 1 }
+        );
+        assert_eq!(
+            after_shot(0, &prog(&[2, 0, 0], false)),
+            State::Enroll { class: 1, shot: 0 }
+        );
+        assert_eq!(
+            after_shot(2, &prog(&[2, 1, 2], false)),
+            State::Enroll { class: 1, shot: 1 }
+        );
+        assert_eq!(after_shot(2, &prog(&[2, 2, 2], false)), State::Synthesize);
+    }
+
+    #[test]
+    fn buttons_in_enroll_and_screen() {
+        let p = prog(&[2, 1, 0], true);
+        let e = State::Enroll { class: 2, shot: 0 };
+        assert_eq!(
+            transition(e, ev(Button::Next, Press::Short), &p).0,
+            State::Enroll { class: 0, shot: 2 }
+        );
+        assert_eq!(
+            transition(e, ev(Button::Next, Press::Long), &p).0,
+            State::Synthesize
+        );
+        assert_eq!(
+            transition(e, ev(Button::Capture, Press::Long), &p).0,
+            State::Screen
+        );
+        assert_eq!(
+            transition(
+                e,
+                ev(Button::Capture, Press::Long),
+                &prog(&[0, 0, 0], false)
+            )
+            .0,
+            State::Idle
+        );
+        assert_eq!(
+            transition(State::Screen, CAP, &p),
+            (State::Screen, Action::CaptureScreen)
+        );
+        // long capture in Screen: add shots / classes, starting with the first incomplete class
+        assert_eq!(
+            transition(State::Screen, ev(Button::Capture, Press::Long), &p).0,
+            State::Enroll { class: 1, shot: 1 }
+        );
+        // long next in Screen re-synthesizes from the stored support set (no capture)
+        assert_eq!(
+            transition(State::Screen, ev(Button::Next, Press::Long), &p),
+            (State::Synthesize, Action::None)
+        );
+        // Idle: long next synthesizes only with some shots stored
+        assert_eq!(
+            transition(
+                State::Idle,
+                ev(Button::Next, Press::Long),
+                &prog(&[0, 0], false)
+            )
+            .0,
+            State::Idle
+        );
+        assert_eq!(
+            transition(
+                State::Idle,
+                ev(Button::Next, Press::Long),
+                &prog(&[1, 0], false)
+            )
+            .0,
+            State::Synthesize
+        );
+    }
+}

@@ -1,0 +1,348 @@
+//! Board profiles (`board/<name>.toml`) and task files (`board/tasks/<name>.toml`).
+//!
+//! Adding a board is adding a profile file. Relative paths in a profile are resolved against
+//! the directory of the profile file; relative paths in a task file likewise.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::gpio::ButtonTiming;
+use crate::quality::GateThresholds;
+
+/// Errors reading a profile or task file.
+#[derive(Debug, thiserror::Error)]
+pub enum BoardError {
+    #[error(
+        "cannot read board profile {path}: {source}; pass an existing file to --board (see board/*.toml)"
+    )]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid board profile {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// A board profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoardProfile {
+    pub name: String,
+    /// Inference threads (None = all cores).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Where classifiers, support sets and the audit log live.
+    pub storage_dir: PathBuf,
+    /// The shipped models (manifest.json and the ONNX files).
+    pub models_dir: PathBuf,
+    /// Image-encoder variant from the manifest (e.g. "int8"); None = manifest default.
+    #[serde(default)]
+    pub image_variant: Option<String>,
+    #[serde(default)]
+    pub text_variant: Option<String>,
+    /// The task: classes, descriptions, urgent flags.
+    pub task_file: PathBuf,
+    /// Support shots to capture per class during enrollment.
+    #[serde(default = "default_shots")]
+    pub shots_per_class: usize,
+    pub camera: CameraConfig,
+    pub gpio: GpioConfig,
+    #[serde(default)]
+    pub gate: GateThresholds,
+}
+
+fn default_shots() -> usize {
+    5
+}
+
+/// Which camera and how to drive it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CameraConfig {
+    /// A V4L2 device.
+    V4l2 {
+        device: PathBuf,
+        /// "mjpeg", "yuyv" or "auto".
+        #[serde(default = "default_format")]
+        format: String,
+        width: u32,
+        height: u32,
+        #[serde(default = "default_timeout")]
+        timeout_ms: u64,
+    },
+    /// Frames from a directory (sim board, tests).
+    Replay {
+        dir: PathBuf,
+        #[serde(default)]
+        looping: bool,
+        #[serde(default = "default_timeout")]
+        timeout_ms: u64,
+        /// Injected faults, e.g. ["timeout@3", "corrupt@5", "unplug@7x2"].
+        #[serde(default)]
+        faults: Vec<String>,
+    },
+}
+
+fn default_format() -> String {
+    "auto".into()
+}
+
+fn default_timeout() -> u64 {
+    2000
+}
+
+/// Buttons and LEDs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum GpioConfig {
+    /// Character-device GPIO.
+    Cdev {
+        chip: String,
+        capture_line: u32,
+        next_line: u32,
+        green_line: u32,
+        amber_line: u32,
+        red_line: u32,
+        #[serde(default = "yes")]
+        buttons_active_low: bool,
+        #[serde(default)]
+        leds_active_low: bool,
+        #[serde(default)]
+        timing: ButtonTiming,
+    },
+    /// Scripted buttons (`--script`) and logged LEDs.
+    Sim {
+        #[serde(default)]
+        timing: ButtonTiming,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl GpioConfig {
+    pub fn timing(&self) -> ButtonTiming {
+        match self {
+            GpioConfig::Cdev { timing, .. } | GpioConfig::Sim { timing } => *timing,
+        }
+    }
+}
+
+/// One class of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskClass {
+    pub name: String,
+    /// Clinical description fed to the text encoder.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// A confident prediction of this class lights the red LED.
+    #[serde(default)]
+    pub urgent: bool,
+}
+
+/// A task file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFile {
+    pub name: String,
+    pub classes: Vec<TaskClass>,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+impl BoardProfile {
+    /// Read, validate and resolve relative paths against the profile's directory.
+    pub fn load(path: &Path) -> Result<BoardProfile, BoardError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BoardError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut p = Self::parse(&text).map_err(|reason| BoardError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        p.resolve_paths(base);
+        Ok(p)
+    }
+
+    /// Parse and validate TOML (paths left as written).
+    pub fn parse(text: &str) -> Result<BoardProfile, String> {
+        let p: BoardProfile = toml::from_str(text).map_err(|e| e.to_string())?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        self.storage_dir = resolve(base, &self.storage_dir);
+        self.models_dir = resolve(base, &self.models_dir);
+        self.task_file = resolve(base, &self.task_file);
+        match &mut self.camera {
+            CameraConfig::V4l2 { device, .. } => *device = resolve(base, device),
+            CameraConfig::Replay { dir, .. } => *dir = resolve(base, dir),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=20).contains(&self.shots_per_class) {
+            return Err(format!(
+                "shots_per_class = {} must be within 1..=20",
+                self.shots_per_class
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err("threads must be at least 1 (or omitted for all cores)".into());
+        }
+        match &self.camera {
+            CameraConfig::V4l2 {
+                format,
+                width,
+                height,
+                ..
+            } => {
+                if !["mjpeg", "mjpg", "yuyv", "auto"]
+                    .contains(&format.to_ascii_lowercase().as_str())
+                {
+                    return Err(format!(
+                        "camera.format = {format:?}: use mjpeg, yuyv or auto"
+                    ));
+                }
+                if *width == 0 || *height == 0 {
+                    return Err("camera.width and camera.height must be positive".into());
+                }
+            }
+            CameraConfig::Replay { faults, .. } => {
+                for f in faults {
+                    crate::camera::Fault::parse(f)?;
+                }
+            }
+        }
+        if let GpioConfig::Cdev {
+            capture_line,
+            next_line,
+            green_line,
+            amber_line,
+            red_line,
+            ..
+        } = &self.gpio
+        {
+            let mut lines = [
+                *capture_line,
+                *next_line,
+                *green_line,
+                *amber_line,
+                *red_line,
+            ];
+            lines.sort();
+            if lines.windows(2).any(|w| w[0] == w[1]) {
+                return Err("gpio lines must be distinct".into());
+            }
+        }
+        let t = self.gpio.timing();
+        if t.debounce_ms == 0 || t.long_press_ms <= 2 * t.debounce_ms {
+            return Err(
+                "gpio.timing: need debounce_ms > 0 and long_press_ms > 2 * debounce_ms".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Load this profile's task file.
+    pub fn load_task(&self) -> Result<TaskFile, BoardError> {
+        TaskFile::load(&self.task_file)
+    }
+}
+
+impl TaskFile {
+    pub fn load(path: &Path) -> Result<TaskFile, BoardError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BoardError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let t: TaskFile = toml::from_str(&text).map_err(|e| BoardError::Invalid {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let invalid = |reason: String| BoardError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        if t.classes.len() < 2 || t.classes.len() > crate::store::MAX_CLASSES {
+            return Err(invalid(format!(
+                "a task needs 2..={} classes, this one has {}",
+                crate::store::MAX_CLASSES,
+                t.classes.len()
+            )));
+        }
+        for (i, c) in t.classes.iter().enumerate() {
+            crate::store::label(&c.name).map_err(|e| invalid(e.to_string()))?;
+            if t.classes[..i].iter().any(|o| o.name == c.name) {
+                return Err(invalid(format!("class {:?} appears twice", c.name)));
+            }
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("board")
+    }
+
+    #[test]
+    fn every_shipped_profile_and_task_loads() {
+        let mut n = 0;
+        for e in std::fs::read_dir(board_dir()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let b = BoardProfile::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                // installed profiles point at /etc/sgps/tasks/...: check the shipped copy
+                let task = board_dir()
+                    .join("tasks")
+                    .join(b.task_file.file_name().unwrap());
+                let t = TaskFile::load(&task).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                assert!(t.classes.len() >= 2);
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "rpi4, rpi5, jetson-orin-nano and sim");
+        let sim = BoardProfile::load(&board_dir().join("sim.toml")).unwrap();
+        assert!(matches!(sim.camera, CameraConfig::Replay { .. }));
+        assert!(matches!(sim.gpio, GpioConfig::Sim { .. }));
+        let rpi = BoardProfile::load(&board_dir().join("rpi4.toml")).unwrap();
+        assert!(matches!(rpi.camera, CameraConfig::V4l2 { .. }));
+        assert!(rpi.storage_dir.is_absolute());
+    }
+
+    #[test]
+    fn bad_profiles_are_explained() {
+        let base = std::fs::read_to_string(board_dir().join("sim.toml")).unwrap();
+        let e = BoardProfile::parse(&base.replace("shots_per_class = 5", "shots_per_class = 0"))
+            .unwrap_err();
+        assert!(e.contains("shots_per_class"), "{e}");
+        let e = BoardProfile::parse(&format!("{base}\nfavourite_colour = 1\n")).unwrap_err();
+        assert!(e.contains("favourite_colour"), "{e}");
+        let e = BoardProfile::load(Path::new("/nonexistent/board.toml")).unwrap_err();
+        assert!(e.to_string().contains("--board"), "{e}");
+    }
+
+    #[test]
+    fn gate_thresholds_default_when_omitted() {
+        let base = std::fs::read_to_string(board_dir().join("rpi4.toml")).unwrap();
+        let p = BoardProfile::parse(&base).unwrap();
+        assert_eq!(p.gate.max_mean, GateThresholds::default().max_mean);
+    }
+}

@@ -1,0 +1,369 @@
+//! Persistent device store: one directory per board profile (`storage_dir`).
+//!
+//! ```text
+//! <storage_dir>/
+//!   classes/<name>-<h>.rec  one framed record per class: name, description, urgent flag,
+//!                           support embeddings + capture metadata (re-synthesis never re-captures)
+//!   classifiers/<id>.sgpc   synthesized classifiers (written by `Classifier::save`)
+//!   active.rec              which classifier is in use
+//!   audit.log               append-only audit log (see [`audit`])
+//! ```
+//! Every record carries magic, kind, format version, length and CRC32 ([`record`]); every
+//! replacement is atomic (temp file, fsync, rename, fsync directory).
+
+pub mod audit;
+pub mod record;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::quality::QualityMetrics;
+pub use audit::{AuditEvent, AuditLog, AuditRecord, ScanReport, Verdict};
+pub use record::{FrameError, RecordKind};
+
+/// Format version of class records.
+pub const CLASS_VERSION: u16 = 1;
+/// Format version of the active-classifier pointer.
+pub const ACTIVE_VERSION: u16 = 1;
+/// Longest class name stored (bytes).
+pub const MAX_LABEL: usize = 64;
+/// Most classes in one task (matches the synthesizer's limit in the manifest contract).
+pub const MAX_CLASSES: usize = 16;
+
+/// A bounded class label.
+pub type Label = heapless::String<MAX_LABEL>;
+
+/// Errors of the store. Messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "storage full while writing {path}: free space on that filesystem (e.g. export and remove old audit logs); nothing stored before was lost"
+    )]
+    NoSpace { path: PathBuf },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "stored record {path} is corrupt ({reason}); it was ignored — re-enroll that class or re-synthesize"
+    )]
+    Corrupt { path: PathBuf, reason: FrameError },
+    #[error("cannot encode record: {0}")]
+    Encode(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.raw_os_error() == Some(28) || source.kind() == std::io::ErrorKind::StorageFull {
+            StoreError::NoSpace { path }
+        } else {
+            StoreError::Io { path, source }
+        }
+    }
+
+    /// True when the error is a full filesystem.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace { .. })
+    }
+}
+
+/// One support capture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShotRecord {
+    /// SHA-256 of the captured RGB frame (width, height as u32 LE, then the pixels).
+    pub capture_sha256: [u8; 32],
+    pub time_unix_ms: u64,
+    pub width: u32,
+    pub height: u32,
+    pub quality: QualityMetrics,
+    /// Image-encoder embedding of the capture.
+    pub embedding: Vec<f32>,
+}
+
+/// One class of the task with its support set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassRecord {
+    pub name: Label,
+    pub description: Option<String>,
+    pub urgent: bool,
+    /// SHA-256 of the image encoder that produced the embeddings; shots from another encoder
+    /// are not comparable and are dropped on load.
+    pub encoder_sha256: String,
+    pub shots: Vec<ShotRecord>,
+}
+
+/// Which classifier is active.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveRecord {
+    pub classifier_id: String,
+    /// File name under `classifiers/`.
+    pub file: String,
+    pub encoder_sha256: String,
+    pub classes: heapless::Vec<Label, MAX_CLASSES>,
+    pub created_unix_ms: u64,
+}
+
+/// Make a bounded label; fails with a clear message when the name is too long.
+pub fn label(name: &str) -> Result<Label, StoreError> {
+    Label::try_from(name).map_err(|_| {
+        StoreError::Invalid(format!(
+            "class name {name:?} is longer than {MAX_LABEL} bytes; shorten it in the task file"
+        ))
+    })
+}
+
+/// The store of one board profile.
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Open (creating directories as needed) and clean temporaries of interrupted writes.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        for d in [
+            root.to_owned(),
+            root.join("classes"),
+            root.join("classifiers"),
+        ] {
+            fs::create_dir_all(&d).map_err(|e| StoreError::io(&d, e))?;
+        }
+        for d in [
+            root.to_owned(),
+            root.join("classes"),
+            root.join("classifiers"),
+        ] {
+            for p in record::remove_stale_temps(&d) {
+                log::info!(
+                    "store: removed temporary of an interrupted write {}",
+                    p.display()
+                );
+            }
+        }
+        Ok(Store {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.root.join("audit.log")
+    }
+
+    /// Open the audit log for appending.
+    pub fn open_audit(&self) -> Result<(AuditLog, ScanReport), StoreError> {
+        AuditLog::open(&self.audit_path())
+    }
+
+    fn class_path(&self, name: &str) -> PathBuf {
+        self.root.join("classes").join(class_file_name(name))
+    }
+
+    /// Atomically replace the record of the class `rec.name`.
+    pub fn save_class(&self, rec: &ClassRecord) -> Result<(), StoreError> {
+        record::write_record(
+            &self.class_path(&rec.name),
+            RecordKind::Class,
+            CLASS_VERSION,
+            rec,
+        )
+    }
+
+    /// Load the record of class `name`; `Ok(None)` when absent.
+    pub fn load_class(&self, name: &str) -> Result<Option<ClassRecord>, StoreError> {
+        let p = self.class_path(name);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let r: ClassRecord = record::read_record(&p, RecordKind::Class, CLASS_VERSION)?;
+        if r.name.as_str() != name {
+            return Err(StoreError::Invalid(format!(
+                "{} holds class {:?}, expected {name:?}; remove the file",
+                p.display(),
+                r.name.as_str()
+            )));
+        }
+        Ok(Some(r))
+    }
+
+    /// Load every class record present. A corrupt record is reported in the second list and
+    /// skipped (only that class has to be re-enrolled).
+    pub fn load_classes(&self) -> (Vec<ClassRecord>, Vec<StoreError>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        let dir = self.root.join("classes");
+        let mut paths: Vec<PathBuf> = match fs::read_dir(&dir) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "rec"))
+                .collect(),
+            Err(e) => {
+                bad.push(StoreError::io(&dir, e));
+                return (ok, bad);
+            }
+        };
+        paths.sort();
+        for p in paths {
+            match record::read_record::<ClassRecord>(&p, RecordKind::Class, CLASS_VERSION) {
+                Ok(r) => ok.push(r),
+                Err(e) => bad.push(e),
+            }
+        }
+        (ok, bad)
+    }
+
+    /// Remove the record of class `name` (if any).
+    pub fn remove_class(&self, name: &str) -> Result<(), StoreError> {
+        let p = self.class_path(name);
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io(&p, e)),
+        }
+        let d = self.root.join("classes");
+        record::sync_dir(&d).map_err(|e| StoreError::io(&d, e))
+    }
+
+    /// Where a classifier with this id is stored.
+    pub fn classifier_path(&self, id: &str) -> PathBuf {
+        self.root.join("classifiers").join(format!("{id}.sgpc"))
+    }
+
+    /// Make a stored classifier active (atomic pointer replace). Write the classifier file first.
+    pub fn set_active(&self, rec: &ActiveRecord) -> Result<(), StoreError> {
+        record::write_record(
+            &self.root.join("active.rec"),
+            RecordKind::Active,
+            ACTIVE_VERSION,
+            rec,
+        )
+    }
+
+    /// The active classifier pointer; `Ok(None)` when none was synthesized yet.
+    pub fn active(&self) -> Result<Option<ActiveRecord>, StoreError> {
+        let p = self.root.join("active.rec");
+        if !p.exists() {
+            return Ok(None);
+        }
+        record::read_record(&p, RecordKind::Active, ACTIVE_VERSION).map(Some)
+    }
+}
+
+/// File name of a class record: the name with unsafe characters replaced, plus a short hash of
+/// the exact name (so that distinct names never share a file).
+pub fn class_file_name(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let safe: String = name
+        .chars()
+        .take(40)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let h = Sha256::digest(name.as_bytes());
+    format!("{safe}-{}.rec", hex::encode(&h[..4]))
+}
+
+/// SHA-256 of an RGB frame: width and height (u32 LE) followed by the raw pixels.
+pub fn capture_sha256(img: &image::RgbImage) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(img.width().to_le_bytes());
+    h.update(img.height().to_le_bytes());
+    h.update(img.as_raw());
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(name: &str, shots: usize) -> ClassRecord {
+        ClassRecord {
+            name: label(name).unwrap(),
+            description: Some(format!("{name} description")),
+            urgent: name == "melanoma",
+            encoder_sha256: "abc".into(),
+            shots: (0..shots)
+                .map(|i| ShotRecord {
+                    capture_sha256: [i as u8; 32],
+                    time_unix_ms: 1000 + i as u64,
+                    width: 180,
+                    height: 180,
+                    quality: crate::quality::measure(&image::RgbImage::new(8, 8)),
+                    embedding: vec![i as f32; 16],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn classes_and_active_roundtrip_and_corrupt_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.save_class(&class("nevus", 2)).unwrap();
+        s.save_class(&class("melanoma", 3)).unwrap();
+        s.save_class(&class("melanoma", 4)).unwrap();
+        let (ok, bad) = s.load_classes();
+        assert!(bad.is_empty());
+        assert_eq!(ok.len(), 2);
+        assert_eq!(
+            s.load_class("melanoma").unwrap().unwrap(),
+            class("melanoma", 4)
+        );
+        assert!(s.load_class("dermatofibroma").unwrap().is_none());
+        assert!(s.active().unwrap().is_none());
+        let mut classes = heapless::Vec::new();
+        classes.push(label("nevus").unwrap()).unwrap();
+        let a = ActiveRecord {
+            classifier_id: "00ff".into(),
+            file: "00ff.sgpc".into(),
+            encoder_sha256: "abc".into(),
+            classes,
+            created_unix_ms: 5,
+        };
+        s.set_active(&a).unwrap();
+        assert_eq!(s.active().unwrap().unwrap(), a);
+
+        // corrupt class 0: it is reported, class 1 still loads
+        let p = dir.path().join("classes").join(class_file_name("nevus"));
+        let mut b = fs::read(&p).unwrap();
+        let n = b.len();
+        b[n - 5] ^= 1;
+        fs::write(&p, b).unwrap();
+        let (ok, bad) = s.load_classes();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].to_string().contains("corrupt"), "{}", bad[0]);
+    }
+
+    #[test]
+    fn long_label_is_a_clear_error() {
+        let e = label(&"x".repeat(65)).unwrap_err();
+        assert!(e.to_string().contains("shorten"));
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("classes")).unwrap();
+        fs::write(dir.path().join("classes/.x.rec.tmp-123"), b"partial").unwrap();
+        Store::open(dir.path()).unwrap();
+        assert!(!dir.path().join("classes/.x.rec.tmp-123").exists());
+        assert_ne!(class_file_name("a/b"), class_file_name("a_b"));
+    }
+}

@@ -1,0 +1,314 @@
+//! Framed, checksummed records and atomic file replacement.
+//!
+//! Frame layout (little-endian):
+//! ```text
+//! magic "SGPR" (4) | kind u8 | reserved u8 (0) | format version u16 | payload length u32 | CRC32 u32 | postcard payload
+//! ```
+//! The CRC32 covers kind, reserved, version, length and the payload, so a damaged header is
+//! detected as well as a damaged payload.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::StoreError;
+
+/// Magic bytes at the start of every frame.
+pub const MAGIC: [u8; 4] = *b"SGPR";
+/// Size of the frame header.
+pub const HEADER_LEN: usize = 16;
+/// Largest payload accepted when reading (guards against a damaged length field).
+pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+
+/// What a frame holds; checked on read so that one record type is never read as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// One class of the task: name, description, support embeddings, capture metadata.
+    Class = 1,
+    /// Pointer to the active classifier.
+    Active = 2,
+    /// One audit-log entry.
+    Audit = 3,
+    /// Records written by tests and the crash-test helper.
+    Test = 0xF0,
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    #[error("bad magic (not an sgps record)")]
+    BadMagic,
+    #[error("truncated: need {need} bytes, have {have}")]
+    Truncated { need: usize, have: usize },
+    #[error("record kind {found}, expected {expected}")]
+    WrongKind { found: u8, expected: u8 },
+    #[error("format version {found}, this sgps reads version {expected}")]
+    Version { found: u16, expected: u16 },
+    #[error("payload length {0} is implausible")]
+    Length(usize),
+    #[error("checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("payload does not decode: {0}")]
+    Decode(String),
+}
+
+/// Encode `value` as one frame.
+pub fn encode<T: Serialize>(
+    kind: RecordKind,
+    version: u16,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let payload = postcard::to_allocvec(value).map_err(|e| StoreError::Encode(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(kind as u8);
+    out.push(0);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let crc = crc(&out[4..12], &payload);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+fn crc(header: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(header);
+    h.update(payload);
+    h.finalize()
+}
+
+/// Check the frame at the start of `bytes`; returns (kind, version, payload range end).
+/// Does not check kind/version against expectations.
+pub fn check_frame(bytes: &[u8]) -> Result<(u8, u16, usize), FrameError> {
+    if bytes.len() < 4 || bytes[..4] != MAGIC {
+        if bytes.len() < 4 && MAGIC.starts_with(bytes) {
+            return Err(FrameError::Truncated {
+                need: HEADER_LEN,
+                have: bytes.len(),
+            });
+        }
+        return Err(FrameError::BadMagic);
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(FrameError::Truncated {
+            need: HEADER_LEN,
+            have: bytes.len(),
+        });
+    }
+    let kind = bytes[4];
+    let version = u16::from_le_bytes([bytes[6], bytes[7]]);
+    let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::Length(len));
+    }
+    let end = HEADER_LEN + len;
+    if bytes.len() < end {
+        return Err(FrameError::Truncated {
+            need: end,
+            have: bytes.len(),
+        });
+    }
+    let stored = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
+    let computed = crc(&bytes[4..12], &bytes[HEADER_LEN..end]);
+    if stored != computed {
+        return Err(FrameError::Checksum { stored, computed });
+    }
+    Ok((kind, version, end))
+}
+
+/// Decode the frame at the start of `bytes`; returns the value and the frame length.
+pub fn decode<T: DeserializeOwned>(
+    kind: RecordKind,
+    version: u16,
+    bytes: &[u8],
+) -> Result<(T, usize), FrameError> {
+    let (k, v, end) = check_frame(bytes)?;
+    if k != kind as u8 {
+        return Err(FrameError::WrongKind {
+            found: k,
+            expected: kind as u8,
+        });
+    }
+    if v != version {
+        return Err(FrameError::Version {
+            found: v,
+            expected: version,
+        });
+    }
+    let value = postcard::from_bytes(&bytes[HEADER_LEN..end])
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    Ok((value, end))
+}
+
+/// Read a single-record file written by [`write_record`].
+pub fn read_record<T: DeserializeOwned>(
+    path: &Path,
+    kind: RecordKind,
+    version: u16,
+) -> Result<T, StoreError> {
+    let bytes = fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let (value, end) = decode(kind, version, &bytes).map_err(|reason| StoreError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    })?;
+    if end != bytes.len() {
+        return Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            reason: FrameError::Length(bytes.len()),
+        });
+    }
+    Ok(value)
+}
+
+/// Atomically replace `path` with one framed record.
+pub fn write_record<T: Serialize>(
+    path: &Path,
+    kind: RecordKind,
+    version: u16,
+    value: &T,
+) -> Result<(), StoreError> {
+    let bytes = encode(kind, version, value)?;
+    write_atomic(path, &bytes)
+}
+
+/// Atomically replace `path` with `bytes`: write a temporary file in the same directory, fsync
+/// it, rename it over `path`, fsync the directory. A crash at any point leaves either the old or
+/// the new content; a failure (e.g. a full disk) leaves the old content and removes the temporary.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomic_with(path, bytes, |f, b| f.write_all(b))
+}
+
+/// [`write_atomic`] with the write step supplied by the caller (fault injection in tests).
+pub fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    write: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
+) -> Result<(), StoreError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| StoreError::Invalid(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        write(&mut f, bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::io(path, e));
+    }
+    Ok(())
+}
+
+/// fsync a directory so that a rename or a new file in it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Remove temporary files left by an interrupted [`write_atomic`] in `dir`.
+pub fn remove_stale_temps(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') && n.contains(".tmp-") && fs::remove_file(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_every_single_byte_flip_is_detected() {
+        let v: (u32, String, Vec<f32>) = (7, "nevus".into(), vec![0.5, -1.0, 3.25]);
+        let bytes = encode(RecordKind::Test, 3, &v).unwrap();
+        let (back, n): ((u32, String, Vec<f32>), usize) =
+            decode(RecordKind::Test, 3, &bytes).unwrap();
+        assert_eq!(back, v);
+        assert_eq!(n, bytes.len());
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(
+                decode::<(u32, String, Vec<f32>)>(RecordKind::Test, 3, &b).is_err(),
+                "flip at byte {i} not detected"
+            );
+        }
+        for cut in 0..bytes.len() {
+            assert!(decode::<(u32, String, Vec<f32>)>(RecordKind::Test, 3, &bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn wrong_kind_and_version_are_reported() {
+        let bytes = encode(RecordKind::Class, 1, &5u8).unwrap();
+        assert!(matches!(
+            decode::<u8>(RecordKind::Active, 1, &bytes),
+            Err(FrameError::WrongKind { .. })
+        ));
+        assert_eq!(
+            decode::<u8>(RecordKind::Class, 2, &bytes).unwrap_err(),
+            FrameError::Version {
+                found: 1,
+                expected: 2
+            }
+        );
+    }
+
+    #[test]
+    fn failed_write_keeps_old_content_and_removes_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.rec");
+        write_record(&p, RecordKind::Test, 1, &"old".to_string()).unwrap();
+        let new = encode(RecordKind::Test, 1, &"new content".to_string()).unwrap();
+        let err = write_atomic_with(&p, &new, |f, b| {
+            f.write_all(&b[..b.len() / 2])?;
+            Err(io::Error::from_raw_os_error(28)) // ENOSPC
+        })
+        .unwrap_err();
+        assert!(err.is_no_space(), "{err}");
+        assert!(err.to_string().contains("full"), "{err}");
+        let old: String = read_record(&p, RecordKind::Test, 1).unwrap();
+        assert_eq!(old, "old");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "temporary left behind: {names:?}");
+    }
+
+    #[test]
+    fn truncated_file_is_corrupt_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.rec");
+        write_record(&p, RecordKind::Test, 1, &vec![1u32; 100]).unwrap();
+        let b = fs::read(&p).unwrap();
+        fs::write(&p, &b[..b.len() - 3]).unwrap();
+        let e = read_record::<Vec<u32>>(&p, RecordKind::Test, 1).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+}

@@ -58,6 +58,12 @@ pub enum Command {
     Synth(SynthArgs),
     /// Classify images with a saved classifier.
     Classify(ClassifyArgs),
+    /// Evaluate on few-shot episodes (default: protocol ISIC-FS-novel) against baselines.
+    Eval(crate::eval::EvalArgs),
+    /// Measure latency and peak memory, and compare with onnxruntime.
+    Bench(crate::bench::BenchArgs),
+    /// Synthesize a classifier for 4 unseen skin-lesion classes and classify held-out images.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Which support information the synthesizer uses.
@@ -126,6 +132,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Synth(a) => synth(a, &models, &opts),
         Command::Classify(a) => classify(a, &models, &opts),
+        Command::Eval(a) => crate::eval::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Bench(a) => crate::bench::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Demo(a) => crate::demo::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -1,0 +1,299 @@
+//! `sgps eval`: score few-shot methods on identical episodes (protocol ISIC-FS-novel by default).
+//!
+//! The flow: resolve the classes of an ImageFolder tree ([`episodes::ImagePool`]), draw seeded
+//! episodes, embed every image of those classes once through the runtime pipeline (cached on
+//! disk, [`cache::EmbeddingCache`]), then score every [`Method`] on the same episodes and report
+//! accuracy ± 95% CI and macro-F1 ([`metrics`]).
+
+pub mod cache;
+pub mod descriptions;
+pub mod episodes;
+pub mod logreg;
+pub mod metrics;
+pub mod protocol;
+
+pub use protocol::{
+    EvalArgs, EvalConfig, EvalReport, ISIC_NOVEL, evaluate, missing_data_message, resolve_data_dir,
+    run,
+};
+
+use serde::{Deserialize, Serialize};
+
+use episodes::Episode;
+use logreg::{LogReg, LogRegOptions, argmax};
+use metrics::MeanCi;
+
+/// One episode as seen by a method: embeddings of the support images per way (possibly none,
+/// for 0-shot) and of the queries, plus the pool class index of each way.
+pub struct Task<'a> {
+    pub classes: &'a [usize],
+    pub support: Vec<Vec<&'a [f32]>>,
+    pub queries: Vec<&'a [f32]>,
+}
+
+/// A few-shot method: predicts the way (index into `task.classes`) of every query.
+pub trait Method {
+    fn name(&self) -> &str;
+    /// Whether the method needs at least one shot per class.
+    fn needs_shots(&self) -> bool {
+        true
+    }
+    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<usize>>;
+}
+
+/// L2-normalised copy of `v` (zero vector stays zero).
+pub fn normalized(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter().map(|x| x / n).collect()
+    } else {
+        v.to_vec()
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Prototype imprinting: cosine similarity to the normalised mean of the normalised shots.
+pub struct Prototype;
+
+impl Method for Prototype {
+    fn name(&self) -> &str {
+        "prototype"
+    }
+    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<usize>> {
+        let protos: Vec<Vec<f32>> = task
+            .support
+            .iter()
+            .map(|shots| {
+                let d = shots[0].len();
+                let mut m = vec![0f32; d];
+                for s in shots {
+                    for (a, b) in m.iter_mut().zip(normalized(s)) {
+                        *a += b;
+                    }
+                }
+                normalized(&m)
+            })
+            .collect();
+        Ok(task
+            .queries
+            .iter()
+            .map(|q| {
+                let q = normalized(q);
+                let sims: Vec<f32> = protos.iter().map(|p| dot(p, &q)).collect();
+                argmax(&sims)
+            })
+            .collect())
+    }
+}
+
+/// Multinomial L2-regularised logistic regression fitted on the (normalised) support embeddings.
+pub struct LogisticRegression {
+    pub opts: LogRegOptions,
+    /// Fits that hit `max_iter` before the tolerance.
+    pub not_converged: usize,
+}
+
+impl Default for LogisticRegression {
+    fn default() -> Self {
+        LogisticRegression {
+            opts: LogRegOptions::default(),
+            not_converged: 0,
+        }
+    }
+}
+
+impl Method for LogisticRegression {
+    fn name(&self) -> &str {
+        "logistic_regression"
+    }
+    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<usize>> {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for (w, shots) in task.support.iter().enumerate() {
+            for s in shots {
+                x.push(normalized(s));
+                y.push(w);
+            }
+        }
+        let xr: Vec<&[f32]> = x.iter().map(|v| v.as_slice()).collect();
+        let m = LogReg::fit(&xr, &y, task.support.len(), &self.opts);
+        if !m.converged {
+            self.not_converged += 1;
+        }
+        Ok(task
+            .queries
+            .iter()
+            .map(|q| m.predict(&normalized(q)))
+            .collect())
+    }
+}
+
+/// Per-episode scores of one method.
+#[derive(Debug, Clone, Default)]
+pub struct EpisodeScores {
+    pub accuracy: Vec<f64>,
+    pub macro_f1: Vec<f64>,
+}
+
+/// Summary of one method at one shot count.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodResult {
+    pub method: String,
+    pub accuracy: MeanCi,
+    /// Mean over episodes of the per-episode macro-F1 (each episode is class-balanced).
+    pub macro_f1: MeanCi,
+}
+
+/// Score `methods` on `episodes`; `embeddings[id]` is the embedding of global image `id`.
+/// Every method sees exactly the same support and query sets. Methods that need shots are
+/// skipped (None) when the episodes have none. `on_episode` is called after each episode.
+pub fn score_episodes(
+    embeddings: &[Vec<f32>],
+    episodes: &[Episode],
+    methods: &mut [&mut dyn Method],
+    mut on_episode: impl FnMut(),
+) -> anyhow::Result<Vec<Option<EpisodeScores>>> {
+    let zero_shot = episodes
+        .first()
+        .map(|e| e.support.iter().any(|s| s.is_empty()))
+        .unwrap_or(false);
+    let mut out: Vec<Option<EpisodeScores>> = methods
+        .iter()
+        .map(|m| (!(zero_shot && m.needs_shots())).then(EpisodeScores::default))
+        .collect();
+    for ep in episodes {
+        let mut truth = Vec::new();
+        let mut queries = Vec::new();
+        for (w, qs) in ep.queries.iter().enumerate() {
+            for &q in qs {
+                truth.push(w);
+                queries.push(embeddings[q].as_slice());
+            }
+        }
+        let task = Task {
+            classes: &ep.classes,
+            support: ep
+                .support
+                .iter()
+                .map(|s| s.iter().map(|&i| embeddings[i].as_slice()).collect())
+                .collect(),
+            queries,
+        };
+        for (m, scores) in methods.iter_mut().zip(out.iter_mut()) {
+            let Some(scores) = scores else { continue };
+            let pred = m.predict(&task)?;
+            anyhow::ensure!(
+                pred.len() == truth.len(),
+                "method {} returned {} predictions for {} queries",
+                m.name(),
+                pred.len(),
+                truth.len()
+            );
+            scores.accuracy.push(metrics::accuracy(&truth, &pred));
+            scores
+                .macro_f1
+                .push(metrics::macro_f1(&truth, &pred, ep.classes.len()));
+        }
+        on_episode();
+    }
+    Ok(out)
+}
+
+impl MethodResult {
+    pub fn from_scores(method: &str, s: &EpisodeScores) -> MethodResult {
+        MethodResult {
+            method: method.to_string(),
+            accuracy: MeanCi::of(&s.accuracy),
+            macro_f1: MeanCi::of(&s.macro_f1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::episodes::{ClassSource, EpisodeSpec, ImagePool, sample_episodes};
+    use super::*;
+    use std::path::PathBuf;
+
+    /// Pool of `k` classes whose fake embeddings are noisy copies of one direction per class.
+    fn toy(k: usize, per: usize, noise: f32) -> (ImagePool, Vec<Vec<f32>>) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let d = 16;
+        let mut classes = Vec::new();
+        let mut images = Vec::new();
+        let mut embs = Vec::new();
+        for c in 0..k {
+            let start = images.len();
+            for i in 0..per {
+                images.push(PathBuf::from(format!("c{c}/{i}.png")));
+                let mut e: Vec<f32> = (0..d)
+                    .map(|_| noise * rng.random_range(-1.0..1.0))
+                    .collect();
+                e[c] += 1.0;
+                embs.push(normalized(&e));
+            }
+            classes.push(ClassSource {
+                name: format!("c{c}"),
+                rel: format!("c{c}"),
+                images: (start..images.len()).collect(),
+            });
+        }
+        (
+            ImagePool {
+                data_dir: PathBuf::from("/x"),
+                classes,
+                images,
+            },
+            embs,
+        )
+    }
+
+    #[test]
+    fn easy_episodes_score_perfectly_and_hard_ones_do_not() {
+        let (pool, embs) = toy(4, 20, 0.05);
+        let spec = EpisodeSpec {
+            ways: 4,
+            shots: 2,
+            queries: 5,
+            episodes: 10,
+            seed: 0,
+        };
+        let eps = sample_episodes(&pool, &spec).unwrap();
+        let mut p = Prototype;
+        let mut l = LogisticRegression::default();
+        let res = score_episodes(&embs, &eps, &mut [&mut p, &mut l], || {}).unwrap();
+        for r in &res {
+            let r = MethodResult::from_scores("x", r.as_ref().unwrap());
+            assert_eq!(r.accuracy.mean, 1.0);
+            assert_eq!(r.macro_f1.mean, 1.0);
+            assert_eq!(r.accuracy.n, 10);
+        }
+        assert_eq!(l.not_converged, 0);
+
+        let (pool, embs) = toy(4, 20, 3.0);
+        let eps = sample_episodes(&pool, &spec).unwrap();
+        let res = score_episodes(&embs, &eps, &mut [&mut Prototype], || {}).unwrap();
+        let r = MethodResult::from_scores("p", res[0].as_ref().unwrap());
+        assert!(r.accuracy.mean < 0.9 && r.accuracy.mean > 0.25, "{r:?}");
+        assert!(r.accuracy.ci95 > 0.0);
+    }
+
+    #[test]
+    fn zero_shot_episodes_skip_methods_that_need_shots() {
+        let (pool, embs) = toy(3, 10, 0.1);
+        let spec = EpisodeSpec {
+            ways: 3,
+            shots: 0,
+            queries: 4,
+            episodes: 3,
+            seed: 1,
+        };
+        let eps = sample_episodes(&pool, &spec).unwrap();
+        let res = score_episodes(&embs, &eps, &mut [&mut Prototype], || {}).unwrap();
+        assert!(res[0].is_none());
+    }
+}

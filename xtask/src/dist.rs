@@ -2,7 +2,7 @@
 //!
 //! Bundle layout (`sgps-<version>-<board>/`):
 //! `bin/sgps`, `models/` (manifest, tokenizer, the board's encoder variants, synthesizer),
-//! `board/<board>.toml`, `sgps.service`, `install.sh`, `VERSION`, `BOARD`, `release.pub.pem`,
+//! `board/<board>.toml`, `board/tasks/*.toml`, `sgps.service`, `install.sh`, `VERSION`, `BOARD`, `release.pub.pem`,
 //! `SHA256SUMS` (every other file) and `SHA256SUMS.sig` (ed25519 over `SHA256SUMS`).
 
 use crate::build::Board;
@@ -64,6 +64,18 @@ pub fn make_bundle(i: &DistInputs) -> Result<DistOutput> {
     fs::create_dir_all(dir.join("board"))?;
     let profile_name = format!("{}.toml", i.board.name);
     copy(&i.board.profile, &dir.join("board").join(&profile_name))?;
+    // Task definitions the profiles refer to (installed to /etc/sgps/tasks/).
+    if let Some(tasks) = i.board.profile.parent().map(|d| d.join("tasks"))
+        && tasks.is_dir()
+    {
+        fs::create_dir_all(dir.join("board/tasks"))?;
+        for e in fs::read_dir(&tasks)?.flatten() {
+            let p = e.path();
+            if p.is_file() && p.extension().is_some_and(|x| x == "toml") {
+                copy(&p, &dir.join("board/tasks").join(e.file_name()))?;
+            }
+        }
+    }
     if !i.unit.is_file() {
         bail!(
             "systemd unit {} is missing (it belongs in board/sgps.service)",

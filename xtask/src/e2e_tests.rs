@@ -56,6 +56,8 @@ fn fixture() -> Fixture {
         "name = \"rpi5\"\n[models]\nimage_variant = \"int8\"\n",
     )
     .unwrap();
+    fs::create_dir_all(p.join("board/tasks")).unwrap();
+    fs::write(p.join("board/tasks/demo.toml"), "name = \"demo\"\n").unwrap();
     fs::write(
         p.join("board/sgps.service"),
         "[Unit]\nDescription=sgps\n[Service]\nExecStart=/opt/sgps/current/bin/sgps run\n[Install]\nWantedBy=multi-user.target\n",
@@ -142,6 +144,7 @@ fn dist_bundle_layout_checksums_and_signature() {
             "VERSION",
             "bin/sgps",
             "board/rpi5.toml",
+            "board/tasks/demo.toml",
             "install.sh",
             "models/image_encoder.int8.onnx",
             "models/manifest.json",
@@ -250,6 +253,19 @@ fn deploy_to_local_root_installs_and_rolls_back() {
     );
     assert!(root.join("etc/sgps/release.pub.pem").is_file());
     assert!(!root.join("tmp/sgps-deploy").exists(), "staging cleaned up");
+    // What board/sgps.service expects: /opt/sgps/bin/sgps, /opt/sgps/models, /etc/sgps/board.toml.
+    assert_eq!(link(&sgps.join("bin")), "current/bin");
+    assert_eq!(link(&sgps.join("models")), "current/models");
+    assert!(sgps.join("bin/sgps").is_file() && sgps.join("models/manifest.json").is_file());
+    let shipped = fs::read_to_string(f.path().join("board/rpi5.toml")).unwrap();
+    assert_eq!(
+        fs::read_to_string(root.join("etc/sgps/board.toml")).unwrap(),
+        shipped
+    );
+    assert!(root.join("etc/sgps/tasks/demo.toml").is_file());
+    // The user adjusts the GPIO lines; later installs keep that.
+    let edited = format!("{shipped}# capture_line = 5\n");
+    fs::write(root.join("etc/sgps/board.toml"), &edited).unwrap();
 
     // v2's binary fails its health check: the deploy fails and v1 is current again.
     let v2 = f.dist("2.0.0", false, false);
@@ -273,6 +289,23 @@ fn deploy_to_local_root_installs_and_rolls_back() {
     deploy::deploy(&mut exec, &plan(&v3)).unwrap();
     assert_eq!(link(&sgps.join("current")), "releases/3.0.0");
     assert_eq!(link(&sgps.join("previous")), "releases/1.0.0");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/sgps/board.toml")).unwrap(),
+        edited
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/sgps/board.toml.new")).unwrap(),
+        shipped
+    );
+
+    // First-boot `setup` (used by card images) re-verifies the installed release.
+    let cur = sgps.join("current");
+    let o = install_sh(&cur, &root, "setup");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fs::write(cur.join("models/synthesizer.onnx"), b"corrupted").unwrap();
+    let o = install_sh(&cur, &root, "setup");
+    assert!(!o.status.success());
+    fs::write(cur.join("models/synthesizer.onnx"), b"synth").unwrap();
 
     // A bundle signed by another key is refused before anything changes.
     let mut g = fixture();
@@ -413,6 +446,46 @@ fn image_bakes_bundle_into_a_disk_image_and_reads_back() {
         )
         .unwrap(),
         "/etc/systemd/system/sgps.service"
+    );
+    for (l, t) in [
+        ("/opt/sgps/bin", "current/bin"),
+        ("/opt/sgps/models", "current/models"),
+        (
+            "/etc/systemd/system/multi-user.target.wants/sgps-setup.service",
+            "/etc/systemd/system/sgps-setup.service",
+        ),
+    ] {
+        assert_eq!(
+            image::ext4_readlink(&card, layout.root_offset, l).unwrap(),
+            t
+        );
+    }
+    let cfg = work.path().join("board.toml");
+    image::ext4_read(&card, layout.root_offset, "/etc/sgps/board.toml", &cfg).unwrap();
+    assert_eq!(
+        fs::read(&cfg).unwrap(),
+        fs::read(out.dir.join("board/rpi5.toml")).unwrap()
+    );
+    let task = work.path().join("task.toml");
+    image::ext4_read(
+        &card,
+        layout.root_offset,
+        "/etc/sgps/tasks/demo.toml",
+        &task,
+    )
+    .unwrap();
+    let setup = work.path().join("setup.service");
+    image::ext4_read(
+        &card,
+        layout.root_offset,
+        "/etc/systemd/system/sgps-setup.service",
+        &setup,
+    )
+    .unwrap();
+    assert!(
+        fs::read_to_string(&setup)
+            .unwrap()
+            .contains("install.sh setup")
     );
     let unit = work.path().join("unit");
     image::ext4_read(

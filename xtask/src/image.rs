@@ -181,6 +181,23 @@ pub fn ext4_readlink(img: &Path, offset: u64, path: &str) -> Result<String> {
         .with_context(|| format!("{path} is not a symlink in {}", img.display()))
 }
 
+/// First-boot unit baked into images: verifies the baked release and creates the `sgps` user
+/// (which a card image cannot get without running the OS), once.
+pub const SETUP_UNIT: &str = "[Unit]
+Description=sgps first-boot setup (verify the baked release, create the sgps user)
+Before=sgps.service
+ConditionPathExists=!/var/lib/sgps-setup.done
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh /opt/sgps/current/install.sh setup
+ExecStartPost=/usr/bin/touch /var/lib/sgps-setup.done
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+";
+
 /// Options for baking an image.
 pub struct ImageInputs<'a> {
     pub base: &'a Path,
@@ -229,7 +246,9 @@ pub fn bake(i: &ImageInputs) -> Result<String> {
     .context("cannot copy the bundle into the FAT boot partition")?;
 
     // ext4 root: install exactly as install.sh would.
-    let script = install_script(&bundle, &version, &key_path)?;
+    let setup_unit = work.path().join("sgps-setup.service");
+    fs::write(&setup_unit, SETUP_UNIT)?;
+    let script = install_script(&bundle, &version, &key_path, &setup_unit)?;
     debugfs_script(&tmp_out, layout.root_offset, &script)?;
     fs::rename(&tmp_out, i.out)?;
     Ok(version)
@@ -248,7 +267,12 @@ fn q(p: &str) -> String {
 }
 
 /// debugfs commands that install `bundle` as release `version` with the unit enabled.
-fn install_script(bundle: &Path, version: &str, trusted_key: &Path) -> Result<String> {
+fn install_script(
+    bundle: &Path,
+    version: &str,
+    trusted_key: &Path,
+    setup_unit: &Path,
+) -> Result<String> {
     let mut s = String::new();
     let mkdir = |s: &mut String, p: &str| {
         s.push_str(&format!(
@@ -320,9 +344,36 @@ fn install_script(bundle: &Path, version: &str, trusted_key: &Path) -> Result<St
         0o644,
     );
     write(&mut s, trusted_key, "/etc/sgps/release.pub.pem", 0o644);
-    s.push_str(&format!(
-        "rm /opt/sgps/current\nsymlink /opt/sgps/current releases/{version}\n"
-    ));
+    let board = fs::read_to_string(bundle.join("BOARD"))?.trim().to_string();
+    mkdir(&mut s, "/etc/sgps/tasks");
+    write(
+        &mut s,
+        &bundle.join(format!("board/{board}.toml")),
+        "/etc/sgps/board.toml",
+        0o644,
+    );
+    for f in files.iter().filter(|f| f.starts_with("board/tasks/")) {
+        let name = f.trim_start_matches("board/tasks/");
+        write(
+            &mut s,
+            &bundle.join(f),
+            &format!("/etc/sgps/tasks/{name}"),
+            0o644,
+        );
+    }
+    write(
+        &mut s,
+        setup_unit,
+        "/etc/systemd/system/sgps-setup.service",
+        0o644,
+    );
+    for (link, target) in [
+        ("/opt/sgps/current", format!("releases/{version}")),
+        ("/opt/sgps/bin", "current/bin".to_string()),
+        ("/opt/sgps/models", "current/models".to_string()),
+    ] {
+        s.push_str(&format!("rm {link}\nsymlink {link} {target}\n"));
+    }
     let unit = fs::read_to_string(bundle.join("sgps.service"))?;
     let wanted = unit
         .lines()
@@ -330,12 +381,16 @@ fn install_script(bundle: &Path, version: &str, trusted_key: &Path) -> Result<St
         .and_then(|w| w.split_whitespace().next())
         .unwrap_or("multi-user.target")
         .to_string();
-    let wants = format!("/etc/systemd/system/{wanted}.wants");
-    mkdir(&mut s, &wants);
-    s.push_str(&format!(
-        "rm {w}/sgps.service\nsymlink {w}/sgps.service /etc/systemd/system/sgps.service\n",
-        w = wants
-    ));
+    for (unit, wanted) in [
+        ("sgps.service", wanted.as_str()),
+        ("sgps-setup.service", "multi-user.target"),
+    ] {
+        let wants = format!("/etc/systemd/system/{wanted}.wants");
+        mkdir(&mut s, &wants);
+        s.push_str(&format!(
+            "rm {wants}/{unit}\nsymlink {wants}/{unit} /etc/systemd/system/{unit}\n"
+        ));
+    }
     Ok(s)
 }
 

@@ -3,20 +3,27 @@
 #
 #   sh install.sh            verify this bundle, install it, enable + restart the sgps unit
 #   sh install.sh verify     only verify (signature of SHA256SUMS, every checksum, no extra files)
+#   sh install.sh setup      verify the current install and create what it needs (user, links,
+#                            config); no systemctl. Run once at first boot of a baked card image.
 #   sh install.sh rollback   switch back to the previous install and restart the unit
 #
 # Verification: SHA256SUMS must carry a valid ed25519 signature (SHA256SUMS.sig) by the key the
 # device already trusts (/etc/sgps/release.pub.pem); on the very first install the bundle's own
 # key becomes the trusted one. Every file must match its checksum and no unlisted file may exist.
 #
-# Layout: /opt/sgps/releases/<version>/ holds each install; /opt/sgps/current and
-# /opt/sgps/previous are symlinks; the unit goes to /etc/systemd/system/sgps.service.
-# SGPS_ROOT=/some/dir installs into another root (image baking, tests) and skips systemctl;
+# Layout (what board/sgps.service expects):
+#   /opt/sgps/releases/<version>/   each install (this bundle)
+#   /opt/sgps/current -> releases/<version>, /opt/sgps/previous -> the one before
+#   /opt/sgps/bin -> current/bin, /opt/sgps/models -> current/models
+#   /etc/sgps/board.toml, /etc/sgps/tasks/*.toml   config (kept when you edited them; the
+#                                                  shipped version then lands next to it as .new)
+#   /etc/systemd/system/sgps.service, system user `sgps`
+# SGPS_ROOT=/some/dir installs into another root (tests, staging) and skips systemctl/useradd;
 # SGPS_NO_SYSTEMD=1 skips systemctl too.
 set -eu
 
 action=${1:-install}
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$(dirname "$0")" && pwd -P)
 ROOT=${SGPS_ROOT:-}
 ROOT=${ROOT%/}
 PREFIX="$ROOT/opt/sgps"
@@ -68,6 +75,57 @@ verify() {
     say "verified $(wc -l <"$here/SHA256SUMS") files, signature OK"
 }
 
+# Config file: install $1 as $2 unless the user changed $2 (compared with $3, what the previous
+# release shipped); then leave $2 alone and put the new version in $2.new.
+conffile() {
+    mkdir -p "$(dirname "$2")"
+    if [ ! -f "$2" ] || cmp -s "$1" "$2"; then
+        cp "$1" "$2"
+    elif [ -n "${3:-}" ] && [ -f "$3" ] && cmp -s "$2" "$3"; then
+        cp "$1" "$2"
+    else
+        cp "$1" "$2.new"
+        say "kept your modified $2; the shipped version is in $2.new"
+    fi
+}
+
+# Links, config and user for the release `current` points to; $1 = the release before it.
+setup_current() {
+    before=${1:-}
+    board=$(cat "$PREFIX/current/BOARD")
+    relink "$PREFIX/bin" current/bin
+    relink "$PREFIX/models" current/models
+    old_cfg=""
+    [ -z "$before" ] || old_cfg="$PREFIX/$before/board"
+    conffile "$PREFIX/current/board/$board.toml" "$ETC/board.toml" "${old_cfg:+$old_cfg/$board.toml}"
+    if [ -d "$PREFIX/current/board/tasks" ]; then
+        for t in "$PREFIX/current/board/tasks/"*.toml; do
+            [ -f "$t" ] || continue
+            n=$(basename "$t")
+            conffile "$t" "$ETC/tasks/$n" "${old_cfg:+$old_cfg/tasks/$n}"
+        done
+    fi
+    [ -f "$ETC/release.pub.pem" ] || cp "$PREFIX/current/release.pub.pem" "$ETC/release.pub.pem"
+    if [ -z "$ROOT" ]; then
+        ensure_user
+    fi
+}
+
+# The unit runs as user sgps with supplementary groups video and gpio.
+ensure_user() {
+    for g in video gpio; do
+        if ! getent group "$g" >/dev/null 2>&1; then
+            groupadd --system "$g" && say "created group $g (check that /dev/gpiochip* / /dev/video* belong to it)"
+        fi
+    done
+    if ! id sgps >/dev/null 2>&1; then
+        useradd --system --user-group --home-dir /var/lib/sgps --no-create-home \
+            --shell /usr/sbin/nologin sgps
+        say "created system user sgps"
+    fi
+    usermod -a -G video,gpio sgps
+}
+
 install_unit() {
     src="$1/$UNIT"
     mkdir -p "$UNIT_DIR"
@@ -100,7 +158,7 @@ do_install() {
         relink "$PREFIX/previous" "$old"
     fi
     relink "$PREFIX/current" "releases/$version"
-    [ -f "$ETC/release.pub.pem" ] || cp "$here/release.pub.pem" "$ETC/release.pub.pem"
+    setup_current "$old"
     install_unit "$PREFIX/current"
     say "installed $version (board $(cat "$here/BOARD" 2>/dev/null || echo '?'))${old:+, previous: $old}"
 }
@@ -112,13 +170,23 @@ do_rollback() {
     relink "$PREFIX/current" "$prev"
     rm -f "$PREFIX/previous"
     [ -z "$cur" ] || relink "$PREFIX/failed" "$cur"
+    setup_current "$cur"
     install_unit "$PREFIX/current"
     say "rolled back to $prev${cur:+ (failed: $cur)}"
+}
+
+do_setup() {
+    [ "$here" = "$(cd "$PREFIX/current" && pwd -P)" ] \
+        || die "setup runs from the installed release: sh $PREFIX/current/install.sh setup"
+    verify
+    setup_current ""
+    say "set up $(cat "$here/VERSION")"
 }
 
 case "$action" in
     install) do_install ;;
     verify) verify ;;
+    setup) do_setup ;;
     rollback) do_rollback ;;
-    *) die "unknown action '$action' (use install, verify or rollback)" ;;
+    *) die "unknown action '$action' (use install, verify, setup or rollback)" ;;
 esac

@@ -385,6 +385,14 @@ pub fn test_arm(
     tools::run(&mut c).with_context(|| format!("tests under qemu ({}) failed", board.qemu_cpu))
 }
 
+/// qemu user-mode emulation for aarch64, if missing.
+pub fn qemu_requirement() -> Option<Requirement> {
+    need_tool_any(
+        &["qemu-aarch64", "qemu-aarch64-static"],
+        "apt-get install qemu-user-static",
+    )
+}
+
 fn need_tool_any(names: &[&str], install: &str) -> Option<Requirement> {
     tools::first_available(names)
         .is_none()

@@ -228,8 +228,7 @@ pub fn bake(i: &ImageInputs) -> Result<String> {
         .to_string();
 
     let tmp_out = i.out.with_extension("img.partial");
-    fs::copy(i.base, &tmp_out)
-        .with_context(|| format!("cannot copy {} to {}", i.base.display(), tmp_out.display()))?;
+    copy_base(i.base, &tmp_out)?;
     let layout = read_layout(&tmp_out)?;
     log::info!("partitions: {layout:?}");
 
@@ -252,6 +251,29 @@ pub fn bake(i: &ImageInputs) -> Result<String> {
     debugfs_script(&tmp_out, layout.root_offset, &script)?;
     fs::rename(&tmp_out, i.out)?;
     Ok(version)
+}
+
+/// Copies the base image, decompressing `.xz` (how Raspberry Pi OS images are published).
+fn copy_base(base: &Path, to: &Path) -> Result<()> {
+    if base.extension().is_some_and(|e| e == "xz") {
+        let xz = tools::which("xz").context(
+            "the base image is .xz-compressed and `xz` is missing (apt-get install xz-utils)",
+        )?;
+        let out = fs::File::create(to)?;
+        let st = Command::new(xz)
+            .arg("-dc")
+            .arg(base)
+            .stdout(out)
+            .status()
+            .context("cannot run xz")?;
+        if !st.success() {
+            bail!("cannot decompress {}", base.display());
+        }
+    } else {
+        fs::copy(base, to)
+            .with_context(|| format!("cannot copy {} to {}", base.display(), to.display()))?;
+    }
+    Ok(())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

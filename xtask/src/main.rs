@@ -149,6 +149,11 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// List every tool this machine lacks for building, testing and flashing, with install commands.
+    Doctor {
+        #[arg(long, default_value = "rpi5")]
+        board: String,
+    },
     /// Run the training recipe (creates models/train/.venv on first use).
     Train {
         /// Image collection (default $SGPS_DATA or ../shared/data).
@@ -324,6 +329,25 @@ fn run(cli: Cli) -> Result<()> {
             if !yes && !confirm(&image, &device, size)? {
                 bail!("not confirmed; nothing written");
             }
+            if let Err(e) = std::fs::OpenOptions::new().write(true).open(&device)
+                && e.kind() == std::io::ErrorKind::PermissionDenied
+                && tools::which("sudo").is_some()
+            {
+                // Writing a disk needs root: re-run just this step through sudo.
+                println!(
+                    "{} needs root; running the write through sudo",
+                    device.display()
+                );
+                let me = std::env::current_exe()?;
+                let st = std::process::Command::new("sudo")
+                    .arg(me)
+                    .args(["flash", "--yes", "--image"])
+                    .arg(std::fs::canonicalize(&image)?)
+                    .arg("--device")
+                    .arg(&device)
+                    .status()?;
+                std::process::exit(st.code().unwrap_or(1));
+            }
             let sha = flash::flash(&info, &image, &device)?;
             println!(
                 "{} written to {} and verified (sha256 {sha})",
@@ -351,6 +375,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
         }
         Cmd::Bench { args } => bench::bench(&root, &args)?,
+        Cmd::Doctor { board } => doctor(&root, &board)?,
     }
     Ok(())
 }
@@ -384,6 +409,45 @@ fn dist_for(
         out_dir: &out,
         deb,
     })
+}
+
+fn doctor(root: &Path, board: &str) -> Result<()> {
+    let b = Board::load(root, board)?;
+    let mut missing = build::cross_requirements(&b);
+    missing.extend(build::qemu_requirement());
+    missing.extend(image::requirements());
+    for (tool, pkg) in [
+        ("openssl", "openssl"),
+        ("dpkg-deb", "dpkg"),
+        ("mkfs.vfat", "dosfstools"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("xz", "xz-utils"),
+        ("ssh", "openssh-client"),
+        ("python3", "python3 python3-venv"),
+    ] {
+        missing.extend(tools::need_tool(tool, &format!("apt-get install {pkg}")));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    missing.retain(|r| seen.insert(r.what.clone()));
+    if missing.is_empty() {
+        println!("everything needed for board {board} is installed");
+        return Ok(());
+    }
+    let apt: std::collections::BTreeSet<&str> = missing
+        .iter()
+        .filter_map(|r| r.install.strip_prefix("apt-get install "))
+        .flat_map(|p| p.split_whitespace())
+        .collect();
+    for r in &missing {
+        println!("missing: {}\n    {}", r.what, r.install);
+    }
+    if !apt.is_empty() {
+        println!(
+            "\nall apt packages at once:\n    apt-get install -y {}",
+            apt.into_iter().collect::<Vec<_>>().join(" ")
+        );
+    }
+    bail!("{} requirement(s) missing", missing.len())
 }
 
 fn confirm(image: &Path, device: &Path, size: u64) -> Result<bool> {

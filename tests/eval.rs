@@ -1,0 +1,193 @@
+//! `sgps eval` / `sgps demo` on the shipped models and real images (skipped when the data
+//! directory is absent): small real evaluation, determinism, the embedding-cache hit path,
+//! and the missing-data message.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sgps::eval::episodes::{EpisodeSpec, ImagePool, episodes_hash, sample_episodes};
+use sgps::eval::{EvalConfig, ISIC_NOVEL, evaluate};
+use sgps::pipeline::{LoadOptions, Pipeline};
+
+fn data_dir() -> Option<PathBuf> {
+    let d = std::env::var_os("SGPS_DATA")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    if d.join("isic").is_dir() {
+        Some(d)
+    } else {
+        eprintln!(
+            "SKIP: data directory {} not found (set SGPS_DATA to run this test)",
+            d.display()
+        );
+        None
+    }
+}
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+fn small_config(data: &Path, seed: u64) -> EvalConfig {
+    EvalConfig {
+        protocol: "custom".into(),
+        data_dir: data.to_path_buf(),
+        classes: vec![
+            "isic/actinic_keratosis".into(),
+            "dermatofibroma".into(), // bare class names resolve too
+        ],
+        ways: 2,
+        shots: vec![1, 5],
+        episodes: 5,
+        queries: 5,
+        seed,
+    }
+}
+
+#[test]
+fn small_real_eval_is_deterministic_and_cached() {
+    let Some(data) = data_dir() else { return };
+    let pipeline =
+        Pipeline::load(&models_dir(), &LoadOptions::default()).expect("shipped models load");
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = small_config(&data, 0);
+
+    let first = evaluate(&pipeline, &cfg, cache.path(), None, true, false).expect("eval runs");
+    let n_images = 53 + 111;
+    assert_eq!(first.images_embedded, n_images);
+    assert_eq!(first.cache_hits, 0, "fresh cache directory");
+    assert_eq!(first.results.len(), 2);
+    for sr in &first.results {
+        let names: Vec<&str> = sr.methods.iter().map(|m| m.method.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "sgps images+text",
+                "sgps images only",
+                "sgps text only (0-shot)",
+                "prototype",
+                "logistic_regression"
+            ]
+        );
+        for m in &sr.methods {
+            assert_eq!(m.accuracy.n, 5);
+            assert!((0.0..=1.0).contains(&m.accuracy.mean), "{m:?}");
+            assert!((0.0..=1.0).contains(&m.macro_f1.mean), "{m:?}");
+        }
+        // Every episode: disjoint support/query sets of the requested sizes.
+        let list = sr.episode_list.as_ref().expect("--list-episodes");
+        assert_eq!(list.len(), 5);
+        for ep in list {
+            for (s, q) in ep.support.iter().zip(&ep.queries) {
+                assert_eq!(s.len(), sr.shots);
+                assert_eq!(q.len(), 5);
+                assert!(s.iter().all(|x| !q.contains(x)));
+            }
+        }
+    }
+    // Image-based methods beat chance (50%) clearly at 5 shots on these two dissimilar classes.
+    let five = &first.results[1];
+    for m in five.methods.iter().filter(|m| m.method == "prototype") {
+        assert!(m.accuracy.mean > 0.6, "{m:?}");
+    }
+
+    // Second run: every embedding comes from the cache, and the numbers are identical.
+    let second = evaluate(&pipeline, &cfg, cache.path(), None, true, false).expect("eval runs");
+    assert_eq!(
+        second.cache_hits, n_images,
+        "all embeddings served from the cache"
+    );
+    for (a, b) in first.results.iter().zip(&second.results) {
+        assert_eq!(a.episodes_sha256, b.episodes_sha256);
+        for (ma, mb) in a.methods.iter().zip(&b.methods) {
+            assert_eq!(ma.method, mb.method);
+            assert_eq!(ma.accuracy, mb.accuracy, "{}", ma.method);
+            assert_eq!(ma.macro_f1, mb.macro_f1, "{}", ma.method);
+        }
+    }
+
+    // Another seed draws other episodes.
+    let other = evaluate(
+        &pipeline,
+        &small_config(&data, 1),
+        cache.path(),
+        None,
+        false,
+        false,
+    )
+    .expect("eval runs");
+    assert_eq!(other.cache_hits, n_images);
+    assert_ne!(
+        other.results[0].episodes_sha256,
+        first.results[0].episodes_sha256
+    );
+}
+
+/// The ISIC-FS-novel episodes are fixed: same files, same seed, same hash on every machine and
+/// every run. A change here means the protocol's episodes changed — update the published figures.
+#[test]
+fn isic_fs_novel_episodes_are_stable() {
+    let Some(data) = data_dir() else { return };
+    let classes: Vec<String> = ISIC_NOVEL.iter().map(|s| s.to_string()).collect();
+    let pool = ImagePool::open(&data, &classes).unwrap();
+    assert_eq!(pool.images.len(), 53 + 111 + 197 + 142);
+    let mut hashes = Vec::new();
+    for shots in [1, 5] {
+        let spec = EpisodeSpec {
+            ways: 4,
+            shots,
+            queries: 15,
+            episodes: 600,
+            seed: 0,
+        };
+        let a = sample_episodes(&pool, &spec).unwrap();
+        let b = sample_episodes(&pool, &spec).unwrap();
+        assert_eq!(a, b);
+        hashes.push(episodes_hash(&pool, &a));
+    }
+    assert_ne!(hashes[0], hashes[1]);
+    println!(
+        "ISIC-FS-novel episode hashes: 1-shot {} 5-shot {}",
+        hashes[0], hashes[1]
+    );
+}
+
+#[test]
+fn demo_without_data_says_what_it_needs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sgps"))
+        .args(["demo", "--data", "/nonexistent/sgps-data"])
+        .env_remove("SGPS_DATA")
+        .output()
+        .expect("sgps runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "/nonexistent/sgps-data",
+        "isic/actinic_keratosis",
+        "not redistributed",
+        "SGPS_DATA=",
+        "--data",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in: {err}");
+    }
+}
+
+#[test]
+fn eval_rejects_impossible_arguments_before_embedding() {
+    let Some(data) = data_dir() else { return };
+    let pipeline =
+        Pipeline::load(&models_dir(), &LoadOptions::default()).expect("shipped models load");
+    let cache = tempfile::tempdir().unwrap();
+    let mut cfg = small_config(&data, 0);
+    cfg.queries = 60; // actinic_keratosis has 53 images
+    let err = evaluate(&pipeline, &cfg, cache.path(), None, false, false).unwrap_err();
+    assert!(format!("{err:#}").contains("has only 53 images"), "{err:#}");
+    cfg.queries = 5;
+    cfg.classes.push("isic/no_such_class".into());
+    cfg.ways = 3;
+    let err = evaluate(&pipeline, &cfg, cache.path(), None, false, false).unwrap_err();
+    assert!(format!("{err:#}").contains("not found"), "{err:#}");
+    // Nothing was embedded.
+    assert!(std::fs::read_dir(cache.path()).unwrap().next().is_none());
+}

@@ -35,7 +35,7 @@ fn encode(img: DynamicImage, fmt: ImageFormat) -> Vec<u8> {
     c.into_inner()
 }
 
-/// A PNG whose header claims `w` x `h` pixels (no real pixel data).
+/// A PNG whose header claims `w` x `h` pixels (with an empty IDAT: no real pixel data).
 fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut ihdr = b"IHDR".to_vec();
@@ -45,6 +45,11 @@ fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     v.extend_from_slice(&13u32.to_be_bytes());
     v.extend_from_slice(&ihdr);
     v.extend_from_slice(&crc32fast::hash(&ihdr).to_be_bytes());
+    let mut idat = b"IDAT".to_vec();
+    idat.extend_from_slice(&[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    v.extend_from_slice(&8u32.to_be_bytes());
+    v.extend_from_slice(&idat);
+    v.extend_from_slice(&crc32fast::hash(&idat).to_be_bytes());
     v.extend_from_slice(&0u32.to_be_bytes());
     v.extend_from_slice(b"IEND");
     v.extend_from_slice(&crc32fast::hash(b"IEND").to_be_bytes());

@@ -2,7 +2,7 @@
 //! button events, frames from the camera, the quality gate and the one shared [`Pipeline`].
 //!
 //! ```text
-//!            capture                 shot k+1 == K for every class / long next
+//!       capture (1st shot)           shot k+1 == K for every class / long next
 //!   Idle ───────────────▶ Enroll(class i, shot k) ───────────────────────────▶ Synthesize
 //!    ▲                     │  ▲  short next: next class                            │ ok
 //!    │ long capture        │  └─ capture: capture, gate, embed, store shot         ▼
@@ -112,7 +112,13 @@ pub fn transition(state: State, ev: ButtonEvent, p: &Progress) -> (State, Action
     use Button::*;
     use Press::*;
     match (state, ev.button, ev.press) {
-        (State::Idle, Capture, _) => (p.enroll_at(p.next_incomplete(0).unwrap_or(0)), Action::None),
+        (State::Idle, Capture, Short) => {
+            let c = p.next_incomplete(0).unwrap_or(0);
+            (p.enroll_at(c), Action::CaptureShot { class: c })
+        }
+        (State::Idle, Capture, Long) => {
+            (p.enroll_at(p.next_incomplete(0).unwrap_or(0)), Action::None)
+        }
         (State::Idle, Next, Long) if p.shots.iter().any(|&s| s > 0) => {
             (State::Synthesize, Action::None)
         }
@@ -778,8 +784,15 @@ mod tests {
     #[test]
     fn enrollment_walks_classes_then_synthesizes() {
         let p = prog(&[0, 0, 0], false);
+        // the first capture press starts enrollment with the first shot
         let (s, a) = transition(State::Idle, CAP, &p);
-        assert_eq!((s, a), (State::Enroll { class: 0, shot: 0 }, Action::None));
+        assert_eq!(
+            (s, a),
+            (
+                State::Enroll { class: 0, shot: 0 },
+                Action::CaptureShot { class: 0 }
+            )
+        );
         let (s, a) = transition(s, CAP, &p);
         assert_eq!(a, Action::CaptureShot { class: 0 });
         assert_eq!(s, State::Enroll { class: 0, shot: 0 });

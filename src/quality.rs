@@ -36,7 +36,7 @@ pub struct GateThresholds {
     /// (nothing visible in the centre: featureless skin, lens cap, wrong framing).
     pub min_center_contrast: f32,
     /// Reject when more than this fraction of the border band (outer 10 %) is very dark
-    /// (luma < 24): off-centre lesion, device not on the skin.
+    /// (luma < 24) while the rest is lit: off-centre lesion, device not flat on the skin.
     pub max_border_dark: f32,
 }
 
@@ -47,9 +47,9 @@ impl Default for GateThresholds {
             min_mean: 40.0,
             max_mean: 225.0,
             max_dark_clipped: 0.35,
-            max_bright_clipped: 0.10,
+            max_bright_clipped: 0.25,
             min_center_contrast: 4.0,
-            max_border_dark: 0.75,
+            max_border_dark: 0.80,
         }
     }
 }

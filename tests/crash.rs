@@ -132,8 +132,8 @@ fn sigkill_during_writes_loses_no_acknowledged_record() {
                 .map_while(Result::ok)
                 .collect::<Vec<String>>()
         });
-        // delays from 0 to ~45 ms, in a scrambled order, plus sub-millisecond offsets
-        let delay_us = ((k * 37) % 46) as u64 * 1000 + ((k * 173) % 1000) as u64;
+        // delays from 0 to ~150 ms (start-up included), in a scrambled order, plus sub-millisecond offsets
+        let delay_us = ((k * 37) % 151) as u64 * 1000 + ((k * 173) % 1000) as u64;
         std::thread::sleep(Duration::from_micros(delay_us));
         child.kill().expect("SIGKILL child"); // std sends SIGKILL on Unix
         let status = child.wait().unwrap();

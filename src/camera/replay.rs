@@ -65,7 +65,7 @@ impl ReplayCamera {
         };
         let rd = std::fs::read_dir(dir).map_err(|e| {
             cfg(format!(
-                "cannot read replay directory: {e}; set camera.replay_dir in the board profile"
+                "cannot read replay directory: {e}; set camera.dir in the board profile or pass --replay-dir"
             ))
         })?;
         let mut frames: Vec<PathBuf> = rd

@@ -63,7 +63,17 @@ pub fn make_bundle(i: &DistInputs) -> Result<DistOutput> {
     copy_models(i.models_dir, &dir.join("models"), i.board)?;
     fs::create_dir_all(dir.join("board"))?;
     let profile_name = format!("{}.toml", i.board.name);
-    copy(&i.board.profile, &dir.join("board").join(&profile_name))?;
+    let profile_text = fs::read_to_string(&i.board.profile)
+        .with_context(|| format!("cannot read {}", i.board.profile.display()))?;
+    // `dist --image-variant` overrides the profile: make the shipped copy say so.
+    let as_written = Board::from_toml(&i.board.name, &i.board.profile, &profile_text)?;
+    let profile_text = match &i.board.image_variant {
+        Some(v) if as_written.image_variant.as_ref() != Some(v) => {
+            set_top_level_key(&profile_text, "image_variant", v)
+        }
+        _ => profile_text,
+    };
+    fs::write(dir.join("board").join(&profile_name), profile_text)?;
     // Task definitions the profiles refer to (installed to /etc/sgps/tasks/).
     if let Some(tasks) = i.board.profile.parent().map(|d| d.join("tasks"))
         && tasks.is_dir()
@@ -293,6 +303,41 @@ fn make_deb(i: &DistInputs, bundle: &Path, name: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Sets a top-level string key of a TOML profile (before the first table), keeping everything
+/// else (comments included) as written. Used when `dist --image-variant` overrides the profile,
+/// so that the shipped profile names the variant the bundle actually contains.
+pub fn set_top_level_key(text: &str, key: &str, value: &str) -> String {
+    let line = format!("{key} = \"{value}\"");
+    let mut out = Vec::new();
+    let mut done = false;
+    let mut in_table = false;
+    for l in text.lines() {
+        let t = l.trim_start();
+        if t.starts_with('[') {
+            if !done {
+                out.push(line.clone());
+                done = true;
+            }
+            in_table = true;
+        }
+        let is_key = t
+            .strip_prefix(key)
+            .is_some_and(|r| r.trim_start().starts_with('='));
+        if !in_table && is_key {
+            if !done {
+                out.push(line.clone());
+                done = true;
+            }
+            continue;
+        }
+        out.push(l.to_string());
+    }
+    if !done {
+        out.push(line);
+    }
+    out.join("\n") + "\n"
+}
+
 /// Debian-compatible version (no `-`, which would mean a Debian revision).
 pub fn deb_version(v: &str) -> String {
     v.replace('-', "+")
@@ -333,6 +378,24 @@ mod tests {
         b.image_variant = Some("fp16".into());
         let e = model_files(&m, &b).unwrap_err().to_string();
         assert!(e.contains("fp16") && e.contains("int8"), "{e}");
+    }
+
+    #[test]
+    fn override_image_variant_in_profile_text() {
+        let p = "# c\nname = \"rpi5\"\nimage_variant = \"int8\"\n[gpio]\nimage_variant = \"x\"\n";
+        let o = set_top_level_key(p, "image_variant", "fp32");
+        assert_eq!(
+            o,
+            "# c\nname = \"rpi5\"\nimage_variant = \"fp32\"\n[gpio]\nimage_variant = \"x\"\n"
+        );
+        let t: toml::Table = toml::from_str(&set_top_level_key(
+            "a = 1\n[t]\nb = 2\n",
+            "image_variant",
+            "fp32",
+        ))
+        .unwrap();
+        assert_eq!(t["image_variant"].as_str(), Some("fp32"));
+        assert_eq!(t["t"]["b"].as_integer(), Some(2));
     }
 
     #[test]

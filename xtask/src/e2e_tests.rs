@@ -555,3 +555,17 @@ fn image_bakes_bundle_into_a_disk_image_and_reads_back() {
     );
     assert!(!card2.exists());
 }
+
+#[test]
+fn dist_image_variant_override_ships_that_variant_and_says_so_in_the_profile() {
+    let mut f = fixture();
+    f.board.image_variant = Some("fp32".into());
+    let out = f.dist("1.0.0", true, false);
+    let files = sign::list_files(&out.dir).unwrap();
+    assert!(files.contains(&"models/image_encoder.onnx".to_string()));
+    assert!(!files.contains(&"models/image_encoder.int8.onnx".to_string()));
+    let shipped = fs::read_to_string(out.dir.join("board/rpi5.toml")).unwrap();
+    let b = Board::from_toml("rpi5", Path::new("x"), &shipped).unwrap();
+    assert_eq!(b.image_variant.as_deref(), Some("fp32"));
+    sign::verify_dir(&out.dir, &f.key.verifying_key()).unwrap();
+}

@@ -72,6 +72,10 @@ enum Cmd {
         /// Use this binary instead of building one.
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// Ship this image-encoder variant instead of the profile's (the shipped profile copy is
+        /// changed to match).
+        #[arg(long)]
+        image_variant: Option<String>,
         #[arg(long)]
         no_deb: bool,
         #[arg(long)]
@@ -218,11 +222,15 @@ fn run(cli: Cli) -> Result<()> {
             key,
             version,
             binary,
+            image_variant,
             no_deb,
             no_camera,
             out,
         } => {
-            let b = Board::load(&root, &board)?;
+            let mut b = Board::load(&root, &board)?;
+            if image_variant.is_some() {
+                b.image_variant = image_variant;
+            }
             let o = dist_for(&root, &b, key, version, binary, !no_deb, no_camera, out)?;
             println!("bundle:  {}", o.dir.display());
             println!("tarball: {}", o.tarball.display());

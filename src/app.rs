@@ -52,6 +52,12 @@ pub struct RunArgs {
     /// Inference threads; overrides the profile (the CLI fills it from the global --threads).
     #[arg(skip)]
     pub threads: Option<usize>,
+    /// Image-encoder variant; overrides the profile (global --image-variant).
+    #[arg(skip)]
+    pub image_variant: Option<String>,
+    /// Text-encoder variant; overrides the profile (global --text-variant).
+    #[arg(skip)]
+    pub text_variant: Option<String>,
 }
 
 /// States of the loop.
@@ -709,6 +715,21 @@ pub fn open_gpio(
     }
 }
 
+/// `sgps run` from the command line: global flags given explicitly (`--models`, `--threads`,
+/// variants) override the board profile; otherwise the profile decides.
+pub fn run_cli(
+    args: &RunArgs,
+    models: Option<&Path>,
+    opts: &LoadOptions,
+) -> Result<std::process::ExitCode> {
+    let mut a = args.clone();
+    a.models_dir = models.map(Path::to_path_buf).or(a.models_dir);
+    a.threads = opts.threads.or(a.threads);
+    a.image_variant = opts.image_variant.clone().or(a.image_variant);
+    a.text_variant = opts.text_variant.clone().or(a.text_variant);
+    run(&a).map(|_| std::process::ExitCode::SUCCESS)
+}
+
 /// `sgps run`: load the profile, the task, the pipeline and the hardware, then run the loop.
 pub fn run(args: &RunArgs) -> Result<Summary> {
     let mut profile = BoardProfile::load(&args.board)?;
@@ -720,6 +741,12 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     }
     if let Some(t) = args.threads {
         profile.threads = Some(t);
+    }
+    if let Some(v) = &args.image_variant {
+        profile.image_variant = Some(v.clone());
+    }
+    if let Some(v) = &args.text_variant {
+        profile.text_variant = Some(v.clone());
     }
     if let Some(d) = &args.replay_dir {
         match &mut profile.camera {

@@ -64,6 +64,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Synthesize a classifier for 4 unseen skin-lesion classes and classify held-out images.
     Demo(crate::demo::DemoArgs),
+    /// Run the device loop (camera, buttons, LEDs) of a board profile; sim boards take --script.
+    Run(crate::app::RunArgs),
 }
 
 /// Which support information the synthesizer uses.
@@ -135,6 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => crate::eval::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
         Command::Bench(a) => crate::bench::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => crate::demo::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Run(a) => crate::app::run_cli(a, cli.models.as_deref(), &opts),
     }
 }
 

@@ -146,13 +146,22 @@ fn image_end_to_end_decode_and_preprocess_match_the_recipe() {
             "{}: input max abs diff {di:.3} (mean {mean_abs:.4}), embedding cosine {c:.5}",
             r["path"]
         );
+        if path.extension().is_some_and(|e| e == "png") {
+            // lossless input: decode + resize + crop + normalise are bit-exact with the recipe
+            assert!(
+                di < 1e-5,
+                "{}: preprocessed input differs by {di}",
+                path.display()
+            );
+        }
         worst_input = worst_input.max(di);
         worst_cos = worst_cos.min(c);
     }
     println!(
         "end to end: input max abs diff {worst_input:.3}, min embedding cosine {worst_cos:.5}"
     );
-    assert!(worst_cos > 0.99, "end-to-end cosine {worst_cos}");
+    // JPEG decoders differ slightly (zune-jpeg here, libjpeg-turbo in Pillow)
+    assert!(worst_cos > 0.995, "end-to-end cosine {worst_cos}");
 }
 
 #[test]

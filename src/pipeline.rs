@@ -234,11 +234,15 @@ impl Pipeline {
     }
 }
 
-/// Set tract's thread count (1 unless asked otherwise).
+/// Set tract's thread count (1 unless asked otherwise). Process-wide: tract keeps one default executor.
 fn configure_threads(threads: Option<usize>) {
+    use tract_linalg::multithread::{Executor, set_default_executor};
     let n = threads.unwrap_or(1).max(1);
     if n > 1 {
-        log::warn!("multi-threaded inference is not enabled in this build; using 1 thread");
+        log::info!("tract inference on {n} threads");
+        set_default_executor(Executor::multithread(n));
+    } else {
+        set_default_executor(Executor::SingleThread);
     }
 }
 

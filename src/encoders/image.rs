@@ -9,7 +9,7 @@ use crate::manifest::Manifest;
 use crate::preprocess::Preprocess;
 
 /// Largest batch fed to the encoder at once (bounds activation memory).
-pub const MAX_BATCH: usize = 16;
+pub const MAX_BATCH: usize = 8;
 
 /// The loaded, optimised image encoder.
 pub struct ImageEncoder {

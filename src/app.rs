@@ -28,7 +28,7 @@ use crate::gpio::{Button, ButtonEvent, ButtonInput, Indication, Press, StatusLed
 use crate::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
 use crate::quality;
 use crate::store::{
-    self, ActiveRecord, AuditEvent, AuditLog, ClassRecord, ShotRecord, Store, Verdict,
+    self, ActiveRecord, AuditEvent, AuditLog, ClassRecord, ShotRecord, Store, StoreError, Verdict,
 };
 
 /// Arguments of `sgps run`.
@@ -178,6 +178,8 @@ pub struct Summary {
     pub rejected: usize,
     pub camera_errors: usize,
     pub syntheses: usize,
+    /// Actions refused because the storage was full.
+    pub storage_errors: usize,
     pub decisions: Vec<Decision>,
     pub classifier_id: Option<String>,
     pub final_state: Option<State>,
@@ -366,15 +368,33 @@ impl<'p> Device<'p> {
         log::debug!("button {:?} {:?} in {:?}", ev.button, ev.press, self.state);
         let (next, action) = transition(self.state, ev, &self.progress());
         self.set_state(next);
-        match action {
-            Action::None => {}
-            Action::CaptureShot { class } => self.enroll_shot(class)?,
-            Action::CaptureScreen => self.screen()?,
+        let mut r = match action {
+            Action::None => Ok(()),
+            Action::CaptureShot { class } => self.enroll_shot(class),
+            Action::CaptureScreen => self.screen(),
+        };
+        if r.is_ok() && self.state == State::Synthesize {
+            r = self.synthesize();
         }
-        if self.state == State::Synthesize {
-            self.synthesize()?;
+        match r {
+            Err(e) if is_no_space(&e) => {
+                // keep running: everything stored before is intact; the operator must free space
+                self.summary.storage_errors += 1;
+                log::error!("{e:#}");
+                println!("ERROR {e:#}");
+                self.leds.show(Indication::Amber)?;
+                if self.state == State::Synthesize {
+                    let back = if self.classifier.is_some() {
+                        State::Screen
+                    } else {
+                        State::Idle
+                    };
+                    self.set_state(back);
+                }
+                Ok(())
+            }
+            other => other,
         }
-        Ok(())
     }
 
     /// Capture a frame with retries on transient camera errors; `None` when no frame came.
@@ -533,7 +553,7 @@ impl<'p> Device<'p> {
         let clf = self.classifier.as_ref().expect("checked above");
         let pred = clf.predict(&emb);
         let v = verdict(&pred, &self.task);
-        self.leds.show(indication(v))?;
+        // audit first: a decision that cannot be recorded is not shown as a result
         let seq = self.audit.append(AuditEvent::Decision {
             capture_sha256: sha,
             classifier_id: clf_id,
@@ -542,6 +562,7 @@ impl<'p> Device<'p> {
             label: pred.top_label.clone(),
             verdict: v,
         })?;
+        self.leds.show(indication(v))?;
         println!(
             "DECISION #{seq} {} p={:.3} verdict={} capture={}",
             pred.top_label,
@@ -576,6 +597,17 @@ impl<'p> Device<'p> {
         self.summary.final_state = Some(self.state);
         Ok(self.summary)
     }
+}
+
+/// True when an error (anywhere in its chain) is a full filesystem.
+pub fn is_no_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<StoreError>()
+            .is_some_and(StoreError::is_no_space)
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.raw_os_error() == Some(28) || io.kind() == std::io::ErrorKind::StorageFull
+            })
+    })
 }
 
 /// Synthesizer input from stored class records: shots as stored, descriptions embedded in one

@@ -51,6 +51,12 @@ pub struct BoardProfile {
     pub gpio: GpioConfig,
     #[serde(default)]
     pub gate: GateThresholds,
+    /// Rust target triple of the board (read by `cargo xtask`; "host" for sim).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Oldest glibc on the board's OS, "MAJOR.MINOR" (read by `cargo xtask`).
+    #[serde(default)]
+    pub glibc: Option<String>,
 }
 
 fn default_shots() -> usize {
@@ -337,6 +343,37 @@ mod tests {
         assert!(e.contains("favourite_colour"), "{e}");
         let e = BoardProfile::load(Path::new("/nonexistent/board.toml")).unwrap_err();
         assert!(e.to_string().contains("--board"), "{e}");
+    }
+
+    #[test]
+    fn profile_model_variants_exist_in_the_manifest() {
+        let Ok(text) = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/manifest.json"),
+        ) else {
+            eprintln!("SKIP: models/manifest.json absent");
+            return;
+        };
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for e in std::fs::read_dir(board_dir()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let b = BoardProfile::load(&p).unwrap();
+                if let Some(v) = &b.image_variant {
+                    assert!(
+                        !m["image_encoder"]["variants"][v].is_null(),
+                        "{}: image_variant {v} not in the manifest",
+                        p.display()
+                    );
+                }
+                if let Some(v) = &b.text_variant {
+                    assert!(
+                        !m["text_encoder"]["variants"][v].is_null(),
+                        "{}: text_variant {v} not in the manifest",
+                        p.display()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -375,10 +375,10 @@ mod tests {
     fn shifted_frame_with_black_border_is_badly_framed() {
         let img = lesion(200, 160);
         let shifted = RgbImage::from_fn(200, 160, |x, y| {
-            if x < 120 || y < 90 {
+            if x < 140 || y < 112 {
                 Rgb([0, 0, 0])
             } else {
-                *img.get_pixel(x - 120, y - 90)
+                *img.get_pixel(x - 140, y - 112)
             }
         });
         let r = check(&shifted, &GateThresholds::default()).unwrap_err();

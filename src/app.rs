@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// Override the replay camera's frame directory (replay boards only).
     #[arg(long, value_name = "DIR")]
     pub replay_dir: Option<PathBuf>,
+    /// Ask on the console (stdin) for the description of each class the task file leaves
+    /// without one, when its enrollment starts.
+    #[arg(long)]
+    pub console: bool,
     /// Models directory; overrides the profile (the CLI fills it from the global --models).
     #[arg(skip)]
     pub models_dir: Option<PathBuf>,
@@ -220,6 +224,8 @@ pub struct Device<'p> {
     classifier: Option<Classifier>,
     state: State,
     summary: Summary,
+    console: Option<Box<dyn std::io::BufRead>>,
+    asked: Vec<bool>,
 }
 
 impl<'p> Device<'p> {
@@ -268,7 +274,10 @@ impl<'p> Device<'p> {
                 rec.shots.clear();
                 rec.encoder_sha256 = enc.clone();
             }
-            rec.description = tc.description.clone();
+            // the task file's description wins; one typed on the console earlier is kept otherwise
+            if tc.description.is_some() {
+                rec.description = tc.description.clone();
+            }
             rec.urgent = tc.urgent;
             classes.push(rec);
         }
@@ -284,7 +293,10 @@ impl<'p> Device<'p> {
             classifier: None,
             state: State::Idle,
             summary: Summary::default(),
+            console: None,
+            asked: Vec::new(),
         };
+        dev.asked = vec![false; dev.classes.len()];
         dev.classifier = dev.restore_classifier();
         if let Some(c) = &dev.classifier {
             dev.summary.classifier_id = Some(c.id.clone());
@@ -359,6 +371,43 @@ impl<'p> Device<'p> {
         self.state
     }
 
+    /// Read class descriptions from this console when a class without one is enrolled.
+    pub fn with_console(mut self, console: Box<dyn std::io::BufRead>) -> Self {
+        self.console = Some(console);
+        self
+    }
+
+    fn ask_description(&mut self) -> Result<()> {
+        let State::Enroll { class, .. } = self.state else {
+            return Ok(());
+        };
+        if self.classes[class].description.is_some() || self.asked[class] {
+            return Ok(());
+        }
+        let Some(console) = self.console.as_mut() else {
+            return Ok(());
+        };
+        self.asked[class] = true;
+        let name = self.task.classes[class].name.clone();
+        print!("Clinical description of class {name} (Enter = none): ");
+        std::io::Write::flush(&mut std::io::stdout())?;
+        let mut line = String::new();
+        console
+            .read_line(&mut line)
+            .context("reading a description from the console")?;
+        let text = line.trim();
+        if text.is_empty() {
+            log::info!("class {name}: no description");
+            return Ok(());
+        }
+        let mut rec = self.classes[class].clone();
+        rec.description = Some(text.to_owned());
+        self.store.save_class(&rec)?;
+        self.classes[class] = rec;
+        log::info!("class {name}: description entered on the console");
+        Ok(())
+    }
+
     pub fn classifier(&self) -> Option<&Classifier> {
         self.classifier.as_ref()
     }
@@ -369,12 +418,17 @@ impl<'p> Device<'p> {
         let (next, action) = transition(self.state, ev, &self.progress());
         self.set_state(next);
         let mut r = match action {
-            Action::None => Ok(()),
-            Action::CaptureShot { class } => self.enroll_shot(class),
+            Action::None => self.ask_description(),
+            Action::CaptureShot { class } => self
+                .ask_description()
+                .and_then(|()| self.enroll_shot(class)),
             Action::CaptureScreen => self.screen(),
         };
         if r.is_ok() && self.state == State::Synthesize {
             r = self.synthesize();
+        }
+        if r.is_ok() {
+            r = self.ask_description();
         }
         match r {
             Err(e) if is_no_space(&e) => {
@@ -806,7 +860,10 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     .with_context(|| format!("loading models from {}", profile.models_dir.display()))?;
     let camera = open_camera(&profile)?;
     let (mut buttons, leds) = open_gpio(&profile, args.script.as_deref())?;
-    let dev = Device::new(profile, task, &pipeline, camera, leds)?;
+    let mut dev = Device::new(profile, task, &pipeline, camera, leds)?;
+    if args.console {
+        dev = dev.with_console(Box::new(std::io::BufReader::new(std::io::stdin())));
+    }
     let summary = dev.run(buttons.as_mut())?;
     println!(
         "SESSION shots={} rejected={} camera_errors={} syntheses={} decisions={} classifier={}",

@@ -224,13 +224,17 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Remove temporary files left by an interrupted [`write_atomic`] in `dir`.
+/// Remove temporary files left by an interrupted [`write_atomic`] (`.<name>.tmp-<pid>`) or
+/// `classifier::atomic_write` (`.<name>.tmp.<pid>`) in `dir`.
 pub fn remove_stale_temps(dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with('.') && n.contains(".tmp-") && fs::remove_file(e.path()).is_ok() {
+            if n.starts_with('.')
+                && (n.contains(".tmp-") || n.contains(".tmp."))
+                && fs::remove_file(e.path()).is_ok()
+            {
                 removed.push(e.path());
             }
         }

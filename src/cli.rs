@@ -321,3 +321,118 @@ pub fn classify_table(clf: &Classifier, files: &[PathBuf], results: &Results) ->
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classifier::{ClassInfo, Prediction};
+    use crate::error::Error;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sgps").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn parses_synth_and_classify() {
+        let c = parse(&[
+            "--models",
+            "m",
+            "synth",
+            "--class",
+            "a=x.jpg,y.jpg",
+            "--class",
+            "b=",
+            "--describe",
+            "b=text",
+            "--mode",
+            "text-only",
+            "-o",
+            "out.sgps",
+        ])
+        .unwrap();
+        assert_eq!(c.models_dir(), PathBuf::from("m"));
+        let Command::Synth(s) = c.command else {
+            panic!("not synth")
+        };
+        assert_eq!(s.class, ["a=x.jpg,y.jpg", "b="]);
+        assert_eq!(s.mode, ModeArg::TextOnly);
+        assert_eq!(s.out, PathBuf::from("out.sgps"));
+        // folder and --class are exclusive; classify needs images
+        assert!(parse(&["synth", "dir", "--class", "a=x"]).is_err());
+        assert!(parse(&["classify", "-c", "c.sgps"]).is_err());
+        let c = parse(&[
+            "classify",
+            "-c",
+            "c.sgps",
+            "a.jpg",
+            "b.png",
+            "--json",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(c.load_options().threads, Some(2));
+        let Command::Classify(a) = c.command else {
+            panic!("not classify")
+        };
+        assert!(a.json);
+        assert_eq!(a.images.len(), 2);
+    }
+
+    #[test]
+    fn reports_list_every_file_and_name_failures() {
+        let mut clf = Classifier {
+            classes: vec![
+                ClassInfo {
+                    name: "ak".into(),
+                    description: None,
+                },
+                ClassInfo {
+                    name: "df".into(),
+                    description: None,
+                },
+            ],
+            weight: vec![vec![1.0], vec![-1.0]],
+            bias: vec![0.0, 0.0],
+            scale: 1.0,
+            refer_threshold: 0.5,
+            encoder_sha256: "e".into(),
+            text_encoder_sha256: String::new(),
+            synthesizer_sha256: String::new(),
+            manifest_format: 1,
+            mode: "images".into(),
+            shots: vec![1, 1],
+            created_at_unix: 0,
+            id: String::new(),
+        };
+        clf.refresh_id();
+        let files = vec![PathBuf::from("a.jpg"), PathBuf::from("bad.jpg")];
+        let results = vec![
+            Ok(Prediction {
+                probabilities: vec![0.4, 0.6],
+                top: 1,
+                top_label: "df".into(),
+                confidence: 0.6,
+                refer: false,
+            }),
+            Err(Error::Invalid("boom".into())),
+        ];
+        let t = classify_table(&clf, &files, &results);
+        assert!(
+            t.contains("a.jpg") && t.contains("df") && t.contains("60.0%"),
+            "{t}"
+        );
+        assert!(
+            t.contains("bad.jpg") && t.contains("ERROR") && t.contains("boom"),
+            "{t}"
+        );
+        let j = classify_json(&clf, &files, &results);
+        assert_eq!(
+            j["results"][0]["probabilities"]["ak"],
+            serde_json::json!(0.4f32)
+        );
+        assert_eq!(j["results"][1]["file"], "bad.jpg");
+        assert!(j["results"][1]["error"].as_str().unwrap().contains("boom"));
+        assert_eq!(j["classifier"]["classes"][1], "df");
+    }
+}

@@ -7,8 +7,12 @@ use std::sync::OnceLock;
 use sgps::pipeline::{LoadOptions, Pipeline};
 use sgps::synthesizer::SynthInputs;
 
+/// The shipped models, or `$SGPS_MODELS` (to check a candidate export before it is committed).
 fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+    std::env::var_os("SGPS_MODELS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
 }
 
 fn data_dir() -> Option<PathBuf> {
@@ -113,7 +117,12 @@ fn image_encoder_matches_onnxruntime_on_reference_inputs() {
         "image encoder ({}): max abs diff vs onnxruntime {worst:.2e}, vs PyTorch {worst_torch:.2e}",
         p.image_encoder().variant
     );
-    assert!(worst < 1e-3, "tract vs onnxruntime max abs diff {worst}");
+    if p.image_encoder().variant.contains("int8") {
+        // quantized kernels round differently in tract and onnxruntime
+        assert!(worst < 5e-2, "tract vs onnxruntime max abs diff {worst}");
+    } else {
+        assert!(worst < 1e-3, "tract vs onnxruntime max abs diff {worst}");
+    }
 }
 
 #[test]

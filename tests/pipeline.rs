@@ -18,8 +18,12 @@ const BASE: [&str; 4] = [
     "pigmented_benign_keratosis",
 ];
 
+/// The shipped models, or `$SGPS_MODELS` (to check a candidate export before it is committed).
 fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+    std::env::var_os("SGPS_MODELS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
 }
 
 fn data_dir() -> Option<PathBuf> {

@@ -281,7 +281,7 @@ pub fn classify_table(clf: &Classifier, files: &[PathBuf], results: &Results) ->
         .map(|f| f.display().to_string().len())
         .max()
         .unwrap_or(4)
-        .clamp(4, 60);
+        .max(4);
     let cw = clf
         .classes
         .iter()

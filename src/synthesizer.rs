@@ -129,13 +129,22 @@ impl SynthLimits {
             let use_shots = mode != SynthMode::TextOnly && !c.shots.is_empty();
             let use_text = mode != SynthMode::ImagesOnly && c.text_embedding.is_some();
             if !use_shots && !use_text {
-                let what = match mode {
-                    SynthMode::ImagesAndText => "neither support images nor a description",
-                    SynthMode::ImagesOnly => "no support images (image-only synthesis)",
-                    SynthMode::TextOnly => "no description (text-only synthesis)",
+                let (what, fix) = match mode {
+                    SynthMode::ImagesAndText => (
+                        "neither support images nor a description",
+                        "give it at least one image or a description",
+                    ),
+                    SynthMode::ImagesOnly => (
+                        "no support images (image-only synthesis)",
+                        "give it at least one image",
+                    ),
+                    SynthMode::TextOnly => (
+                        "no description (text-only synthesis)",
+                        "give it a description",
+                    ),
                 };
                 return Err(Error::Support(format!(
-                    "class {:?} has {what}; give it at least one image or a description",
+                    "class {:?} has {what}; {fix}",
                     c.name
                 )));
             }

@@ -45,7 +45,7 @@ impl Default for GateThresholds {
         GateThresholds {
             min_laplacian_var: 12.0,
             min_mean: 40.0,
-            max_mean: 225.0,
+            max_mean: 235.0,
             max_dark_clipped: 0.35,
             max_bright_clipped: 0.25,
             min_center_contrast: 4.0,

@@ -176,6 +176,17 @@ impl AuditLog {
             .append(true)
             .open(path)
             .map_err(|e| StoreError::io(path, e))?;
+        // one writer per storage directory (released by the kernel when the process dies)
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Invalid(format!(
+                    "{} is in use by another sgps process; stop it (systemctl stop sgps) or use another storage directory",
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io(path, e)),
+        }
         if rep.torn_tail_bytes > 0 {
             log::warn!(
                 "audit log {}: cutting a torn last record ({} bytes, never acknowledged)",
@@ -276,6 +287,17 @@ mod tests {
         assert_eq!(recs.len(), 6);
         assert!(rep.damaged.is_empty());
         assert_eq!(recs[3].event, note(3));
+    }
+
+    #[test]
+    fn second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&p).unwrap();
+        let e = AuditLog::open(&p).err().unwrap();
+        assert!(e.to_string().contains("another sgps process"), "{e}");
+        drop(log);
+        AuditLog::open(&p).unwrap();
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Crash safety of the device store: a child process (`sgps_crash_child`) writes class records,
+//! Crash safety of the device store: a child process (this test binary re-run in child mode,
+//! `SGPS_CRASH_CHILD=<dir>`) writes class records,
 //! classifiers + the active pointer and audit records in a loop and acknowledges each durable
 //! write on stdout; it is SIGKILLed at many points (varying delays) and restarted on the same
 //! directory. After every kill: every acknowledged record is present and intact, nothing stored
@@ -8,13 +9,108 @@
 //! (page cache lost). Torn writes are covered by the truncation tests in `src/store`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sgps::classifier::Classifier;
-use sgps::store::{self, AuditEvent, Store};
+use sgps::classifier::{ClassInfo, Classifier};
+use sgps::store::{self, ActiveRecord, AuditEvent, ClassRecord, ShotRecord, Store};
+
+/// Child mode: write records in a loop and acknowledge each durable write on stdout, until
+/// killed. Lines: `audit <seq>`, `class <name> <v>`, `clf <id> <v>`. Versions continue from the
+/// audit log's next sequence number, so every restart writes new content.
+#[test]
+fn crash_child() {
+    if let Some(dir) = std::env::var_os("SGPS_CRASH_CHILD") {
+        child_main(PathBuf::from(dir));
+    }
+}
+
+const ENCODER: &str = "crash-test-encoder";
+
+/// The content of class record `name` at version `v` (checked by `check_class`).
+fn class_record(name: &str, v: u64) -> ClassRecord {
+    ClassRecord {
+        name: store::label(name).unwrap(),
+        description: Some(format!("{name} v{v}")),
+        urgent: false,
+        encoder_sha256: ENCODER.into(),
+        shots: (0..(v % 7 + 1))
+            .map(|k| ShotRecord {
+                capture_sha256: [(v % 251) as u8; 32],
+                time_unix_ms: v,
+                width: 180,
+                height: 180,
+                quality: sgps::quality::measure(&image::RgbImage::new(4, 4)),
+                embedding: vec![(v * 10 + k) as f32; 256],
+            })
+            .collect(),
+    }
+}
+
+fn classifier(v: u64) -> Classifier {
+    let mut c = Classifier {
+        classes: (0..3)
+            .map(|i| ClassInfo {
+                name: format!("c{i}"),
+                description: None,
+            })
+            .collect(),
+        weight: (0..3).map(|i| vec![(v + i) as f32; 128]).collect(),
+        bias: vec![0.0; 3],
+        scale: 10.0,
+        refer_threshold: 0.5,
+        encoder_sha256: ENCODER.into(),
+        text_encoder_sha256: String::new(),
+        synthesizer_sha256: String::new(),
+        manifest_format: 1,
+        mode: "images".into(),
+        shots: vec![1; 3],
+        created_at_unix: v,
+        id: String::new(),
+    };
+    c.refresh_id();
+    c
+}
+
+fn child_main(dir: PathBuf) -> ! {
+    let store = Store::open(&dir).expect("open store");
+    let (mut audit, _) = store.open_audit().expect("open audit log");
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let mut v = audit.next_seq();
+    loop {
+        let note = format!("crash-test {}", audit.next_seq());
+        let seq = audit.append(AuditEvent::Note(note)).expect("append");
+        writeln!(out, "audit {seq}").unwrap();
+        out.flush().unwrap();
+        let name = format!("c{}", v % 3);
+        store
+            .save_class(&class_record(&name, v))
+            .expect("save class");
+        writeln!(out, "class {name} {v}").unwrap();
+        out.flush().unwrap();
+        if v % 3 == 0 {
+            let c = classifier(v);
+            let file = format!("{}.sgpc", c.id);
+            c.save(&store.classifier_path(&c.id))
+                .expect("save classifier");
+            store
+                .set_active(&ActiveRecord {
+                    classifier_id: c.id.clone(),
+                    file,
+                    encoder_sha256: ENCODER.into(),
+                    classes: heapless::Vec::new(),
+                    created_unix_ms: v,
+                })
+                .expect("set active");
+            writeln!(out, "clf {} {v}", c.id).unwrap();
+            out.flush().unwrap();
+        }
+        v += 1;
+    }
+}
 
 const KILL_POINTS: usize = 60;
 
@@ -112,19 +208,20 @@ fn verify(dir: &Path, acked: &Acked) {
 
 #[test]
 fn sigkill_during_writes_loses_no_acknowledged_record() {
-    let exe = env!("CARGO_BIN_EXE_sgps_crash_child");
+    let exe = std::env::current_exe().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut acked = Acked::default();
     let start = Instant::now();
-    let mut total_lines = 0usize;
+    let mut class_acks = 0usize;
     let mut kills_mid_write = 0usize;
     for k in 0..KILL_POINTS {
-        let mut child = Command::new(exe)
-            .arg(dir.path())
+        let mut child = Command::new(&exe)
+            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .env("SGPS_CRASH_CHILD", dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn sgps_crash_child");
+            .expect("spawn the crash child");
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             BufReader::new(stdout)
@@ -141,16 +238,16 @@ fn sigkill_during_writes_loses_no_acknowledged_record() {
         if status.code().is_none() {
             kills_mid_write += 1;
         }
-        total_lines += lines.len();
         for l in &lines {
             let w: Vec<&str> = l.split_whitespace().collect();
             match w.as_slice() {
                 ["audit", s] => acked.audit.push(s.parse().unwrap()),
                 ["class", n, v] => {
+                    class_acks += 1;
                     acked.class.insert(n.to_string(), v.parse().unwrap());
                 }
                 ["clf", id, v] => acked.clf.push((id.to_string(), v.parse().unwrap())),
-                _ => panic!("unexpected child output {l:?}"),
+                _ => {} // test-harness output
             }
         }
         verify(dir.path(), &acked);
@@ -158,7 +255,7 @@ fn sigkill_during_writes_loses_no_acknowledged_record() {
     let secs = start.elapsed().as_secs_f64();
     println!(
         "crash test: {KILL_POINTS} kill points ({kills_mid_write} killed by signal), {} acknowledged writes ({} audit records, {} classifiers), {secs:.1} s",
-        total_lines,
+        acked.audit.len() + class_acks + acked.clf.len(),
         acked.audit.len(),
         acked.clf.len()
     );

@@ -54,7 +54,14 @@ struct Open {
     width: u32,
     height: u32,
     stride: u32,
+    /// No frame taken since opening.
+    fresh: bool,
 }
+
+/// Capture buffers queued with the driver.
+const BUFFERS: u32 = 4;
+/// Frames dropped after opening (auto exposure / white balance settling).
+const WARMUP_FRAMES: usize = 5;
 
 /// A V4L2 capture device.
 pub struct V4l2Camera {
@@ -145,7 +152,7 @@ impl V4l2Camera {
                 fmt.height
             );
         }
-        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, 4).map_err(|e| {
+        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, BUFFERS).map_err(|e| {
             CameraError::Disconnected {
                 device: device.clone(),
                 reason: e.to_string(),
@@ -165,6 +172,7 @@ impl V4l2Camera {
             width: fmt.width,
             height: fmt.height,
             stride: fmt.stride,
+            fresh: true,
         })
     }
 }
@@ -191,12 +199,31 @@ impl Camera for V4l2Camera {
         }
         let o = self.open.as_mut().expect("opened above");
         let (fourcc, w, h, stride) = (o.fourcc, o.width, o.height, o.stride);
-        let frame = match o.stream.next() {
-            Ok((buf, meta)) => {
-                let used = (meta.bytesused as usize).min(buf.len());
-                let used = if used == 0 { buf.len() } else { used };
-                buf[..used].to_vec()
+        // The driver keeps filling the queued buffers while nobody reads: the first BUFFERS
+        // frames dequeued after a pause are stale (or, right after opening, still adjusting
+        // exposure). Drop them so that a button press gets a frame taken after the press.
+        let skip = if o.fresh {
+            WARMUP_FRAMES
+        } else {
+            BUFFERS as usize
+        };
+        o.fresh = false;
+        let mut result = Ok(Vec::new());
+        for _ in 0..=skip {
+            result = match o.stream.next() {
+                Ok((buf, meta)) => {
+                    let used = (meta.bytesused as usize).min(buf.len());
+                    let used = if used == 0 { buf.len() } else { used };
+                    Ok(buf[..used].to_vec())
+                }
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                break;
             }
+        }
+        let frame = match result {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 // drop the stream: some drivers stall until re-opened
                 self.open = None;

@@ -60,6 +60,7 @@ pub fn make_bundle(i: &DistInputs) -> Result<DistOutput> {
     }
     fs::create_dir_all(dir.join("bin"))?;
     copy_exec(i.binary, &dir.join("bin/sgps"))?;
+    strip(i.board, &dir.join("bin/sgps"));
     copy_models(i.models_dir, &dir.join("models"), i.board)?;
     fs::create_dir_all(dir.join("board"))?;
     let profile_name = format!("{}.toml", i.board.name);
@@ -115,6 +116,23 @@ pub fn make_bundle(i: &DistInputs) -> Result<DistOutput> {
         None
     };
     Ok(DistOutput { dir, tarball, deb })
+}
+
+/// Strips debug symbols from the shipped binary (a third of its size); keeps it as is when the
+/// strip tool is missing or fails.
+fn strip(board: &Board, bin: &Path) {
+    let tool = match board.target.as_deref() {
+        Some(t) if t.starts_with("aarch64") => "aarch64-linux-gnu-strip",
+        Some(_) => return,
+        None => "strip",
+    };
+    let Some(tool) = tools::which(tool) else {
+        log::warn!("{tool} not found: shipping an unstripped binary");
+        return;
+    };
+    if let Err(e) = tools::output(Command::new(tool).arg(bin)) {
+        log::warn!("could not strip {}: {e:#}", bin.display());
+    }
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {

@@ -22,6 +22,10 @@ pub trait Executor {
     fn sh(&mut self, script: &str, privileged: bool) -> Result<bool>;
     /// Pause between restarting the unit and checking its health.
     fn settle(&mut self, secs: u64);
+    /// True when commands are only printed.
+    fn dry_run(&self) -> bool {
+        false
+    }
 }
 
 /// A board reached over SSH (`user@addr`); `dry_run` only prints the commands.
@@ -96,6 +100,10 @@ impl Executor for SshExecutor {
         c.arg(&self.host)
             .arg(format!("{sudo}sh -c {}", shell_quote(script)));
         self.exec(c)
+    }
+
+    fn dry_run(&self) -> bool {
+        self.dry_run
     }
 
     fn settle(&mut self, secs: u64) {
@@ -205,7 +213,11 @@ test -f unpack/{name}/install.sh"#,
     }
     exec.settle(plan.settle_secs);
     if exec.sh(HEALTH_SCRIPT, true)? {
-        log::info!("{name} is installed and healthy");
+        if exec.dry_run() {
+            println!("# dry run: nothing was changed on the target");
+        } else {
+            log::info!("{name} is installed and healthy");
+        }
         let _ = exec.sh(&format!(r#"rm -rf "${{SGPS_ROOT:-}}{STAGING}""#), false);
         return Ok(());
     }

@@ -298,13 +298,32 @@ impl<'p> Device<'p> {
         };
         dev.asked = vec![false; dev.classes.len()];
         dev.classifier = dev.restore_classifier();
+        dev.leds.show(Indication::Off)?;
+        let stale = dev.classifier.as_ref().is_some_and(|c| {
+            c.classes
+                .iter()
+                .zip(&dev.classes)
+                .any(|(a, b)| a.description != b.description)
+                || c.shots
+                    .iter()
+                    .zip(&dev.classes)
+                    .any(|(&k, b)| k as usize != b.shots.len())
+        });
         if let Some(c) = &dev.classifier {
             dev.summary.classifier_id = Some(c.id.clone());
             dev.set_state(State::Screen);
         } else {
             dev.set_state(State::Idle);
         }
-        dev.leds.show(Indication::Off)?;
+        if stale {
+            // descriptions in the task file or the stored shots changed since the classifier was
+            // made (e.g. power was lost between storing a shot and synthesizing)
+            log::info!(
+                "the stored support set differs from the active classifier's: re-synthesizing"
+            );
+            dev.set_state(State::Synthesize);
+            dev.synthesize()?;
+        }
         Ok(dev)
     }
 

@@ -322,6 +322,53 @@ fn sim_session_matches_plain_pipeline() {
         Some(clf.id.as_str()),
         "re-synthesis from stored embeddings"
     );
+
+    // a description edited in the task file: the next start re-synthesizes from the stored
+    // support set without any capture, and the result equals the plain pipeline's
+    let mut task2 = task.clone();
+    task2.classes[2].description =
+        Some("Squamous cell carcinoma: scaly, keratotic, ulcerated nodule.".into());
+    let task2_path = tmp.path().join("task2.toml");
+    std::fs::write(&task2_path, toml::to_string(&task2).unwrap()).unwrap();
+    let board2_text = std::fs::read_to_string(&board).unwrap().replace(
+        &format!("{:?}", repo().join("board/tasks/isic-novel.toml")),
+        &format!("{task2_path:?}"),
+    );
+    let board2 = tmp.path().join("board2.toml");
+    std::fs::write(&board2, board2_text).unwrap();
+    let script4 = tmp.path().join("nothing.txt");
+    std::fs::write(&script4, "wait 10\n").unwrap();
+    let s4 = app::run(&RunArgs {
+        board: board2,
+        script: Some(script4),
+        replay_dir: Some(replay2),
+        ..args.clone()
+    })
+    .unwrap();
+    assert_eq!((s4.syntheses, s4.shots_enrolled), (1, 0));
+    let mut support2 = support.clone();
+    support2[2].description = task2.classes[2].description.clone();
+    support2[2].text_embedding = Some(
+        pipeline
+            .embed_texts(
+                &task2
+                    .classes
+                    .iter()
+                    .map(|c| c.description.as_deref().unwrap())
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap()
+            .remove(2),
+    );
+    let clf2 = pipeline
+        .synthesize(&support2, SynthMode::ImagesAndText)
+        .unwrap();
+    assert_ne!(clf2.id, clf.id);
+    assert_eq!(
+        s4.classifier_id.as_deref(),
+        Some(clf2.id.as_str()),
+        "re-synthesis after a task edit"
+    );
 }
 
 /// The quality gate on real dermoscopy images: the ISIC images pass; blurred, dark, bright and

@@ -398,7 +398,7 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
         onnxruntime: None,
         ort_key: None,
     });
-    let raw_reps = r.div_ceil(4).max(3);
+    let raw_reps = r.div_ceil(4).max(1);
     rows.push(Row {
         what: format!(
             "synthesis 4-way 5-shot: from {} raw captures + 4 texts",

@@ -191,3 +191,41 @@ fn eval_rejects_impossible_arguments_before_embedding() {
     // Nothing was embedded.
     assert!(std::fs::read_dir(cache.path()).unwrap().next().is_none());
 }
+
+#[test]
+fn bench_smoke_without_onnxruntime() {
+    let Some(data) = data_dir() else { return };
+    let out = Command::new(env!("CARGO_BIN_EXE_sgps"))
+        .args([
+            "bench",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--python",
+            "/nonexistent/python",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--models")
+        .arg(models_dir())
+        .output()
+        .expect("sgps runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "end to end",
+        "text: tokenize + encoder",
+        "from cached embeddings",
+        "raw captures",
+        "peak RSS (VmHWM)",
+        "onnxruntime comparison skipped",
+        "--no-ort",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+}

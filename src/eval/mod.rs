@@ -136,6 +136,8 @@ impl Method for LogisticRegression {
 pub struct EpisodeScores {
     pub accuracy: Vec<f64>,
     pub macro_f1: Vec<f64>,
+    /// Wall time spent in the method (fit + predict), all episodes.
+    pub seconds: f64,
 }
 
 /// Summary of one method at one shot count.
@@ -145,6 +147,9 @@ pub struct MethodResult {
     pub accuracy: MeanCi,
     /// Mean over episodes of the per-episode macro-F1 (each episode is class-balanced).
     pub macro_f1: MeanCi,
+    /// Wall time spent in the method over all episodes (from cached embeddings).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// Score `methods` on `episodes`; `embeddings[id]` is the embedding of global image `id`.
@@ -184,7 +189,9 @@ pub fn score_episodes(
         };
         for (m, scores) in methods.iter_mut().zip(out.iter_mut()) {
             let Some(scores) = scores else { continue };
+            let t = std::time::Instant::now();
             let pred = m.predict(&task)?;
+            scores.seconds += t.elapsed().as_secs_f64();
             anyhow::ensure!(
                 pred.len() == truth.len(),
                 "method {} returned {} predictions for {} queries",
@@ -208,6 +215,7 @@ impl MethodResult {
             method: method.to_string(),
             accuracy: MeanCi::of(&s.accuracy),
             macro_f1: MeanCi::of(&s.macro_f1),
+            seconds: s.seconds,
         }
     }
 }

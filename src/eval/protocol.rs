@@ -179,6 +179,7 @@ pub struct EvalReport {
     pub cache_hits: usize,
     pub accuracy_definition: String,
     pub macro_f1_definition: String,
+    pub method_notes: Vec<String>,
     pub results: Vec<ShotResult>,
     pub embed_seconds: f64,
     pub score_seconds: f64,
@@ -430,6 +431,15 @@ pub fn evaluate(
         cache_hits: hits,
         accuracy_definition: "mean over episodes of the per-episode query accuracy; ci95 = 1.96 * sample std / sqrt(episodes)".into(),
         macro_f1_definition: "mean over episodes of the per-episode macro-F1 (unweighted mean of per-class F1 over the episode's classes); ci95 as for accuracy".into(),
+        method_notes: vec![
+            "sgps *: the shipped synthesizer through Pipeline::synthesize, one fixed description per class (the first in the descriptions file)".into(),
+            "sgps text only (0-shot): ignores the shots; synthesized once per class set and scored on every shot count's queries".into(),
+            "prototype: argmax cosine to the L2-normalised mean of the L2-normalised support embeddings".into(),
+            format!(
+                "logistic_regression: multinomial, L2 (C = {}), unpenalised bias, on L2-normalised support embeddings; Nesterov gradient descent to max-gradient {} ({} of {} fits hit the iteration cap)",
+                m_l.opts.c, m_l.opts.tol, m_l.not_converged, cfg.episodes * cfg.shots.iter().filter(|&&k| k > 0).count()
+            ),
+        ],
         results,
         embed_seconds,
         score_seconds: t1.elapsed().as_secs_f64(),
@@ -463,19 +473,20 @@ pub fn report_table(r: &EvalReport) -> String {
         c.data_dir.display()
     );
     s += &format!(
-        "{:>5}  {:<26} {:>18} {:>18}\n",
-        "shots", "method", "accuracy % ±95%CI", "macro-F1 % ±95%CI"
+        "{:>5}  {:<26} {:>18} {:>18} {:>9}\n",
+        "shots", "method", "accuracy % ±95%CI", "macro-F1 % ±95%CI", "time s"
     );
     for sr in &r.results {
         for m in &sr.methods {
             s += &format!(
-                "{:>5}  {:<26} {:>11.2} ± {:<4.2} {:>11.2} ± {:<4.2}\n",
+                "{:>5}  {:<26} {:>11.2} ± {:<4.2} {:>11.2} ± {:<4.2} {:>9.2}\n",
                 sr.shots,
                 m.method,
                 100.0 * m.accuracy.mean,
                 100.0 * m.accuracy.ci95,
                 100.0 * m.macro_f1.mean,
-                100.0 * m.macro_f1.ci95
+                100.0 * m.macro_f1.ci95,
+                m.seconds
             );
         }
     }

@@ -163,8 +163,8 @@ pub fn run(args: &DemoArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
     let mut rows = Vec::new();
     println!("\nHeld-out images ({} per class):", args.queries);
     println!(
-        "  {:<20} {:<24} {:<24} {:>10}  {}",
-        "image", "truth", "prediction", "confidence", "verdict"
+        "  {:<20} {:<24} {:<24} {:>10}  verdict",
+        "image", "truth", "prediction", "confidence"
     );
     for ((file, truth), pred) in files.iter().zip(&truths).zip(preds) {
         match pred {

@@ -90,19 +90,11 @@ impl Method for Prototype {
 }
 
 /// Multinomial L2-regularised logistic regression fitted on the (normalised) support embeddings.
+#[derive(Default)]
 pub struct LogisticRegression {
     pub opts: LogRegOptions,
     /// Fits that hit `max_iter` before the tolerance.
     pub not_converged: usize,
-}
-
-impl Default for LogisticRegression {
-    fn default() -> Self {
-        LogisticRegression {
-            opts: LogRegOptions::default(),
-            not_converged: 0,
-        }
-    }
 }
 
 impl Method for LogisticRegression {

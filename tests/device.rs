@@ -2,7 +2,8 @@
 //! classes, scripted buttons, enroll 4 classes x K shots, synthesize, screen 20 captures; the
 //! decisions and the audit log must match the plain pipeline (`Pipeline::synthesize` +
 //! `Classifier::predict` on the same image files). Also: restart restores the classifier,
-//! re-synthesis from stored embeddings needs no capture, camera faults and a gate rejection are
+//! re-synthesis from stored embeddings needs no capture (button, task edit), a class added to the
+//! task enrolls only that class, camera faults and a gate rejection are
 //! handled inside the session.
 //!
 //! Needs the shipped models (`models/manifest.json`) and the data (`../shared/data`, or
@@ -368,6 +369,72 @@ fn sim_session_matches_plain_pipeline() {
         s4.classifier_id.as_deref(),
         Some(clf2.id.as_str()),
         "re-synthesis after a task edit"
+    );
+
+    // a class added to the task file: only the new class is enrolled (K captures), the others
+    // keep their stored shots; the classifier equals the plain pipeline's on all 5 classes
+    let mut task3 = task2.clone();
+    task3.classes.push(sgps::board::TaskClass {
+        name: "nevus".into(),
+        description: Some(
+            "Melanocytic nevus: symmetric, regular pigment network, uniform brown colour.".into(),
+        ),
+        urgent: false,
+    });
+    let (nevus, _) = pick("nevus", &gate);
+    let task3_path = tmp.path().join("task3.toml");
+    std::fs::write(&task3_path, toml::to_string(&task3).unwrap()).unwrap();
+    let board3 = tmp.path().join("board3.toml");
+    std::fs::write(
+        &board3,
+        std::fs::read_to_string(tmp.path().join("board2.toml"))
+            .unwrap()
+            .replace(&format!("{task2_path:?}"), &format!("{task3_path:?}")),
+    )
+    .unwrap();
+    let frames5 = tmp.path().join("frames5");
+    std::fs::create_dir(&frames5).unwrap();
+    for (i, p) in nevus.iter().enumerate() {
+        link(p, &frames5.join(format!("{i:03}.jpg")));
+    }
+    let script5 = tmp.path().join("add-class.txt");
+    std::fs::write(&script5, "press capture\n".repeat(K)).unwrap();
+    let s5 = app::run(&RunArgs {
+        board: board3,
+        script: Some(script5),
+        replay_dir: Some(frames5),
+        ..args.clone()
+    })
+    .unwrap();
+    assert_eq!((s5.shots_enrolled, s5.syntheses), (K, 1));
+    let texts3: Vec<&str> = task3
+        .classes
+        .iter()
+        .map(|c| c.description.as_deref().unwrap())
+        .collect();
+    let mut support3 = support2.clone();
+    support3.push(ClassSupport {
+        name: "nevus".into(),
+        description: task3.classes[4].description.clone(),
+        text_embedding: None,
+        shots: nevus
+            .iter()
+            .map(|p| pipeline.embed_image_file(p).unwrap())
+            .collect(),
+    });
+    for (c, t) in support3
+        .iter_mut()
+        .zip(pipeline.embed_texts(&texts3).unwrap())
+    {
+        c.text_embedding = Some(t);
+    }
+    let clf3 = pipeline
+        .synthesize(&support3, SynthMode::ImagesAndText)
+        .unwrap();
+    assert_eq!(
+        s5.classifier_id.as_deref(),
+        Some(clf3.id.as_str()),
+        "class added later"
     );
 }
 

@@ -146,10 +146,13 @@ fn isic_fs_novel_episodes_are_stable() {
         assert_eq!(a, b);
         hashes.push(episodes_hash(&pool, &a));
     }
-    assert_ne!(hashes[0], hashes[1]);
-    println!(
-        "ISIC-FS-novel episode hashes: 1-shot {} 5-shot {}",
-        hashes[0], hashes[1]
+    // Pinned: the episodes behind the published ISIC-FS-novel figures.
+    assert_eq!(
+        hashes,
+        [
+            "5ad339d2d7ca0141bcf55208970d93874475a5875dcd3f16c20662255d8da2f9",
+            "34707d8853dede6cfa33e3c305388639ef33ddec563dd781052a271546736a90"
+        ]
     );
 }
 

@@ -26,21 +26,28 @@ def sample_episode(rng: np.random.Generator, emb: dict, classes: list[str], n_wa
     return support, np.concatenate(qry), np.asarray(lab), chosen
 
 
-def text_for(chosen, texts: dict, rng: np.random.Generator, use_text: bool, t_dim: int):
-    """texts: class -> [n_desc, T]; picks one description per class at random."""
+def text_for(chosen, texts: dict, rng: np.random.Generator, use_text: bool, t_dim: int, text_weights=None):
+    """texts: class -> [n_desc, T]; picks one description per class at random. With
+    text_weights (class -> [n_desc, D]) also returns the matching precomputed text weights."""
     t = np.zeros((len(chosen), t_dim), np.float32)
     m = np.zeros((len(chosen),), np.float32)
+    tw = None
+    if text_weights is not None:
+        tw = np.zeros((len(chosen), next(iter(text_weights.values())).shape[1]), np.float32)
     if use_text:
         for i, c in enumerate(chosen):
             if c in texts:
                 arr = texts[c]
-                t[i] = arr[rng.integers(len(arr))]
+                j = rng.integers(len(arr))
+                t[i] = arr[j]
                 m[i] = 1.0
-    return t, m
+                if tw is not None:
+                    tw[i] = text_weights[c][j]
+    return t, m, tw
 
 
 @torch.no_grad()
-def run_g(g, support: np.ndarray, text: np.ndarray, text_mask: np.ndarray):
+def run_g(g, support: np.ndarray, text: np.ndarray, text_mask: np.ndarray, tw=None):
     n, k, d = support.shape
     if k == 0:
         sup = torch.zeros(n, 1, d)
@@ -48,11 +55,12 @@ def run_g(g, support: np.ndarray, text: np.ndarray, text_mask: np.ndarray):
     else:
         sup = torch.from_numpy(support).float()
         sm = torch.ones(n, k)
-    return g(sup, sm, torch.from_numpy(text), torch.from_numpy(text_mask))
+    return g(sup, sm, torch.from_numpy(text), torch.from_numpy(text_mask),
+             None if tw is None else torch.from_numpy(tw))
 
 
 def evaluate(g, emb: dict, texts: dict, classes: list[str], n_way: int, k: int, q: int,
-             episodes: int, use_text: bool, seed: int = 0, temp: float = 1.0):
+             episodes: int, use_text: bool, seed: int = 0, temp: float = 1.0, text_weights=None):
     """Returns dict(acc, ci95, probs [E*N*q, N], labels) on seeded episodes."""
     rng = np.random.default_rng(seed)
     t_dim = next(iter(texts.values())).shape[1] if texts else 384
@@ -61,8 +69,8 @@ def evaluate(g, emb: dict, texts: dict, classes: list[str], n_way: int, k: int, 
     g.eval()
     for _ in range(episodes):
         s, qx, y, chosen = sample_episode(rng, emb, classes, n_way, k, q)
-        t, tm = text_for(chosen, texts, rng, use_text, t_dim)
-        w, b, sc = run_g(g, s, t, tm)
+        t, tm, tw = text_for(chosen, texts, rng, use_text, t_dim, text_weights)
+        w, b, sc = run_g(g, s, t, tm, tw)
         lg = logits(torch.from_numpy(qx).float(), w, b, sc) * temp
         p = torch.softmax(lg, -1).numpy()
         accs.append(float((p.argmax(-1) == y).mean()))
@@ -129,14 +137,14 @@ def refer_threshold(probs_list, labels_list) -> dict:
 
 
 @torch.no_grad()
-def collect_logits(g, emb, texts, classes, n_way, k, q, episodes, use_text, seed):
+def collect_logits(g, emb, texts, classes, n_way, k, q, episodes, use_text, seed, text_weights=None):
     rng = np.random.default_rng(seed)
     t_dim = next(iter(texts.values())).shape[1]
     out = []
     g.eval()
     for _ in range(episodes):
         s, qx, y, chosen = sample_episode(rng, emb, classes, n_way, k, q)
-        t, tm = text_for(chosen, texts, rng, use_text, t_dim)
-        w, b, sc = run_g(g, s, t, tm)
+        t, tm, tw = text_for(chosen, texts, rng, use_text, t_dim, text_weights)
+        w, b, sc = run_g(g, s, t, tm, tw)
         out.append((logits(torch.from_numpy(qx).float(), w, b, sc).numpy(), y))
     return out

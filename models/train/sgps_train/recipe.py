@@ -23,8 +23,17 @@ log = logging.getLogger("sgps_train")
 MAX_TOKENS = 128
 SCALE_INIT = 10.0
 # images per base class embedded for G meta-training (B1) and validation (B2); CPU budget
-CAP_B1 = 20
-CAP_B2 = 20
+# images per class used (CPU budget): {dataset: cap}; ISIC base classes are used in full
+CAP_A = {"isic": 10_000, "default": 80}
+CAP_B = {"isic": 10_000, "default": 25}
+
+
+def cap(items, caps: dict, seed: int):
+    out = []
+    for c, its in data.by_class(items).items():
+        n = caps.get(its[0].dataset, caps["default"])
+        out += data.subsample(its, n, seed)
+    return out
 
 
 def set_seed(seed: int):
@@ -136,20 +145,34 @@ def run(args):
         split_b1 = data.subsample(split_b1, 3, args.seed)
         split_b2 = data.subsample(split_b2, 3, args.seed)
     else:
-        split_b1 = data.subsample(split_b1, CAP_B1, args.seed)
-        split_b2 = data.subsample(split_b2, CAP_B2, args.seed)
+        split_a = cap(split_a, CAP_A, args.seed)
+        split_b1 = cap(split_b1, CAP_B, args.seed)
+        split_b2 = cap(split_b2, CAP_B, args.seed)
     log.info("base images: encoder-train %d, G-train %d, validation %d", len(split_a), len(split_b1), len(split_b2))
 
-    # 1. image encoder
+    # 1. image encoder: frozen trunk cached once per image, top adapted on base classes
     t0 = time.time()
+    from . import adapt
+
     backbone = lite0.load_imagenet(lite0.lite0_pth_path())
     imagenet_sanity(backbone)
+    maps_b1 = adapt.cache_trunk(backbone, args.data, split_b1, work, "b1")
+    maps_b2 = adapt.cache_trunk(backbone, args.data, split_b2, work, "b2")
+    timings["trunk_cache_s"] = round(time.time() - t0, 1)
     adapt_report = None
     if not args.no_adapt:
-        from . import adapt
-
-        backbone, adapt_report = adapt.adapt_encoder(backbone, args.data, split_a, split_b2, work, quick=quick, seed=args.seed)
+        maps_a = adapt.cache_trunk(backbone, args.data, split_a, work, "a")
+        timings["trunk_cache_s"] = round(time.time() - t0, 1)
+        t1 = time.time()
+        backbone, adapt_report = adapt.adapt_encoder(backbone, maps_a, split_a, maps_b2, split_b2, quick=quick, seed=args.seed)
+        del maps_a
+        timings["adapt_s"] = round(time.time() - t1, 1)
     backbone.eval()
+    feats_b1 = adapt.top_features(backbone, maps_b1)
+    feats_b2 = adapt.top_features(backbone, maps_b2)
+    # development convenience: the adapted weights and features (not shipped)
+    torch.save(backbone.state_dict(), work / "encoder_adapted.pt")
+    np.savez(work / "features_b.npz", b1=feats_b1, b2=feats_b2)
     timings["encoder_s"] = round(time.time() - t0, 1)
 
     # 2. text encoder + descriptions
@@ -163,14 +186,10 @@ def run(args):
     text_emb = {c: embed.embed_texts(text_model, tok, t) for c, t in desc["base"].items()}
     timings["text_s"] = round(time.time() - t0, 1)
 
-    # 3. embedding cache for G (B1) and validation (B2)
-    t0 = time.time()
     from .export import ImageEncoder
 
-    enc = ImageEncoder(backbone).eval()
-    feats_b1 = embed.embed_items(backbone.features, args.data, split_b1, desc="features G-train")
-    feats_b2 = embed.embed_items(backbone.features, args.data, split_b2, desc="features validation")
-    timings["embed_s"] = round(time.time() - t0, 1)
+    # small-tensor work from here on: one thread avoids OpenMP oversubscription stalls (10x)
+    torch.set_num_threads(1)
     enc = choose_postprocessing(backbone, feats_b1, feats_b2, split_b1, split_b2, quick)
     with torch.no_grad():
         emb_b1 = group(enc.post(torch.from_numpy(feats_b1)).numpy(), split_b1)
@@ -180,20 +199,22 @@ def run(args):
     t0 = time.time()
     g = Synthesizer(dim=lite0.FEATURE_DIM, text_dim=384, init_scale=SCALE_INIT)
     ridge_text_proj(g, emb_b1, text_emb)
-    meta_report = None
-    if not args.no_meta:
-        from . import meta
+    from . import meta
 
-        g, meta_report = meta.meta_train(g, emb_b1, emb_b2, text_emb, quick=quick, seed=args.seed)
+    meta_report = None
+    tw_loo = meta.loo_text_weights(emb_b1, text_emb, 0.1)
+    if not args.no_meta:
+        g, meta_report, tw_loo = meta.meta_train(g, emb_b1, emb_b2, text_emb, quick=quick, seed=args.seed)
     g.eval()
     timings["meta_s"] = round(time.time() - t0, 1)
 
     # 5. calibration and validation figures on B2 (base classes)
     t0 = time.time()
-    val = validate_and_calibrate(g, emb_b2, text_emb, quick)
+    val = validate_and_calibrate(g, emb_b2, text_emb, quick, tw_loo)
     timings["calibration_s"] = round(time.time() - t0, 1)
 
     # 6. export + verification + reference data + manifest
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     files = export_all(out, work, enc, text_model, tok, g, args.data, split_b1, split_b2, desc, quick)
     timings["export_s"] = round(time.time() - t0, 1)
@@ -273,7 +294,10 @@ def choose_postprocessing(backbone, feats_b1, feats_b2, split_b1, split_b2, quic
     return enc
 
 
-def validate_and_calibrate(g, emb_b2, text_emb, quick):
+def validate_and_calibrate(g, emb_b2, text_emb, quick, tw_loo):
+    """Temperature, refer threshold, ECE and figures on held-out base images (B2). Text weights are
+    the leave-one-class-out ones, so text figures are not inflated by the projection having seen
+    the class."""
     classes = list(emb_b2)
     isic = [c for c in ISIC_BASE if c in emb_b2]
     eps = 20 if quick else 300
@@ -281,9 +305,9 @@ def validate_and_calibrate(g, emb_b2, text_emb, quick):
     pl = []
     for k in (1, 5):
         for use_text in (True, False):
-            pl += episodes.collect_logits(g, emb_b2, text_emb, classes, 5, k, 5, eps // 2, use_text, 10 + k)
+            pl += episodes.collect_logits(g, emb_b2, text_emb, classes, 5, k, 5, eps // 2, use_text, 10 + k, tw_loo)
             if len(isic) >= 2:
-                pl += episodes.collect_logits(g, emb_b2, text_emb, isic, len(isic), k, 5, eps // 2, use_text, 20 + k)
+                pl += episodes.collect_logits(g, emb_b2, text_emb, isic, len(isic), k, 5, eps // 2, use_text, 20 + k, tw_loo)
     temp = episodes.fit_temperature(pl)
     with torch.no_grad():
         g.log_scale.add_(math.log(temp))
@@ -299,7 +323,7 @@ def validate_and_calibrate(g, emb_b2, text_emb, quick):
             for mode, use_text in (("images_text", True), ("images_only", False)):
                 if k == 0 and not use_text:
                     continue
-                r = episodes.evaluate(g, emb_b2, text_emb, cls, n, k, 15, eps, use_text, seed=100 + k)
+                r = episodes.evaluate(g, emb_b2, text_emb, cls, n, k, 15, eps, use_text, seed=100 + k, text_weights=tw_loo)
                 key = f"{tag}_{k}shot_{mode if k else 'text_only'}"
                 figs[key] = {"acc": round(r["acc"], 4), "ci95": round(r["ci95"], 4)}
                 if k > 0 and use_text:
@@ -327,7 +351,7 @@ def export_all(out, work, enc, text_model, tok, g, data_dir, split_b1, split_b2,
     ref_items = []
     seen = {}
     for it in split_b2:
-        if seen.get(it.dataset, 0) < (1 if quick else 2):
+        if seen.get(it.dataset, 0) < 1:
             seen[it.dataset] = seen.get(it.dataset, 0) + 1
             ref_items.append(it)
     x = embed.load_batch(data_dir, ref_items)

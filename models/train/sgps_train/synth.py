@@ -64,14 +64,27 @@ class Block(nn.Module):
 
 
 class Synthesizer(nn.Module):
+    """Identity-agnostic synthesizer.
+
+    Each class is one token of scalar statistics (shots, text present, prototype/text agreement,
+    similarity to the other classes, support consistency) - never the raw embedding - so G cannot
+    memorise base classes and transfers to a user's new classes. A small Transformer over the
+    class tokens outputs, per class, the mixing coefficients of
+        w_c = base_c + alpha_c * t_c + beta_c * m,   m = mean_c base_c (task centre),
+    a bias b_c, and one task-level log-scale offset. All output layers are zero-initialised: an
+    untrained G is exactly prototype imprinting (text-only fallback when K = 0).
+    """
+
+    N_FEATS = 8
+
     def __init__(
         self,
         dim: int = 1280,
         text_dim: int = 384,
-        d_model: int = 256,
+        d_model: int = 32,
         layers: int = 2,
         heads: int = 4,
-        dropout: float = 0.1,
+        dropout: float = 0.0,
         init_scale: float = 10.0,
         max_shots: int = 20,
     ):
@@ -79,39 +92,58 @@ class Synthesizer(nn.Module):
         self.dim = dim
         self.text_dim = text_dim
         self.max_shots = max_shots
-        # text -> image-embedding space (used for K = 0 and as a token feature)
+        # text -> image-embedding space (fitted by ridge regression on base classes, then frozen)
         self.text_proj = nn.Linear(text_dim, dim)
-        self.inp = nn.Linear(2 * dim + 3, d_model)
+        self.inp = nn.Linear(self.N_FEATS, d_model)
         self.blocks = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(layers)])
         self.ln = LN(d_model)
-        self.delta = nn.Linear(d_model, dim)
+        self.coef = nn.Linear(d_model, 2)  # alpha (text mix), beta (task-centre mix)
         self.bias_head = nn.Linear(d_model, 1)
-        for lin in (self.delta, self.bias_head):
+        self.scale_head = nn.Linear(d_model, 1)
+        for lin in (self.coef, self.bias_head, self.scale_head):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        # residual gain on delta; starts at 0 in effect through the zero-init layer
-        self.enabled = True
 
-    def base_weights(self, support, support_mask, text, text_mask):
-        """support [...,N,K,D], masks [...,N,K]/[...,N], text [...,N,T] -> prototype, text weight."""
+    def base_weights(self, support, support_mask, text, text_mask, text_weight=None):
+        """support [...,N,K,D], masks [...,N,K]/[...,N], text [...,N,T] -> prototype, text weight.
+
+        `text_weight` (training only) replaces normalize(P text) by a precomputed text weight
+        (from a projection fitted without that class)."""
         m = support_mask.unsqueeze(-1)
         count = support_mask.sum(-1, keepdim=True)  # [..., N, 1]
         proto = l2n((support * m).sum(-2) / torch.clamp(count, min=1.0))
-        tw = l2n(self.text_proj(text)) * text_mask.unsqueeze(-1)
+        tw = l2n(self.text_proj(text)) if text_weight is None else text_weight
+        tw = tw * text_mask.unsqueeze(-1)
         has_img = (count > 0.5).to(proto.dtype)
         base = has_img * proto + (1.0 - has_img) * tw
         return proto, tw, base, count, has_img
 
-    def forward(self, support, support_mask, text, text_mask):
-        proto, tw, base, count, has_img = self.base_weights(support, support_mask, text, text_mask)
+    def forward(self, support, support_mask, text, text_mask, text_weight=None):
+        proto, tw, base, count, has_img = self.base_weights(support, support_mask, text, text_mask, text_weight)
+        tmask = text_mask.unsqueeze(-1)
+        # pairwise class similarities without the diagonal
+        sim = torch.matmul(base, base.transpose(-1, -2))  # [..., N, N]
+        idx = torch.arange(sim.shape[-1], device=base.device)
+        eye = (idx.unsqueeze(0) == idx.unsqueeze(1)).to(base.dtype)
+        n_cls = torch.ones_like(sim).sum(-1)  # [..., N], = N (traced, so symbolic in ONNX)
+        denom = torch.clamp(n_cls - 1.0, min=1.0)
+        mean_other = ((sim * (1.0 - eye)).sum(-1) / denom).unsqueeze(-1)
+        max_other = (sim - 3.0 * eye).max(-1, keepdim=True)[0]
+        max_other = torch.clamp(max_other, min=-1.0)
+        agree = (proto * tw).sum(-1, keepdim=True) * has_img * tmask
+        # support consistency: mean cosine of each shot to its prototype (1 for K = 1)
+        cons = ((support * proto.unsqueeze(-2)).sum(-1) * support_mask).sum(-1, keepdim=True) / torch.clamp(count, min=1.0)
         feats = torch.cat(
             [
-                proto,
-                tw,
                 torch.log1p(count) / math.log1p(self.max_shots),
                 has_img,
-                text_mask.unsqueeze(-1),
+                tmask,
+                agree,
+                mean_other,
+                max_other,
+                cons * has_img,
+                torch.log(n_cls.unsqueeze(-1)) / math.log(16.0),
             ],
             dim=-1,
         )
@@ -119,16 +151,20 @@ class Synthesizer(nn.Module):
         for b in self.blocks:
             h = b(h)
         h = self.ln(h)
-        weight = base + self.delta(h)
+        ab = self.coef(h)
+        alpha = ab[..., 0:1] * tmask * has_img
+        beta = ab[..., 1:2]
+        centre = base.mean(-2, keepdim=True)
+        weight = base + alpha * tw + beta * centre
         bias = self.bias_head(h).squeeze(-1)
-        scale = torch.exp(self.log_scale).reshape(1)
+        scale = torch.exp(self.log_scale + self.scale_head(h.mean(-2)))  # [..., 1]
         return weight, bias, scale
 
 
 def logits(emb, weight, bias, scale):
     """emb [..., Q, D] (L2-normalised), weight [..., N, D] -> [..., Q, N] cosine logits."""
     w = l2n(weight)
-    return scale * torch.matmul(emb, w.transpose(-1, -2)) + bias.unsqueeze(-2)
+    return scale.unsqueeze(-1) * torch.matmul(emb, w.transpose(-1, -2)) + bias.unsqueeze(-2)
 
 
 class ExportWrapper(nn.Module):

@@ -1,0 +1,102 @@
+"""CI checks of the recipe's code paths (no real training).
+
+    models/train/.venv/bin/python -m pytest models/train/tests -q
+
+The end-to-end test runs `run.py --quick` (a handful of base images, one optimisation step per
+stage) and needs the image collection (env SGPS_DATA, default ../shared/data); it is skipped
+with a message when the data is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+
+from sgps_train import data, lite0, synth  # noqa: E402
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("SGPS_DATA", HERE.parent.parent.parent / "shared" / "data"))
+
+
+def test_untrained_synthesizer_is_exact_imprinting():
+    torch.manual_seed(0)
+    g = synth.Synthesizer(dim=32, text_dim=8).eval()
+    sup = torch.randn(3, 4, 32)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    text = torch.randn(3, 8)
+    w, b, s = g(sup, mask, text, torch.ones(3))
+    proto = (sup * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    proto = proto / proto.norm(dim=-1, keepdim=True)
+    assert torch.allclose(w, proto, atol=1e-5)
+    assert torch.all(b == 0)
+    assert s.shape == (1,)
+
+
+def test_text_only_class_falls_back_to_projected_text():
+    g = synth.Synthesizer(dim=32, text_dim=8).eval()
+    sup = torch.zeros(2, 1, 32)
+    mask = torch.zeros(2, 1)
+    text = torch.randn(2, 8)
+    w, _, _ = g(sup, mask, text, torch.ones(2))
+    tw = synth.l2n(g.text_proj(text))
+    assert torch.allclose(w, tw, atol=1e-5)
+    assert torch.isfinite(w).all()
+
+
+def test_lite0_same_padding_shapes():
+    m = lite0.Lite0().eval()
+    with torch.no_grad():
+        f = m.features(torch.zeros(1, 3, 224, 224))
+    assert f.shape == (1, lite0.FEATURE_DIM)
+
+
+def test_preprocess_shape_and_range():
+    from PIL import Image
+
+    im = Image.fromarray((np.random.default_rng(0).random((28, 40, 3)) * 255).astype(np.uint8))
+    x = data.to_tensor(data.resize_center_crop(im), lite0.MEAN, lite0.STD)
+    assert x.shape == (3, 224, 224)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_split_never_contains_novel_classes():
+    d = data_dir()
+    if not (d / "manifest.csv").exists():
+        pytest.skip(f"data not found at {d} (set SGPS_DATA); skipping")
+    items = data.read_manifest(d)
+    base = data.base_items(items)
+    assert base
+    assert not any((it.dataset, it.cls) in data.NOVEL for it in base)
+    assert not any(it.dataset == "isic_unlabelled" for it in base)
+
+
+def test_quick_recipe_end_to_end(tmp_path):
+    d = data_dir()
+    if not (d / "manifest.csv").exists():
+        print(f"SKIP: data not found at {d} (set SGPS_DATA)")
+        pytest.skip("data absent")
+    import run
+
+    out = tmp_path / "models"
+    run.main(["--data", str(d), "--out", str(out), "--work", str(tmp_path / "work"), "--quick"])
+    m = json.loads((out / "manifest.json").read_text())
+    for entry in (m["image_encoder"]["variants"]["fp32"], m["text_encoder"]["variants"]["int8"], m["synthesizer"]):
+        p = out / entry["file"]
+        assert p.exists()
+        from sgps_train.export import sha256
+
+        assert sha256(p) == entry["sha256"]
+    assert (out / "tokenizer.json").exists()
+    refs = json.loads((out / "reference" / "images.json").read_text())
+    assert refs and all((out / "reference" / r["input"]).exists() for r in refs)
+    assert 0.0 < m["head"]["refer_threshold"] < 1.0

@@ -5,7 +5,6 @@
 //! (postcard of [`Classifier`]). Saving is atomic: temp file in the same directory, fsync, rename,
 //! fsync of the directory.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -226,7 +225,7 @@ impl Classifier {
         self.validate()
             .map_err(|e| Error::Invalid(format!("refusing to save an invalid classifier: {e}")))?;
         let bytes = self.to_bytes()?;
-        atomic_write(path, &bytes)
+        crate::atomic_file::write(path, &bytes).map_err(|e| Error::io(path, e))
     }
 
     /// Load from `path` and check that it belongs to the encoder with `expected_encoder_sha256`.
@@ -245,37 +244,6 @@ impl Classifier {
         }
         Ok(c)
     }
-}
-
-/// Write `bytes` to `path` atomically: temp file in the same directory, fsync, rename, fsync dir.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        #[cfg(unix)]
-        std::fs::File::open(&dir)?.sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }
 
 fn norm(v: &[f32]) -> f32 {

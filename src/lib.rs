@@ -1,5 +1,6 @@
 //! sgps: offline few-shot medical image classification.
 pub mod app;
+pub mod atomic_file;
 pub mod bench;
 pub mod board;
 pub mod camera;

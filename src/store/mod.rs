@@ -363,11 +363,11 @@ mod tests {
         fs::create_dir_all(dir.path().join("classes")).unwrap();
         fs::write(dir.path().join("classes/.x.rec.tmp-123"), b"partial").unwrap();
         fs::create_dir_all(dir.path().join("classifiers")).unwrap();
-        fs::write(dir.path().join("classifiers/.a.sgpc.tmp.77"), b"partial").unwrap();
+        fs::write(dir.path().join("classifiers/.a.sgpc.tmp-77"), b"partial").unwrap();
         fs::write(dir.path().join("classifiers/a.sgpc"), b"kept").unwrap();
         Store::open(dir.path()).unwrap();
         assert!(!dir.path().join("classes/.x.rec.tmp-123").exists());
-        assert!(!dir.path().join("classifiers/.a.sgpc.tmp.77").exists());
+        assert!(!dir.path().join("classifiers/.a.sgpc.tmp-77").exists());
         assert!(dir.path().join("classifiers/a.sgpc").exists());
         assert_ne!(class_file_name("a/b"), class_file_name("a_b"));
     }

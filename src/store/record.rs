@@ -7,9 +7,10 @@
 //! The CRC32 covers kind, reserved, version, length and the payload, so a damaged header is
 //! detected as well as a damaged payload.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use crate::atomic_file;
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
 
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -175,11 +176,9 @@ pub fn write_record<T: Serialize>(
     write_atomic(path, &bytes)
 }
 
-/// Atomically replace `path` with `bytes`: write a temporary file in the same directory, fsync
-/// it, rename it over `path`, fsync the directory. A crash at any point leaves either the old or
-/// the new content; a failure (e.g. a full disk) leaves the old content and removes the temporary.
+/// Atomically replace `path` with `bytes` (see [`crate::atomic_file`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_atomic_with(path, bytes, |f, b| f.write_all(b))
+    atomic_file::write(path, bytes).map_err(|e| StoreError::io(path, e))
 }
 
 /// [`write_atomic`] with the write step supplied by the caller (fault injection in tests).
@@ -188,63 +187,15 @@ pub fn write_atomic_with(
     bytes: &[u8],
     write: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
 ) -> Result<(), StoreError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| StoreError::Invalid(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        write(&mut f, bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(StoreError::io(path, e));
-    }
-    Ok(())
+    atomic_file::write_with(path, bytes, write).map_err(|e| StoreError::io(path, e))
 }
 
-/// fsync a directory so that a rename or a new file in it is durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Remove temporary files left by an interrupted [`write_atomic`] (`.<name>.tmp-<pid>`) or
-/// `classifier::atomic_write` (`.<name>.tmp.<pid>`) in `dir`.
-pub fn remove_stale_temps(dir: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with('.')
-                && (n.contains(".tmp-") || n.contains(".tmp."))
-                && fs::remove_file(e.path()).is_ok()
-            {
-                removed.push(e.path());
-            }
-        }
-    }
-    removed
-}
+pub use crate::atomic_file::{remove_stale_temps, sync_dir};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn roundtrip_and_every_single_byte_flip_is_detected() {

@@ -698,17 +698,7 @@ pub fn support_from_records(
             shots: c.shots.iter().map(|s| s.embedding.clone()).collect(),
         })
         .collect();
-    let described: Vec<(usize, &str)> = classes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.description.as_deref().map(|d| (i, d)))
-        .collect();
-    if !described.is_empty() {
-        let texts: Vec<&str> = described.iter().map(|(_, d)| *d).collect();
-        for ((i, _), e) in described.iter().zip(pipeline.embed_texts(&texts)?) {
-            out[*i].text_embedding = Some(e);
-        }
-    }
+    pipeline.embed_descriptions(&mut out)?;
     Ok(out)
 }
 

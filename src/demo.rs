@@ -111,16 +111,7 @@ pub fn run(args: &DemoArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
             shots,
         });
     }
-    let described: Vec<usize> = (0..support.len())
-        .filter(|&i| support[i].description.is_some())
-        .collect();
-    let texts: Vec<&str> = described
-        .iter()
-        .map(|&i| support[i].description.as_deref().unwrap_or_default())
-        .collect();
-    for (&i, e) in described.iter().zip(pipeline.embed_texts(&texts)?) {
-        support[i].text_embedding = Some(e);
-    }
+    pipeline.embed_descriptions(&mut support)?;
     let clf = pipeline.synthesize(&support, SynthMode::ImagesAndText)?;
     let synth_s = t_synth.elapsed().as_secs_f64();
 

@@ -199,19 +199,27 @@ impl Pipeline {
                 shots,
             });
         }
-        let described: Vec<(usize, &str)> = spec
-            .classes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.description.as_deref().map(|d| (i, d)))
-            .collect();
-        if !described.is_empty() {
-            let texts: Vec<&str> = described.iter().map(|(_, d)| *d).collect();
-            for ((i, _), e) in described.iter().zip(self.embed_texts(&texts)?) {
-                out[*i].text_embedding = Some(e);
-            }
-        }
+        self.embed_descriptions(&mut out)?;
         Ok(out)
+    }
+
+    /// Fill `text_embedding` of every class that has a description (text encoder, class order).
+    pub fn embed_descriptions(&self, classes: &mut [ClassSupport]) -> Result<()> {
+        let described: Vec<usize> = (0..classes.len())
+            .filter(|&i| classes[i].description.is_some())
+            .collect();
+        if described.is_empty() {
+            return Ok(());
+        }
+        let texts: Vec<&str> = described
+            .iter()
+            .filter_map(|&i| classes[i].description.as_deref())
+            .collect();
+        let embeddings = self.embed_texts(&texts)?;
+        for (i, e) in described.into_iter().zip(embeddings) {
+            classes[i].text_embedding = Some(e);
+        }
+        Ok(())
     }
 
     /// Embed a support-set specification and synthesize its classifier.

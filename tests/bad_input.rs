@@ -1,27 +1,16 @@
 //! Bad input gets a clear error and loses nothing: broken/tiny/huge images, gray/RGBA conversion,
 //! invalid support sets, missing/tampered model files, corrupt or foreign classifier artifacts.
 
+mod common;
+use common::{models_dir, pipeline};
+
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use image::{DynamicImage, GrayImage, ImageFormat, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use sgps::classifier::{Classifier, FORMAT_VERSION};
 use sgps::error::Error;
 use sgps::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
-
-/// The shipped models, or `$SGPS_MODELS` (to check a candidate export before it is committed).
-fn models_dir() -> PathBuf {
-    std::env::var_os("SGPS_MODELS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
-
-fn pipeline() -> &'static Pipeline {
-    static P: OnceLock<Pipeline> = OnceLock::new();
-    P.get_or_init(|| Pipeline::load(&models_dir(), &LoadOptions::default()).expect("load models"))
-}
 
 fn textured(w: u32, h: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {

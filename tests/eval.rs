@@ -2,32 +2,15 @@
 //! directory is absent): small real evaluation, determinism, the embedding-cache hit path,
 //! and the missing-data message.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{data_dir, models_dir};
+
+use std::path::Path;
 use std::process::Command;
 
 use sgps::eval::episodes::{EpisodeSpec, ImagePool, episodes_hash, sample_episodes};
 use sgps::eval::{EvalConfig, ISIC_NOVEL, evaluate};
 use sgps::pipeline::{LoadOptions, Pipeline};
-
-fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("SGPS_DATA")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if d.join("isic").is_dir() {
-        Some(d)
-    } else {
-        eprintln!(
-            "SKIP: data directory {} not found (set SGPS_DATA to run this test)",
-            d.display()
-        );
-        None
-    }
-}
-
-fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
-}
 
 fn small_config(data: &Path, seed: u64) -> EvalConfig {
     EvalConfig {

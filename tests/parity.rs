@@ -1,39 +1,12 @@
 //! Parity of the Rust runtime with the recipe's reference outputs (models/reference/, written at
 //! export time with onnxruntime / PyTorch). Prints the max abs differences.
 
+mod common;
+use common::{data_dir, models_dir, pipeline};
+
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-use sgps::pipeline::{LoadOptions, Pipeline};
 use sgps::synthesizer::SynthInputs;
-
-/// The shipped models, or `$SGPS_MODELS` (to check a candidate export before it is committed).
-fn models_dir() -> PathBuf {
-    std::env::var_os("SGPS_MODELS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
-
-fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("SGPS_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if d.is_dir() {
-        Some(d)
-    } else {
-        eprintln!(
-            "skipping: data directory {} not found (set SGPS_DATA)",
-            d.display()
-        );
-        None
-    }
-}
-
-fn pipeline() -> &'static Pipeline {
-    static P: OnceLock<Pipeline> = OnceLock::new();
-    P.get_or_init(|| Pipeline::load(&models_dir(), &LoadOptions::default()).expect("load models"))
-}
 
 /// Minimal reader for little-endian f32, C-order .npy files (what the recipe writes).
 fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {

@@ -2,13 +2,15 @@
 //! through the library and through the `sgps` binary. Real ISIC base-class images where the data
 //! directory exists (skipped with a message otherwise), synthetic images always.
 
+mod common;
+use common::{data_dir, models_dir, pipeline};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use image::{Rgb, RgbImage};
 use sgps::classifier::Classifier;
-use sgps::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
+use sgps::pipeline::{ClassSupport, SynthMode};
 use sgps::support::{ClassSpec, SupportSpec};
 
 const BASE: [&str; 4] = [
@@ -17,34 +19,6 @@ const BASE: [&str; 4] = [
     "nevus",
     "pigmented_benign_keratosis",
 ];
-
-/// The shipped models, or `$SGPS_MODELS` (to check a candidate export before it is committed).
-fn models_dir() -> PathBuf {
-    std::env::var_os("SGPS_MODELS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
-
-fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("SGPS_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if d.join("isic").is_dir() {
-        Some(d)
-    } else {
-        eprintln!(
-            "skipping: data directory {} with isic/ not found (set SGPS_DATA)",
-            d.display()
-        );
-        None
-    }
-}
-
-fn pipeline() -> &'static Pipeline {
-    static P: OnceLock<Pipeline> = OnceLock::new();
-    P.get_or_init(|| Pipeline::load(&models_dir(), &LoadOptions::default()).expect("load models"))
-}
 
 /// Sorted image files of one ISIC class.
 fn isic_files(data: &Path, class: &str) -> Vec<PathBuf> {

@@ -52,7 +52,8 @@ def loo_text_weights(emb: dict, texts: dict, lam: float) -> dict:
 
 
 class TaskSampler:
-    def __init__(self, emb: dict, tw: dict, texts: dict, rng: np.random.Generator):
+    def __init__(self, emb: dict, tw: dict, texts: dict, rng: np.random.Generator, text_with_images: bool = True):
+        self.text_with_images = text_with_images
         self.emb = {c: torch.from_numpy(e).float() for c, e in emb.items()}
         self.tw = {c: torch.from_numpy(v).float() for c, v in tw.items()}
         self.texts = {c: torch.from_numpy(v).float() for c, v in texts.items()}
@@ -88,7 +89,7 @@ class TaskSampler:
         TW = torch.zeros(b, n, self.dim)
         TM = torch.zeros(b, n)
         Q, Y = [], []
-        use_text_ep = self.rng.random() < 0.6 or k == 0
+        use_text_ep = (self.rng.random() < 0.6 and self.text_with_images) or k == 0
         for e in range(b):
             cls = list(self.rng.choice(pool_cls, size=n, replace=False))
             qs, ys = [], []
@@ -136,7 +137,7 @@ def meta_train(g: Synthesizer, emb_train: dict, emb_val: dict, texts: dict, quic
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tw = loo_text_weights(emb_train, texts, ridge_lam)
-    sampler = TaskSampler(emb_train, tw, texts, rng)
+    sampler = TaskSampler(emb_train, tw, texts, rng, text_with_images=g.text_with_images)
     if quick:
         steps, eval_every = 4, 2
     n_val = 10 if quick else 150

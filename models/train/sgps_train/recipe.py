@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, embed, episodes, export, lite0, minilm
+from . import data, embed, episodes, export, heldout, lite0, minilm
 from .synth import ExportWrapper, Synthesizer
 
 log = logging.getLogger("sgps_train")
@@ -160,13 +160,24 @@ def run(args):
     maps_b2 = adapt.cache_trunk(backbone, args.data, split_b2, work, "b2")
     timings["trunk_cache_s"] = round(time.time() - t0, 1)
     adapt_report = None
+    maps_a = adapt.cache_trunk(backbone, args.data, split_a, work, "a")
+    timings["trunk_cache_s"] = round(time.time() - t0, 1)
+    checks = {}
+    fold_models = [backbone] * len(heldout.FOLDS)
     if not args.no_adapt:
-        maps_a = adapt.cache_trunk(backbone, args.data, split_a, work, "a")
-        timings["trunk_cache_s"] = round(time.time() - t0, 1)
+        # adapt only if it helps on ISIC base classes held out of the adaptation (user's situation)
         t1 = time.time()
-        backbone, adapt_report = adapt.adapt_encoder(backbone, maps_a, split_a, maps_b2, split_b2, quick=quick, seed=args.seed)
-        del maps_a
-        timings["adapt_s"] = round(time.time() - t1, 1)
+        chk, adapted_folds = adapt.heldout_class_check(backbone, maps_a, split_a, maps_b2, split_b2, maps_b1, split_b1,
+                                                       heldout.FOLDS, quick=quick, seed=args.seed, keep_models=True)
+        chk["decision"] = "adapt" if chk["mean_gain"] > 0 else "keep the ImageNet encoder"
+        checks["adaptation"] = chk
+        timings["adapt_check_s"] = round(time.time() - t1, 1)
+        log.info("held-out-class adaptation check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
+        if chk["mean_gain"] > 0:
+            fold_models = adapted_folds
+            t1 = time.time()
+            backbone, adapt_report = adapt.adapt_encoder(backbone, maps_a, split_a, maps_b2, split_b2, quick=quick, seed=args.seed)
+            timings["adapt_s"] = round(time.time() - t1, 1)
     backbone.eval()
     feats_b1 = adapt.top_features(backbone, maps_b1)
     feats_b2 = adapt.top_features(backbone, maps_b2)
@@ -195,15 +206,24 @@ def run(args):
         emb_b1 = group(enc.post(torch.from_numpy(feats_b1)).numpy(), split_b1)
         emb_b2 = group(enc.post(torch.from_numpy(feats_b2)).numpy(), split_b2)
 
-    # 4. synthesizer
+    # 4. synthesizer: which parts of G are switched on is decided on held-out base classes
     t0 = time.time()
-    g = Synthesizer(dim=lite0.FEATURE_DIM, text_dim=384, init_scale=SCALE_INIT)
-    ridge_text_proj(g, emb_b1, text_emb)
     from . import meta
+
+    cfg = heldout.CONFIGS["text_and_image_delta"]
+    if not args.no_meta:
+        sc = heldout.synth_check(fold_models, ((maps_a, split_a), (maps_b1, split_b1), (maps_b2, split_b2)), text_emb,
+                                 ridge_text_proj, lite0.FEATURE_DIM, SCALE_INIT, quick=quick, seed=args.seed)
+        checks["synthesizer"] = sc
+        cfg = heldout.CONFIGS[sc["chosen"]]
+        timings["synth_check_s"] = round(time.time() - t0, 1)
+    del maps_a, fold_models
+    g = heldout.make_g(cfg, lite0.FEATURE_DIM, SCALE_INIT)
+    ridge_text_proj(g, emb_b1, text_emb)
 
     meta_report = None
     tw_loo = meta.loo_text_weights(emb_b1, text_emb, 0.1)
-    if not args.no_meta:
+    if not args.no_meta and cfg["train"]:
         g, meta_report, tw_loo = meta.meta_train(g, emb_b1, emb_b2, text_emb, quick=quick, seed=args.seed)
     g.eval()
     timings["meta_s"] = round(time.time() - t0, 1)
@@ -220,7 +240,7 @@ def run(args):
     timings["export_s"] = round(time.time() - t0, 1)
     timings["total_s"] = round(time.time() - t_start, 1)
 
-    manifest = build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, args, here)
+    manifest = build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, args, here, checks)
     export.write_json(out / "manifest.json", manifest)
     log.info("wrote %s (total %.1f min)", out / "manifest.json", timings["total_s"] / 60)
 
@@ -446,7 +466,7 @@ def export_all(out, work, enc, text_model, tok, g, data_dir, split_b1, split_b2,
     return files
 
 
-def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, args, here):
+def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, args, here, checks):
     def fe(p):
         return export.file_entry(p, out)
 
@@ -493,6 +513,8 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
             "max_classes": 16,
             "max_shots": 20,
             "parameterisation": "weight = normalize(masked mean of support) (or normalize(P text) when K = 0) + delta(Transformer over class tokens)",
+            "enabled": {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
+                        "chosen_by": "held-out-class check (provenance.heldout_class_checks.synthesizer)"},
         },
         "head": {
             "kind": "cosine",
@@ -533,6 +555,7 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
             "machine": f"{platform.machine()}, {args.threads} threads",
             "timings_s": timings,
             "encoder_adaptation": adapt_report,
+            "heldout_class_checks": checks,
             "meta_training": meta_report,
             "embedding_postprocess_selection": getattr(enc, "post_scores", None),
         },

@@ -104,6 +104,10 @@ class Synthesizer(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        # gates chosen by the held-out-class check (recipe): mix the text into classes that have
+        # shots, and apply the learned image-side corrections (task-centre mix, bias, scale offset)
+        self.text_with_images = True
+        self.image_delta = True
 
     def base_weights(self, support, support_mask, text, text_mask, text_weight=None):
         """support [...,N,K,D], masks [...,N,K]/[...,N], text [...,N,T] -> prototype, text weight.
@@ -152,12 +156,12 @@ class Synthesizer(nn.Module):
             h = b(h)
         h = self.ln(h)
         ab = self.coef(h)
-        alpha = ab[..., 0:1] * tmask * has_img
-        beta = ab[..., 1:2]
+        alpha = ab[..., 0:1] * tmask * has_img * float(self.text_with_images)
+        beta = ab[..., 1:2] * float(self.image_delta)
         centre = base.mean(-2, keepdim=True)
         weight = base + alpha * tw + beta * centre
-        bias = self.bias_head(h).squeeze(-1)
-        scale = torch.exp(self.log_scale + self.scale_head(h.mean(-2)))  # [..., 1]
+        bias = self.bias_head(h).squeeze(-1) * float(self.image_delta)
+        scale = torch.exp(self.log_scale + self.scale_head(h.mean(-2)) * float(self.image_delta))  # [..., 1]
         return weight, bias, scale
 
 

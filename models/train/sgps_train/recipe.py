@@ -532,7 +532,7 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
             "recipe": "python models/train/run.py --data <data> --out models/ (cargo xtask train)",
             "quick": bool(args.quick),
             "adapted_encoder": not args.no_adapt,
-            "meta_trained_synthesizer": not args.no_meta,
+            "meta_trained_synthesizer": meta_report is not None,
             "git_commit": git_commit(repo_root),
             "upstream": {
                 "image_encoder": {

@@ -8,6 +8,8 @@
 //! Note: SIGKILL stops the process between or inside system calls; it does not model power loss
 //! (page cache lost). Torn writes are covered by the truncation tests in `src/store`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -215,7 +217,7 @@ fn sigkill_during_writes_loses_no_acknowledged_record() {
     let mut class_acks = 0usize;
     let mut kills_mid_write = 0usize;
     for k in 0..KILL_POINTS {
-        let mut child = Command::new(&exe)
+        let mut child = common::command(&exe)
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env("SGPS_CRASH_CHILD", dir.path())
             .stdout(Stdio::piped())
@@ -229,8 +231,10 @@ fn sigkill_during_writes_loses_no_acknowledged_record() {
                 .map_while(Result::ok)
                 .collect::<Vec<String>>()
         });
-        // delays from 0 to ~150 ms (start-up included), in a scrambled order, plus sub-millisecond offsets
-        let delay_us = ((k * 37) % 151) as u64 * 1000 + ((k * 173) % 1000) as u64;
+        // delays from 0 to ~150 ms (start-up included), in a scrambled order, plus sub-millisecond
+        // offsets; stretched by the slowdown under emulation, where start-up alone takes longer
+        let delay_us = (((k * 37) % 151) as u64 * 1000 + ((k * 173) % 1000) as u64)
+            * u64::from(common::slowdown());
         std::thread::sleep(Duration::from_micros(delay_us));
         child.kill().expect("SIGKILL child"); // std sends SIGKILL on Unix
         let status = child.wait().unwrap();

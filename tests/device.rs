@@ -9,6 +9,8 @@
 //! Needs the shipped models (`models/manifest.json`) and the data (`../shared/data`, or
 //! `$SGPS_DATA`); prints a skip message and returns when either is absent.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use sgps::app::{self, RunArgs};
@@ -149,7 +151,7 @@ fn sim_session_matches_plain_pipeline() {
         ..Default::default()
     };
     // the first session through the real command line: `sgps run --board .. --script ..`
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sgps"))
+    let out = common::command(env!("CARGO_BIN_EXE_sgps"))
         .arg("run")
         .arg("--board")
         .arg(&board)

@@ -6,7 +6,6 @@ mod common;
 use common::{data_dir, models_dir};
 
 use std::path::Path;
-use std::process::Command;
 
 use sgps::eval::episodes::{EpisodeSpec, ImagePool, episodes_hash, sample_episodes};
 use sgps::eval::{EvalConfig, ISIC_NOVEL, evaluate};
@@ -141,7 +140,7 @@ fn isic_fs_novel_episodes_are_stable() {
 
 #[test]
 fn demo_without_data_says_what_it_needs() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sgps"))
+    let out = common::command(env!("CARGO_BIN_EXE_sgps"))
         .args(["demo", "--data", "/nonexistent/sgps-data"])
         .env_remove("SGPS_DATA")
         .output()
@@ -181,7 +180,7 @@ fn eval_rejects_impossible_arguments_before_embedding() {
 #[test]
 fn bench_smoke_without_onnxruntime() {
     let Some(data) = data_dir() else { return };
-    let out = Command::new(env!("CARGO_BIN_EXE_sgps"))
+    let out = common::command(env!("CARGO_BIN_EXE_sgps"))
         .args([
             "bench",
             "--reps",

@@ -6,7 +6,6 @@ mod common;
 use common::{data_dir, models_dir, pipeline};
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use image::{Rgb, RgbImage};
 use sgps::classifier::Classifier;
@@ -172,7 +171,7 @@ fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
     let bin = env!("CARGO_BIN_EXE_sgps");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("c.sgps");
-    let mut cmd = Command::new(bin);
+    let mut cmd = common::command(bin);
     cmd.arg("--models").arg(models_dir()).arg("synth");
     let mut queries = Vec::new();
     for c in &BASE[..3] {
@@ -194,7 +193,7 @@ fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
 
     let bad = dir.path().join("broken.jpg");
     std::fs::write(&bad, b"definitely not a jpeg").unwrap();
-    let o = Command::new(bin)
+    let o = common::command(bin)
         .arg("--models")
         .arg(models_dir())
         .arg("classify")
@@ -219,7 +218,7 @@ fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
     assert!(rows[2]["probabilities"].as_object().unwrap().len() == 3);
 
     // the human-readable table
-    let o = Command::new(bin)
+    let o = common::command(bin)
         .arg("--models")
         .arg(models_dir())
         .arg("classify")
@@ -246,10 +245,10 @@ fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
 #[test]
 fn cli_version_and_missing_models_dir() {
     let bin = env!("CARGO_BIN_EXE_sgps");
-    let o = Command::new(bin).arg("--version").output().unwrap();
+    let o = common::command(bin).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")));
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new(bin)
+    let o = common::command(bin)
         .arg("--models")
         .arg(dir.path())
         .arg("classify")

@@ -38,3 +38,34 @@ pub fn pipeline() -> &'static Pipeline {
     static P: OnceLock<Pipeline> = OnceLock::new();
     P.get_or_init(|| Pipeline::load(&models_dir(), &LoadOptions::default()).expect("load models"))
 }
+
+/// A command that runs the executable `exe` (a test binary or `sgps`), through
+/// `$SGPS_TEST_RUNNER` when set: whitespace-separated program and arguments, e.g.
+/// `qemu-aarch64-static -cpu cortex-a76 -L /usr/aarch64-linux-gnu` when the tests are cross-built
+/// and run under emulation (`cargo xtask test-arm` sets it). Without it, `exe` runs directly.
+pub fn command(exe: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let runner = std::env::var("SGPS_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(prog) => {
+            let mut c = std::process::Command::new(prog);
+            c.args(words).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    }
+}
+
+/// How much slower than native the tests run (`$SGPS_TEST_SLOWDOWN`, default 1; e.g. 10 under
+/// qemu): timing windows of tests that spawn and kill processes stretch by this factor.
+pub fn slowdown() -> u32 {
+    match std::env::var("SGPS_TEST_SLOWDOWN") {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n >= 1)
+            .unwrap_or_else(|| panic!("SGPS_TEST_SLOWDOWN={v:?}: expected a whole number >= 1")),
+        _ => 1,
+    }
+}

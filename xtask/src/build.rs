@@ -366,13 +366,7 @@ pub fn test_arm(
     c.current_dir(root)
         .args(["test", "--release", "--package", "sgps", "--target", target])
         .envs(cross_env())
-        .env(
-            format!(
-                "CARGO_TARGET_{}_RUNNER",
-                target.replace('-', "_").to_uppercase()
-            ),
-            runner,
-        );
+        .envs(emulated_test_env(target, &runner));
     if opts.no_camera {
         c.arg("--no-default-features");
     }
@@ -383,6 +377,28 @@ pub fn test_arm(
         c.arg("--").args(args);
     }
     tools::run(&mut c).with_context(|| format!("tests under qemu ({}) failed", board.qemu_cpu))
+}
+
+/// How much slower than native the tests run under qemu user-mode emulation: the integration
+/// tests that spawn and kill processes stretch their timing windows by this factor.
+const EMULATION_SLOWDOWN: u32 = 10;
+
+/// The environment of `cargo test` under emulation: cargo runs the test binaries through
+/// `runner`, and the tests run the executables they spawn themselves (`sgps`, or their own binary
+/// in child mode) through it too (`SGPS_TEST_RUNNER`, see `tests/common/mod.rs`); an aarch64
+/// executable cannot be exec'd directly on the host.
+fn emulated_test_env(target: &str, runner: &str) -> Vec<(String, String)> {
+    vec![
+        (
+            format!(
+                "CARGO_TARGET_{}_RUNNER",
+                target.replace('-', "_").to_uppercase()
+            ),
+            runner.to_string(),
+        ),
+        ("SGPS_TEST_RUNNER".into(), runner.to_string()),
+        ("SGPS_TEST_SLOWDOWN".into(), EMULATION_SLOWDOWN.to_string()),
+    ]
 }
 
 /// qemu user-mode emulation for aarch64, if missing.
@@ -427,6 +443,16 @@ mod tests {
 
         let rpi4 = Board::from_toml("rpi4", Path::new("x"), "").unwrap();
         assert_eq!(rpi4.qemu_cpu, "cortex-a72");
+    }
+
+    #[test]
+    fn emulated_tests_spawn_children_through_the_runner() {
+        let runner = "/usr/bin/qemu-aarch64-static -cpu cortex-a76 -L /usr/aarch64-linux-gnu";
+        let env: std::collections::HashMap<_, _> =
+            emulated_test_env(AARCH64, runner).into_iter().collect();
+        assert_eq!(env["CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"], runner);
+        assert_eq!(env["SGPS_TEST_RUNNER"], runner);
+        assert!(env["SGPS_TEST_SLOWDOWN"].parse::<u32>().unwrap() > 1);
     }
 
     #[test]

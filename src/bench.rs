@@ -171,7 +171,7 @@ fn run_ort(python: &Path, spec: &Value) -> anyhow::Result<Value> {
         .find_map(|l| serde_json::from_str(l).ok())
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "onnxruntime benchmark with {} failed ({}): {}",
+                "onnxruntime benchmark with {} failed ({}): {} ({hint})",
                 python.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()

@@ -205,16 +205,14 @@ impl Pipeline {
 
     /// Fill `text_embedding` of every class that has a description (text encoder, class order).
     pub fn embed_descriptions(&self, classes: &mut [ClassSupport]) -> Result<()> {
-        let described: Vec<usize> = (0..classes.len())
-            .filter(|&i| classes[i].description.is_some())
-            .collect();
+        let (described, texts): (Vec<usize>, Vec<&str>) = classes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.description.as_deref().map(|d| (i, d)))
+            .unzip();
         if described.is_empty() {
             return Ok(());
         }
-        let texts: Vec<&str> = described
-            .iter()
-            .filter_map(|&i| classes[i].description.as_deref())
-            .collect();
         let embeddings = self.embed_texts(&texts)?;
         for (i, e) in described.into_iter().zip(embeddings) {
             classes[i].text_embedding = Some(e);

@@ -206,7 +206,7 @@ impl AuditLog {
             );
         }
         if !existed && let Some(dir) = path.parent() {
-            record::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+            crate::atomic_file::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
         }
         let next_seq = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
         Ok((

@@ -139,7 +139,7 @@ impl Store {
             root.join("classes"),
             root.join("classifiers"),
         ] {
-            for p in record::remove_stale_temps(&d) {
+            for p in crate::atomic_file::remove_stale_temps(&d) {
                 log::info!(
                     "store: removed temporary of an interrupted write {}",
                     p.display()
@@ -231,7 +231,7 @@ impl Store {
             Err(e) => return Err(StoreError::io(&p, e)),
         }
         let d = self.root.join("classes");
-        record::sync_dir(&d).map_err(|e| StoreError::io(&d, e))
+        crate::atomic_file::sync_dir(&d).map_err(|e| StoreError::io(&d, e))
     }
 
     /// Where a classifier with this id is stored.

@@ -8,8 +8,7 @@
 //! detected as well as a damaged payload.
 
 use crate::atomic_file;
-use std::fs::{self, File};
-use std::io;
+use std::fs;
 use std::path::Path;
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -173,29 +172,13 @@ pub fn write_record<T: Serialize>(
     value: &T,
 ) -> Result<(), StoreError> {
     let bytes = encode(kind, version, value)?;
-    write_atomic(path, &bytes)
+    atomic_file::write(path, &bytes).map_err(|e| StoreError::io(path, e))
 }
-
-/// Atomically replace `path` with `bytes` (see [`crate::atomic_file`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    atomic_file::write(path, bytes).map_err(|e| StoreError::io(path, e))
-}
-
-/// [`write_atomic`] with the write step supplied by the caller (fault injection in tests).
-pub fn write_atomic_with(
-    path: &Path,
-    bytes: &[u8],
-    write: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
-) -> Result<(), StoreError> {
-    atomic_file::write_with(path, bytes, write).map_err(|e| StoreError::io(path, e))
-}
-
-pub use crate::atomic_file::{remove_stale_temps, sync_dir};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{self, Write};
 
     #[test]
     fn roundtrip_and_every_single_byte_flip_is_detected() {
@@ -240,10 +223,11 @@ mod tests {
         let p = dir.path().join("x.rec");
         write_record(&p, RecordKind::Test, 1, &"old".to_string()).unwrap();
         let new = encode(RecordKind::Test, 1, &"new content".to_string()).unwrap();
-        let err = write_atomic_with(&p, &new, |f, b| {
+        let err = atomic_file::write_with(&p, &new, |f, b| {
             f.write_all(&b[..b.len() / 2])?;
             Err(io::Error::from_raw_os_error(28)) // ENOSPC
         })
+        .map_err(|e| StoreError::io(&p, e))
         .unwrap_err();
         assert!(err.is_no_space(), "{err}");
         assert!(err.to_string().contains("full"), "{err}");

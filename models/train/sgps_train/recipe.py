@@ -167,8 +167,8 @@ def run(args):
     if not args.no_adapt:
         # adapt only if it helps on ISIC base classes held out of the adaptation (user's situation)
         t1 = time.time()
-        chk, adapted_folds = adapt.heldout_class_check(backbone, maps_a, split_a, maps_b2, split_b2, maps_b1, split_b1,
-                                                       heldout.FOLDS, quick=quick, seed=args.seed, keep_models=True)
+        chk, adapted_folds = heldout.adaptation_check(backbone, maps_a, split_a, maps_b2, split_b2, maps_b1, split_b1,
+                                                      quick=quick, seed=args.seed)
         chk["decision"] = "adapt" if chk["mean_gain"] > 0 else "keep the ImageNet encoder"
         checks["adaptation"] = chk
         timings["adapt_check_s"] = round(time.time() - t1, 1)

@@ -3,8 +3,10 @@
 The base-class validation split (B2) holds new *images* of classes the encoder and G were trained
 on, so it rewards memorising those classes. These checks instead hold out a pair of ISIC base
 classes at a time (the folds), train without them and score 2-way episodes on them. They use base
-classes only; the novel classes are never touched. They decide (i) whether the encoder is adapted
-(adaptation_check) and (ii) which parts of the synthesizer are switched on (synth_check).
+classes only; the novel classes are never touched. They decide (i) whether the self-supervised top
+is kept (ssl_check; it never reads a label, so every class is held out for it), (ii) whether the
+encoder is adapted (adaptation_check) and (iii) which parts of the synthesizer are switched on
+(synth_check).
 """
 
 from __future__ import annotations
@@ -29,6 +31,39 @@ CONFIGS = {
 }
 
 
+def _pair_accuracy(model, maps: np.ndarray, items, fold, n_ep: int) -> dict:
+    from .recipe import group, proto_acc
+
+    held = [i for i, it in enumerate(items) if it.key in fold]
+    f = adapt.top_features(model, maps[held])
+    emb = group(f / np.linalg.norm(f, axis=1, keepdims=True), [items[i] for i in held])
+    return {k: proto_acc(emb, list(fold), 2, k, 15, n_ep, 11 + k) for k in (1, 5)}
+
+
+def ssl_check(before: lite0.Lite0, after: lite0.Lite0, maps: np.ndarray, items, quick: bool = False,
+              episodes_n: int = 600) -> dict:
+    """Does the self-supervised top help on the fold pairs? 2-way prototype accuracy (1- and
+    5-shot) of each fold's classes with the top before and after self-supervision (which used no
+    labels). Returns the per-fold figures and the mean gain (after - before)."""
+    t0 = time.time()
+    n_ep = 20 if quick else episodes_n
+    out = {"folds": [], "episodes": n_ep}
+    gains = []
+    for fold in FOLDS:
+        row = {"held_out": list(fold)}
+        for tag, m in (("before", before), ("after", after)):
+            for k, acc in _pair_accuracy(m, maps, items, fold, n_ep).items():
+                row[f"{tag}_{k}shot"] = round(acc, 4)
+        g = float(np.mean([row[f"after_{k}shot"] - row[f"before_{k}shot"] for k in (1, 5)]))
+        row["gain"] = round(g, 4)
+        gains.append(g)
+        log.info("held-out ssl check %s: %s", fold, row)
+        out["folds"].append(row)
+    out["mean_gain"] = round(float(np.mean(gains)), 4)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
 def adaptation_check(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.ndarray, items_val,
                      maps_extra: np.ndarray, items_extra, quick: bool = False, seed: int = 0,
                      episodes_n: int = 600):
@@ -36,11 +71,10 @@ def adaptation_check(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: 
 
     For each fold (a pair of ISIC base classes), adapt with that fold's classes removed from the
     training and selection data, then compare 2-way prototype accuracy (1- and 5-shot) on the
-    held-out classes against the unadapted ImageNet top. Base classes only; the novel classes
-    are never touched. Returns the per-fold figures with the mean gain (adapted - ImageNet), and
-    the fold encoders (for the synthesizer check)."""
-    from .recipe import group, proto_acc
-
+    held-out classes against the unadapted top (ImageNet's, or the self-supervised one when
+    ssl_check kept it). Base classes only; the novel classes are never touched. Returns the
+    per-fold figures with the mean gain (adapted - unadapted), and the fold encoders (for the
+    synthesizer check)."""
     t0 = time.time()
     n_ep = 20 if quick else episodes_n
     maps_all = np.concatenate([maps_a, maps_val, maps_extra])
@@ -51,18 +85,14 @@ def adaptation_check(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: 
     for fold in FOLDS:
         keep_a = [i for i, it in enumerate(items_a) if it.key not in fold]
         keep_v = [i for i, it in enumerate(items_val) if it.key not in fold]
-        held = [i for i, it in enumerate(items_all) if it.key in fold]
-        held_items = [items_all[i] for i in held]
         adapted, _ = adapt.adapt_encoder(model, maps_a[keep_a], [items_a[i] for i in keep_a], maps_val[keep_v],
                                    [items_val[i] for i in keep_v], quick=quick, seed=seed)
         models.append(adapted)
         row = {"held_out": list(fold)}
-        for tag, m in (("imagenet", model), ("adapted", adapted)):
-            f = adapt.top_features(m, maps_all[held])
-            emb = group(f / np.linalg.norm(f, axis=1, keepdims=True), held_items)
-            for k in (1, 5):
-                row[f"{tag}_{k}shot"] = round(proto_acc(emb, list(fold), 2, k, 15, n_ep, 11 + k), 4)
-        g = np.mean([row[f"adapted_{k}shot"] - row[f"imagenet_{k}shot"] for k in (1, 5)])
+        for tag, m in (("unadapted", model), ("adapted", adapted)):
+            for k, acc in _pair_accuracy(m, maps_all, items_all, fold, n_ep).items():
+                row[f"{tag}_{k}shot"] = round(acc, 4)
+        g = np.mean([row[f"adapted_{k}shot"] - row[f"unadapted_{k}shot"] for k in (1, 5)])
         row["gain"] = round(float(g), 4)
         gains.append(g)
         log.info("held-out adaptation check %s: %s", fold, row)

@@ -163,6 +163,29 @@ def run(args):
     maps_a = adapt.cache_trunk(backbone, args.data, split_a, work, "a")
     timings["trunk_cache_s"] = round(time.time() - t0, 1)
     checks = {}
+    if not args.no_ssl:
+        # self-supervised top on isic_unlabelled; kept only if it helps on the held-out pairs
+        from . import ssl
+
+        t1 = time.time()
+        unlabelled = [it for it in items if it.dataset == "isic_unlabelled"]
+        if quick:
+            unlabelled = unlabelled[:8]
+        if len(unlabelled) >= 2:
+            views = ssl.cache_views(backbone, args.data, unlabelled, work, seed=args.seed)
+            timings["ssl_views_s"] = round(time.time() - t1, 1)
+            ssl_model = ssl.train_top(backbone, views, epochs=1 if quick else ssl.EPOCHS, seed=args.seed)
+            chk = heldout.ssl_check(backbone, ssl_model, np.concatenate([maps_a, maps_b2, maps_b1]),
+                                    list(split_a) + list(split_b2) + list(split_b1), quick=quick)
+            chk.update(images=len(unlabelled), views=ssl.VIEWS, epochs=1 if quick else ssl.EPOCHS, lr=ssl.LR)
+            chk["decision"] = "keep the self-supervised top" if chk["mean_gain"] > 0 else "keep the ImageNet top"
+            checks["ssl"] = chk
+            log.info("held-out-class ssl check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
+            if chk["mean_gain"] > 0:
+                backbone = ssl_model
+        else:
+            log.warning("no isic_unlabelled images in %s: self-supervised step skipped", args.data)
+        timings["ssl_s"] = round(time.time() - t1, 1)
     fold_models = [backbone] * len(heldout.FOLDS)
     if not args.no_adapt:
         # adapt only if it helps on ISIC base classes held out of the adaptation (user's situation)
@@ -549,7 +572,7 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
                     "licence": "Apache-2.0 (model); MIT (PyPI packaging)",
                 },
             },
-            "training_data": "../shared/data base classes only (isic basal_cell_carcinoma, melanoma, nevus, pigmented_benign_keratosis; brain_mri, blood_cells, breast_us, chest_xray); novel isic classes never used",
+            "training_data": "../shared/data base classes only (isic basal_cell_carcinoma, melanoma, nevus, pigmented_benign_keratosis; brain_mri, blood_cells, breast_us, chest_xray) and, without labels, isic_unlabelled (self-supervised top); novel isic classes never used",
             "versions": {p: pkg_version(p) for p in ("torch", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors", "pillow")},
             "python": platform.python_version(),
             "machine": f"{platform.machine()}, {args.threads} threads",

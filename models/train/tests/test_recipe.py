@@ -100,3 +100,23 @@ def test_quick_recipe_end_to_end(tmp_path):
     refs = json.loads((out / "reference" / "images.json").read_text())
     assert refs and all((out / "reference" / r["input"]).exists() for r in refs)
     assert 0.0 < m["head"]["refer_threshold"] < 1.0
+
+
+def test_ssl_top_trains_only_the_top_and_needs_two_views():
+    from PIL import Image
+
+    from sgps_train import adapt, ssl
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray((rng.random((180, 200, 3)) * 255).astype(np.uint8))
+    assert ssl.augment_image(im, rng).size == (data.INPUT_SIZE, data.INPUT_SIZE)
+    m = lite0.Lite0().eval()
+    views = rng.standard_normal((4, 2, 192, 7, 7)).astype(np.float16)
+    with pytest.raises(ValueError):
+        ssl.train_top(m, views[:, :1], epochs=1)
+    t = ssl.train_top(m, views, epochs=1)
+    before, after = dict(m.named_parameters()), dict(t.named_parameters())
+    top = (f"_blocks.{adapt.SPLIT_BLOCK}.", "_conv_head.", "_bn1.")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "one SimCLR step changed nothing"
+    assert all(n.startswith(top) for n in changed), sorted(changed)[:5]

@@ -36,17 +36,23 @@ def top(model: lite0.Lite0, maps):
     return model.head(model.run_blocks(maps, SPLIT_BLOCK, None))
 
 
+def npy_cache(work: Path, prefix: str, items, salt: str, make) -> np.ndarray:
+    """`make()` cached as work/<prefix>_<key>.npy, key = SHA-256 of the file list and `salt`."""
+    key = hashlib.sha256(("\n".join(i.path for i in items) + salt).encode()).hexdigest()[:16]
+    path = work / f"{prefix}_{key}.npy"
+    if path.exists():
+        log.info("cache hit %s", path.name)
+        return np.load(path)
+    arr = make()
+    np.save(path, arr)
+    return arr
+
+
 def cache_trunk(model, data_dir: Path, items, work: Path, tag: str) -> np.ndarray:
     """Frozen-trunk maps [n, 192, 7, 7] float16, cached on disk under work/ keyed by the file list."""
-    key = hashlib.sha256(("\n".join(i.path for i in items) + f"|{SPLIT_BLOCK}").encode()).hexdigest()[:16]
-    path = work / f"trunk_{tag}_{key}.npy"
-    if path.exists():
-        log.info("trunk cache hit %s", path.name)
-        return np.load(path)
     model.eval()
-    maps = embed.embed_items(lambda x: trunk(model, x).half(), data_dir, items, batch=32, desc=f"trunk {tag}")
-    np.save(path, maps)
-    return maps
+    return npy_cache(work, f"trunk_{tag}", items, f"|{SPLIT_BLOCK}", lambda: embed.embed_items(
+        lambda x: trunk(model, x).half(), data_dir, items, batch=32, desc=f"trunk {tag}"))
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ read. Whether the result is used is decided by heldout.ssl_check (base classes o
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -45,15 +44,15 @@ def augment_image(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-@torch.no_grad()
 def cache_views(model: lite0.Lite0, data_dir: Path, items, work: Path, views: int = VIEWS, seed: int = 0) -> np.ndarray:
     """Frozen-trunk maps of `views` augmented versions per image: [n, views, C, 7, 7] float16,
     cached on disk under work/ keyed by the file list, the number of views and the seed."""
-    key = hashlib.sha256(("\n".join(i.path for i in items) + f"|{adapt.SPLIT_BLOCK}|{views}|{seed}").encode()).hexdigest()[:16]
-    path = work / f"ssl_views_{key}.npy"
-    if path.exists():
-        log.info("ssl view cache hit %s", path.name)
-        return np.load(path)
+    return adapt.npy_cache(work, "ssl_views", items, f"|{adapt.SPLIT_BLOCK}|{views}|{seed}",
+                           lambda: _views(model, data_dir, items, views, seed))
+
+
+@torch.no_grad()
+def _views(model: lite0.Lite0, data_dir: Path, items, views: int, seed: int) -> np.ndarray:
     model.eval()
     rng = np.random.default_rng(seed)
     out = None
@@ -68,7 +67,6 @@ def cache_views(model: lite0.Lite0, data_dir: Path, items, work: Path, views: in
             out[i : i + len(ims), v] = maps
         if (i // 32) % 20 == 0:
             log.info("ssl views: %d/%d images (%.0f s)", i + len(ims), len(items), time.time() - t0)
-    np.save(path, out)
     return out
 
 

@@ -40,6 +40,23 @@ def _pair_accuracy(model, maps: np.ndarray, items, fold, n_ep: int) -> dict:
     return {k: proto_acc(emb, list(fold), 2, k, 15, n_ep, 11 + k) for k in (1, 5)}
 
 
+def _compare(fold, maps: np.ndarray, items, n_ep: int, old, new) -> tuple[dict, float]:
+    """One fold's row: 2-way prototype accuracy (1/5-shot) of `old` and `new` ((tag, model) pairs)
+    on the fold's classes, and the gain new - old (mean over shots)."""
+    row = {"held_out": list(fold)}
+    for tag, m in (old, new):
+        for k, acc in _pair_accuracy(m, maps, items, fold, n_ep).items():
+            row[f"{tag}_{k}shot"] = round(acc, 4)
+    g = float(np.mean([row[f"{new[0]}_{k}shot"] - row[f"{old[0]}_{k}shot"] for k in (1, 5)]))
+    row["gain"] = round(g, 4)
+    return row, g
+
+
+def _summary(rows_gains, n_ep: int, t0: float) -> dict:
+    return {"folds": [r for r, _ in rows_gains], "episodes": n_ep,
+            "mean_gain": round(float(np.mean([g for _, g in rows_gains])), 4), "seconds": round(time.time() - t0, 1)}
+
+
 def ssl_check(before: lite0.Lite0, after: lite0.Lite0, maps: np.ndarray, items, quick: bool = False,
               episodes_n: int = 600) -> dict:
     """Does the self-supervised top help on the fold pairs? 2-way prototype accuracy (1- and
@@ -47,21 +64,11 @@ def ssl_check(before: lite0.Lite0, after: lite0.Lite0, maps: np.ndarray, items, 
     labels). Returns the per-fold figures and the mean gain (after - before)."""
     t0 = time.time()
     n_ep = 20 if quick else episodes_n
-    out = {"folds": [], "episodes": n_ep}
-    gains = []
+    rows = []
     for fold in FOLDS:
-        row = {"held_out": list(fold)}
-        for tag, m in (("before", before), ("after", after)):
-            for k, acc in _pair_accuracy(m, maps, items, fold, n_ep).items():
-                row[f"{tag}_{k}shot"] = round(acc, 4)
-        g = float(np.mean([row[f"after_{k}shot"] - row[f"before_{k}shot"] for k in (1, 5)]))
-        row["gain"] = round(g, 4)
-        gains.append(g)
-        log.info("held-out ssl check %s: %s", fold, row)
-        out["folds"].append(row)
-    out["mean_gain"] = round(float(np.mean(gains)), 4)
-    out["seconds"] = round(time.time() - t0, 1)
-    return out
+        rows.append(_compare(fold, maps, items, n_ep, ("before", before), ("after", after)))
+        log.info("held-out ssl check %s: %s", fold, rows[-1][0])
+    return _summary(rows, n_ep, t0)
 
 
 def adaptation_check(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.ndarray, items_val,
@@ -79,27 +86,16 @@ def adaptation_check(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: 
     n_ep = 20 if quick else episodes_n
     maps_all = np.concatenate([maps_a, maps_val, maps_extra])
     items_all = list(items_a) + list(items_val) + list(items_extra)
-    out = {"folds": [], "episodes": 20 if quick else episodes_n}
-    gains = []
-    models = []
+    rows, models = [], []
     for fold in FOLDS:
         keep_a = [i for i, it in enumerate(items_a) if it.key not in fold]
         keep_v = [i for i, it in enumerate(items_val) if it.key not in fold]
         adapted, _ = adapt.adapt_encoder(model, maps_a[keep_a], [items_a[i] for i in keep_a], maps_val[keep_v],
-                                   [items_val[i] for i in keep_v], quick=quick, seed=seed)
+                                         [items_val[i] for i in keep_v], quick=quick, seed=seed)
         models.append(adapted)
-        row = {"held_out": list(fold)}
-        for tag, m in (("unadapted", model), ("adapted", adapted)):
-            for k, acc in _pair_accuracy(m, maps_all, items_all, fold, n_ep).items():
-                row[f"{tag}_{k}shot"] = round(acc, 4)
-        g = np.mean([row[f"adapted_{k}shot"] - row[f"unadapted_{k}shot"] for k in (1, 5)])
-        row["gain"] = round(float(g), 4)
-        gains.append(g)
-        log.info("held-out adaptation check %s: %s", fold, row)
-        out["folds"].append(row)
-    out["mean_gain"] = round(float(np.mean(gains)), 4)
-    out["seconds"] = round(time.time() - t0, 1)
-    return out, models
+        rows.append(_compare(fold, maps_all, items_all, n_ep, ("unadapted", model), ("adapted", adapted)))
+        log.info("held-out adaptation check %s: %s", fold, rows[-1][0])
+    return _summary(rows, n_ep, t0), models
 
 
 def _l2(x):

@@ -174,10 +174,11 @@ def run(args):
         if len(unlabelled) >= 2:
             views = ssl.cache_views(backbone, args.data, unlabelled, work, seed=args.seed)
             timings["ssl_views_s"] = round(time.time() - t1, 1)
-            ssl_model = ssl.train_top(backbone, views, epochs=1 if quick else ssl.EPOCHS, seed=args.seed)
+            epochs = 1 if quick else ssl.EPOCHS
+            ssl_model = ssl.train_top(backbone, views, epochs=epochs, seed=args.seed)
             chk = heldout.ssl_check(backbone, ssl_model, np.concatenate([maps_a, maps_b2, maps_b1]),
                                     list(split_a) + list(split_b2) + list(split_b1), quick=quick)
-            chk.update(images=len(unlabelled), views=ssl.VIEWS, epochs=1 if quick else ssl.EPOCHS, lr=ssl.LR)
+            chk.update(images=len(unlabelled), views=ssl.VIEWS, epochs=epochs, lr=ssl.LR)
             chk["decision"] = "keep the self-supervised top" if chk["mean_gain"] > 0 else "keep the ImageNet top"
             checks["ssl"] = chk
             log.info("held-out-class ssl check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=here.parent, help="where to write the models (default models/)")
     ap.add_argument("--work", type=Path, default=here / "out", help="scratch dir for caches/intermediates")
     ap.add_argument("--quick", action="store_true", help="tiny run on a handful of images (CI code-path check)")
-    ap.add_argument("--no-ssl", action="store_true", help="skip the self-supervised top on isic_unlabelled")
+    ap.add_argument("--no-ssl", action="store_true", help="skip the self-supervised (SimCLR) training of the encoder on isic_unlabelled")
     ap.add_argument("--no-adapt", action="store_true", help="keep the unadapted encoder (no supervised adaptation)")
     ap.add_argument("--no-meta", action="store_true", help="untrained G (= prototype imprinting)")
     ap.add_argument("--threads", type=int, default=2)

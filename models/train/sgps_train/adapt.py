@@ -1,7 +1,7 @@
 """Encoder adaptation on base classes, CPU-budgeted.
 
-The Lite0 trunk up to the end of stage 6 (block 15, 192x7x7) stays frozen at its ImageNet weights
-and is run once per training image (cached). The top - stage 7 (block 15), the 1x1 head conv and
+The Lite0 trunk up to the end of stage 6 (block 15, 192x7x7) stays frozen at its starting weights
+(ImageNet, or the self-supervised ones of ssl.py) and is run once per training image (cached). The top - stage 7 (block 15), the 1x1 head conv and
 its BN - is fine-tuned on the cached maps with a cosine classifier over the 16 base classes
 (ISIC base classes up-weighted: they are the in-domain dermoscopy data), with flip/rot90
 augmentation in feature-map space. The epoch with the best base-class validation (held-out base
@@ -48,10 +48,11 @@ def npy_cache(work: Path, prefix: str, items, salt: str, make) -> np.ndarray:
     return arr
 
 
-def cache_trunk(model, data_dir: Path, items, work: Path, tag: str) -> np.ndarray:
-    """Frozen-trunk maps [n, 192, 7, 7] float16, cached on disk under work/ keyed by the file list."""
+def cache_trunk(model, data_dir: Path, items, work: Path, tag: str, model_key: str = "") -> np.ndarray:
+    """Frozen-trunk maps [n, 192, 7, 7] float16, cached on disk under work/ keyed by the file list
+    and `model_key` (empty for the ImageNet weights, else a key naming the trunk's weights)."""
     model.eval()
-    return npy_cache(work, f"trunk_{tag}", items, f"|{SPLIT_BLOCK}", lambda: embed.embed_items(
+    return npy_cache(work, f"trunk_{tag}", items, f"|{SPLIT_BLOCK}{model_key}", lambda: embed.embed_items(
         lambda x: trunk(model, x).half(), data_dir, items, batch=32, desc=f"trunk {tag}"))
 
 
@@ -157,7 +158,7 @@ def adapt_encoder(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.
     model.load_state_dict(best[1])
     model.eval()
     report = {
-        "method": "frozen ImageNet trunk to block 15 (cached), fine-tune block 15 + head conv/BN with a cosine classifier over the 16 base classes; feature-map flip/rot90 augmentation; ISIC base classes get %.0f%% of the sampling mass" % (100 * isic_weight),
+        "method": "frozen trunk (ImageNet or self-supervised weights) to block 15 (cached), fine-tune block 15 + head conv/BN with a cosine classifier over the 16 base classes; feature-map flip/rot90 augmentation; ISIC base classes get %.0f%% of the sampling mass" % (100 * isic_weight),
         "epochs": epochs,
         "lr": lr,
         "batch": batch,

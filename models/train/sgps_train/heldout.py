@@ -40,11 +40,12 @@ def _pair_accuracy(model, maps: np.ndarray, items, fold, n_ep: int) -> dict:
     return {k: proto_acc(emb, list(fold), 2, k, 15, n_ep, 11 + k) for k in (1, 5)}
 
 
-def _compare(fold, maps: np.ndarray, items, n_ep: int, old, new) -> tuple[dict, float]:
-    """One fold's row: 2-way prototype accuracy (1/5-shot) of `old` and `new` ((tag, model) pairs)
-    on the fold's classes, and the gain new - old (mean over shots)."""
+def _compare(fold, items, n_ep: int, old, new) -> tuple[dict, float]:
+    """One fold's row: 2-way prototype accuracy (1/5-shot) of `old` and `new` ((tag, model, maps)
+    triples; maps are each model's own trunk maps of `items`) on the fold's classes, and the gain
+    new - old (mean over shots)."""
     row = {"held_out": list(fold)}
-    for tag, m in (old, new):
+    for tag, m, maps in (old, new):
         for k, acc in _pair_accuracy(m, maps, items, fold, n_ep).items():
             row[f"{tag}_{k}shot"] = round(acc, 4)
     g = float(np.mean([row[f"{new[0]}_{k}shot"] - row[f"{old[0]}_{k}shot"] for k in (1, 5)]))
@@ -57,16 +58,17 @@ def _summary(rows_gains, n_ep: int, t0: float) -> dict:
             "mean_gain": round(float(np.mean([g for _, g in rows_gains])), 4), "seconds": round(time.time() - t0, 1)}
 
 
-def ssl_check(before: lite0.Lite0, after: lite0.Lite0, maps: np.ndarray, items, quick: bool = False,
-              episodes_n: int = 600) -> dict:
-    """Does the self-supervised top help on the fold pairs? 2-way prototype accuracy (1- and
-    5-shot) of each fold's classes with the top before and after self-supervision (which used no
-    labels). Returns the per-fold figures and the mean gain (after - before)."""
+def ssl_check(before: lite0.Lite0, maps_before: np.ndarray, after: lite0.Lite0, maps_after: np.ndarray, items,
+              quick: bool = False, episodes_n: int = 600) -> dict:
+    """Does the self-supervised encoder help on the fold pairs? 2-way prototype accuracy (1- and
+    5-shot) of each fold's classes with the encoder before and after self-supervision (which used
+    no labels), each on its own trunk maps of `items`. Returns the per-fold figures and the mean
+    gain (after - before)."""
     t0 = time.time()
     n_ep = 20 if quick else episodes_n
     rows = []
     for fold in FOLDS:
-        rows.append(_compare(fold, maps, items, n_ep, ("before", before), ("after", after)))
+        rows.append(_compare(fold, items, n_ep, ("before", before, maps_before), ("after", after, maps_after)))
         log.info("held-out ssl check %s: %s", fold, rows[-1][0])
     return _summary(rows, n_ep, t0)
 
@@ -93,7 +95,7 @@ def adaptation_check(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: 
         adapted, _ = adapt.adapt_encoder(model, maps_a[keep_a], [items_a[i] for i in keep_a], maps_val[keep_v],
                                          [items_val[i] for i in keep_v], quick=quick, seed=seed)
         models.append(adapted)
-        rows.append(_compare(fold, maps_all, items_all, n_ep, ("unadapted", model), ("adapted", adapted)))
+        rows.append(_compare(fold, items_all, n_ep, ("unadapted", model, maps_all), ("adapted", adapted, maps_all)))
         log.info("held-out adaptation check %s: %s", fold, rows[-1][0])
     return _summary(rows, n_ep, t0), models
 

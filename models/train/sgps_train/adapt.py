@@ -130,7 +130,7 @@ def adapt_encoder(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr * 10], total_steps=total, pct_start=0.15)
 
     base_score = proto_score(top_features(model, maps_val), items_val, 20 if quick else 200)
-    log.info("adapt: ImageNet top, base-val proto acc ISIC-base %.4f all-base %.4f", *base_score)
+    log.info("adapt: unadapted top, base-val proto acc ISIC-base %.4f all-base %.4f", *base_score)
     best = (sum(base_score), copy.deepcopy(model.state_dict()), 0)
     history = [{"epoch": 0, "isic_base": round(base_score[0], 4), "all_base": round(base_score[1], 4)}]
     tm = torch.from_numpy(maps_a)

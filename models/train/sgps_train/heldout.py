@@ -23,7 +23,13 @@ log = logging.getLogger("sgps_train.heldout")
 
 FOLDS = [("isic/basal_cell_carcinoma", "isic/melanoma"), ("isic/nevus", "isic/pigmented_benign_keratosis")]
 
-# synthesizer configurations, simplest first (ties go to the simpler one)
+# A step that adds something (self-supervision, adaptation, a part of G) is taken only when it beats
+# the simpler alternative by more than this on the held-out pairs (mean over folds and 1/5-shot,
+# accuracy as a fraction). The 95% CI of one fold's 600-episode 2-way figure is about +-1.2 points,
+# so about +-0.6 for the mean of four; half a point keeps noise from switching things on.
+MIN_GAIN = 0.005
+
+# synthesizer configurations, simplest first (ties within MIN_GAIN go to the simpler one)
 CONFIGS = {
     "imprinting": {"text_with_images": False, "image_delta": False, "train": False},
     "image_delta": {"text_with_images": False, "image_delta": True, "train": True},
@@ -55,7 +61,8 @@ def _compare(fold, items, n_ep: int, old, new) -> tuple[dict, float]:
 
 def _summary(rows_gains, n_ep: int, t0: float) -> dict:
     return {"folds": [r for r, _ in rows_gains], "episodes": n_ep,
-            "mean_gain": round(float(np.mean([g for _, g in rows_gains])), 4), "seconds": round(time.time() - t0, 1)}
+            "mean_gain": round(float(np.mean([g for _, g in rows_gains])), 4), "min_gain": MIN_GAIN,
+            "seconds": round(time.time() - t0, 1)}
 
 
 def ssl_check(before: lite0.Lite0, maps_before: np.ndarray, after: lite0.Lite0, maps_after: np.ndarray, items,
@@ -146,9 +153,9 @@ def synth_check(fold_models, maps, texts: dict, ridge_init, dim: int, init_scale
         rows.append(row)
     means = {name: round(float(np.mean([r[f"{name}_{k}shot"] for r in rows for k in (1, 5)])), 4) for name in CONFIGS}
     best = None
-    for name in CONFIGS:  # simplest first; a more complex one must be strictly better
-        if best is None or means[name] > means[best]:
+    for name in CONFIGS:  # simplest first; a more complex one must be better by more than MIN_GAIN
+        if best is None or means[name] > means[best] + MIN_GAIN:
             best = name
     log.info("held-out synthesizer check means %s -> %s", means, best)
-    return {"folds": rows, "mean_images_text_accuracy": means, "chosen": best, "episodes": n_ep,
+    return {"folds": rows, "mean_images_text_accuracy": means, "chosen": best, "min_gain": MIN_GAIN, "episodes": n_ep,
             "seconds": round(time.time() - t0, 1)}

@@ -187,10 +187,11 @@ def run(args):
             chk = heldout.ssl_check(backbone, np.concatenate([maps[t] for t in order]),
                                     ssl_model, np.concatenate([ssl_maps[t] for t in order]), held_items, quick=quick)
             chk.update(images=len(pool), unlabelled_images=len(unlabelled), epochs=epochs, **{k: v for k, v in ssl.settings().items() if k != "epochs"})
-            chk["decision"] = "keep the self-supervised encoder" if chk["mean_gain"] > 0 else "keep the ImageNet encoder"
+            chk["decision"] = ("keep the self-supervised encoder" if chk["mean_gain"] > heldout.MIN_GAIN
+                               else "keep the ImageNet encoder")
             checks["ssl"] = chk
             log.info("held-out-class ssl check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
-            if chk["mean_gain"] > 0:
+            if chk["mean_gain"] > heldout.MIN_GAIN:
                 backbone, maps = ssl_model, ssl_maps
             del ssl_maps
         else:
@@ -204,11 +205,11 @@ def run(args):
         t1 = time.time()
         chk, adapted_folds = heldout.adaptation_check(backbone, maps_a, split_a, maps_b2, split_b2, maps_b1, split_b1,
                                                       quick=quick, seed=args.seed)
-        chk["decision"] = "adapt" if chk["mean_gain"] > 0 else "keep the unadapted encoder"
+        chk["decision"] = "adapt" if chk["mean_gain"] > heldout.MIN_GAIN else "keep the unadapted encoder"
         checks["adaptation"] = chk
         timings["adapt_check_s"] = round(time.time() - t1, 1)
         log.info("held-out-class adaptation check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
-        if chk["mean_gain"] > 0:
+        if chk["mean_gain"] > heldout.MIN_GAIN:
             fold_models = adapted_folds
             t1 = time.time()
             backbone, adapt_report = adapt.adapt_encoder(backbone, maps_a, split_a, maps_b2, split_b2, quick=quick, seed=args.seed)

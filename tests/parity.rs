@@ -128,6 +128,12 @@ fn image_end_to_end_decode_and_preprocess_match_the_recipe() {
             "{}: input max abs diff {di:.3} (mean {mean_abs:.4}), embedding cosine {c:.5}",
             r["path"]
         );
+        // decoders differ by a grey level here and there, a preprocessing bug by far more
+        assert!(
+            mean_abs < 5e-3,
+            "{}: preprocessed input differs by {mean_abs} on average",
+            path.display()
+        );
         if path.extension().is_some_and(|e| e == "png") {
             // lossless input: decode + resize + crop + normalise are bit-exact with the recipe
             assert!(
@@ -142,8 +148,11 @@ fn image_end_to_end_decode_and_preprocess_match_the_recipe() {
     println!(
         "end to end: input max abs diff {worst_input:.3}, min embedding cosine {worst_cos:.5}"
     );
-    // JPEG decoders differ slightly (zune-jpeg here, libjpeg-turbo in Pillow)
-    assert!(worst_cos > 0.995, "end-to-end cosine {worst_cos}");
+    // JPEG decoders differ slightly (zune-jpeg here, libjpeg-turbo in Pillow: mean input difference
+    // ~0.002, a quarter of a grey level). The self-supervised encoder (stop 9) turns that into
+    // cosine 0.994 on the ISIC reference image (above 0.995 before); the input checks above catch
+    // preprocessing bugs, this one a broken encoder or embedding path.
+    assert!(worst_cos > 0.99, "end-to-end cosine {worst_cos}");
 }
 
 #[test]

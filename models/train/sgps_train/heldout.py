@@ -3,7 +3,7 @@
 The base-class validation split (B2) holds new *images* of classes the encoder and G were trained
 on, so it rewards memorising those classes. These checks instead hold out a pair of ISIC base
 classes at a time (the folds), train without them and score 2-way episodes on them. They use base
-classes only; the novel classes are never touched. They decide (i) whether the self-supervised top
+classes only; the novel classes are never touched. They decide (i) whether the self-supervised encoder
 is kept (ssl_check; it never reads a label, so every class is held out for it), (ii) whether the
 encoder is adapted (adaptation_check) and (iii) which parts of the synthesizer are switched on
 (synth_check).
@@ -28,6 +28,13 @@ FOLDS = [("isic/basal_cell_carcinoma", "isic/melanoma"), ("isic/nevus", "isic/pi
 # accuracy as a fraction). The 95% CI of one fold's 600-episode 2-way figure is about +-1.2 points,
 # so about +-0.6 for the mean of four; half a point keeps noise from switching things on.
 MIN_GAIN = 0.005
+
+
+
+def passes(check: dict) -> bool:
+    """Whether a check's mean gain is large enough to take the step it tested."""
+    return check["mean_gain"] > MIN_GAIN
+
 
 # synthesizer configurations, simplest first (ties within MIN_GAIN go to the simpler one)
 CONFIGS = {

@@ -162,7 +162,8 @@ def run(args):
     backbone = lite0.load_imagenet(lite0.lite0_pth_path())
     imagenet_sanity(backbone)
     adapt_report = None
-    maps = {t: adapt.cache_trunk(backbone, args.data, s, work, t) for t, s in (("b1", split_b1), ("b2", split_b2), ("a", split_a))}
+    splits = (("b1", split_b1), ("b2", split_b2), ("a", split_a))
+    maps = {t: adapt.cache_trunk(backbone, args.data, s, work, t) for t, s in splits}
     timings["trunk_cache_s"] = round(time.time() - t0, 1)
     checks = {}
     if not args.no_ssl:
@@ -180,18 +181,17 @@ def run(args):
             ssl_model, key = ssl.train_cached(backbone, args.data, pool, work, epochs=epochs, seed=args.seed,
                                               max_steps=1 if quick else None)
             timings["ssl_train_s"] = round(time.time() - t1, 1)
-            ssl_maps = {t: adapt.cache_trunk(ssl_model, args.data, s, work, t, f"|ssl:{key}")
-                        for t, s in (("b1", split_b1), ("b2", split_b2), ("a", split_a))}
+            ssl_maps = {t: adapt.cache_trunk(ssl_model, args.data, s, work, t, f"|ssl:{key}") for t, s in splits}
             order = ("a", "b2", "b1")
             held_items = list(split_a) + list(split_b2) + list(split_b1)
             chk = heldout.ssl_check(backbone, np.concatenate([maps[t] for t in order]),
                                     ssl_model, np.concatenate([ssl_maps[t] for t in order]), held_items, quick=quick)
             chk.update(images=len(pool), unlabelled_images=len(unlabelled), epochs=epochs, **{k: v for k, v in ssl.settings().items() if k != "epochs"})
-            chk["decision"] = ("keep the self-supervised encoder" if chk["mean_gain"] > heldout.MIN_GAIN
+            chk["decision"] = ("keep the self-supervised encoder" if heldout.passes(chk)
                                else "keep the ImageNet encoder")
             checks["ssl"] = chk
             log.info("held-out-class ssl check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
-            if chk["mean_gain"] > heldout.MIN_GAIN:
+            if heldout.passes(chk):
                 backbone, maps = ssl_model, ssl_maps
             del ssl_maps
         else:
@@ -205,11 +205,11 @@ def run(args):
         t1 = time.time()
         chk, adapted_folds = heldout.adaptation_check(backbone, maps_a, split_a, maps_b2, split_b2, maps_b1, split_b1,
                                                       quick=quick, seed=args.seed)
-        chk["decision"] = "adapt" if chk["mean_gain"] > heldout.MIN_GAIN else "keep the unadapted encoder"
+        chk["decision"] = "adapt" if heldout.passes(chk) else "keep the unadapted encoder"
         checks["adaptation"] = chk
         timings["adapt_check_s"] = round(time.time() - t1, 1)
         log.info("held-out-class adaptation check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
-        if chk["mean_gain"] > heldout.MIN_GAIN:
+        if heldout.passes(chk):
             fold_models = adapted_folds
             t1 = time.time()
             backbone, adapt_report = adapt.adapt_encoder(backbone, maps_a, split_a, maps_b2, split_b2, quick=quick, seed=args.seed)

@@ -100,6 +100,20 @@ def top_features(model, maps: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
+def sampling_weights(items, isic_weight: float):
+    """(classes, label index per item, sampling probability per item): class-balanced, with the
+    ISIC classes (in-domain dermoscopy) getting `isic_weight` of the total mass."""
+    classes = sorted({it.key for it in items})
+    cidx = {c: i for i, c in enumerate(classes)}
+    y = np.asarray([cidx[it.key] for it in items])
+    is_isic = np.asarray([it.dataset == "isic" for it in items])
+    n_isic_cls = len({it.key for it in items if it.dataset == "isic"})
+    n_other_cls = len(classes) - n_isic_cls
+    counts = np.bincount(y, minlength=len(classes)).astype(np.float64)
+    w = np.where(is_isic, isic_weight / max(n_isic_cls, 1), (1 - isic_weight) / max(n_other_cls, 1)) / counts[y]
+    return classes, y, w / w.sum()
+
+
 def adapt_encoder(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.ndarray, items_val,
                   quick: bool = False, seed: int = 0, epochs: int = 8, lr: float = 3e-4,
                   isic_weight: float = 0.5, batch: int = 64):
@@ -107,16 +121,7 @@ def adapt_encoder(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = copy.deepcopy(model)
-    classes = sorted({it.key for it in items_a})
-    cidx = {c: i for i, c in enumerate(classes)}
-    y = np.asarray([cidx[it.key] for it in items_a])
-    is_isic = np.asarray([it.dataset == "isic" for it in items_a])
-    # sampling weights: class-balanced; ISIC classes get `isic_weight` of the total mass
-    n_isic_cls = len({it.key for it in items_a if it.dataset == "isic"})
-    n_other_cls = len(classes) - n_isic_cls
-    counts = np.bincount(y, minlength=len(classes)).astype(np.float64)
-    w = np.where(is_isic, isic_weight / max(n_isic_cls, 1), (1 - isic_weight) / max(n_other_cls, 1)) / counts[y]
-    w = w / w.sum()
+    classes, y, w = sampling_weights(items_a, isic_weight)
 
     feats0 = top_features(model, maps_a)
     init = torch.from_numpy(np.stack([feats0[y == i].mean(0) for i in range(len(classes))])).float()

@@ -5,7 +5,7 @@ on, so it rewards memorising those classes. These checks instead hold out a pair
 classes at a time (the folds), train without them and score 2-way episodes on them. They use base
 classes only; the novel classes are never touched. They decide (i) whether the self-supervised encoder
 is kept (ssl_check; it never reads a label, so every class is held out for it), (ii) whether the
-encoder is adapted (adaptation_check) and (iii) which parts of the synthesizer are switched on
+encoder is adapted, and how: top only or every layer (adaptation_check) and (iii) which parts of the synthesizer are switched on
 (synth_check).
 """
 
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from . import adapt, episodes, lite0, meta
+from . import adapt, episodes, finetune, lite0, meta
 from .synth import Synthesizer
 
 log = logging.getLogger("sgps_train.heldout")
@@ -87,31 +87,62 @@ def ssl_check(before: lite0.Lite0, maps_before: np.ndarray, after: lite0.Lite0, 
     return _summary(rows, n_ep, t0)
 
 
-def adaptation_check(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.ndarray, items_val,
-                     maps_extra: np.ndarray, items_extra, quick: bool = False, seed: int = 0,
-                     episodes_n: int = 600):
-    """Does adaptation help on dermoscopy classes it never saw - the user's situation?
+# encoder adaptations, simplest first (ties within MIN_GAIN go to the simpler one): none, the top
+# only on cached trunk maps (adapt.py), every layer (finetune.py)
+ADAPTATIONS = ("unadapted", "top", "whole")
 
-    For each fold (a pair of ISIC base classes), adapt with that fold's classes removed from the
-    training and selection data, then compare 2-way prototype accuracy (1- and 5-shot) on the
-    held-out classes against the unadapted top (ImageNet's, or the self-supervised one when
-    ssl_check kept it). Base classes only; the novel classes are never touched. Returns the
-    per-fold figures with the mean gain (adapted - unadapted), and the fold encoders (for the
-    synthesizer check)."""
+
+def choose(means: dict) -> str:
+    """The first (simplest) option, replaced by a later one only when that beats it by more than
+    MIN_GAIN; `means` is ordered simplest first."""
+    best = None
+    for name, m in means.items():
+        if best is None or m > means[best] + MIN_GAIN:
+            best = name
+    return best
+
+
+def adaptation_check(model: lite0.Lite0, model_key: str, maps: dict, items: dict, data_dir, work, pools,
+                     quick: bool = False, seed: int = 0, episodes_n: int = 600):
+    """Does adapting the encoder help on dermoscopy classes it never saw - the user's situation?
+
+    For each fold (a pair of ISIC base classes), adapt the top only (adapt.py) and the whole
+    encoder (finetune.py) with that fold's classes removed from the training and selection data,
+    then compare 2-way prototype accuracy (1- and 5-shot) on the held-out classes with the
+    unadapted encoder (ImageNet's, or the self-supervised one when ssl_check kept it). `maps` and
+    `items` hold the trunk maps / items of the splits "a" (training), "b2" (selection), "b1".
+    Base classes only; the novel classes are never touched. Returns the figures with the chosen
+    adaptation, and per adaptation the fold encoders with their own trunk maps (for synth_check)."""
     t0 = time.time()
     n_ep = 20 if quick else episodes_n
-    maps_all = np.concatenate([maps_a, maps_val, maps_extra])
-    items_all = list(items_a) + list(items_val) + list(items_extra)
-    rows, models = [], []
+    order = ("a", "b2", "b1")
+    items_all = [it for t in order for it in items[t]]
+    maps_all = np.concatenate([maps[t] for t in order])
+    rows, folds = [], {name: [] for name in ADAPTATIONS}
     for fold in FOLDS:
-        keep_a = [i for i, it in enumerate(items_a) if it.key not in fold]
-        keep_v = [i for i, it in enumerate(items_val) if it.key not in fold]
-        adapted, _ = adapt.adapt_encoder(model, maps_a[keep_a], [items_a[i] for i in keep_a], maps_val[keep_v],
-                                         [items_val[i] for i in keep_v], quick=quick, seed=seed)
-        models.append(adapted)
-        rows.append(_compare(fold, items_all, n_ep, ("unadapted", model, maps_all), ("adapted", adapted, maps_all)))
-        log.info("held-out adaptation check %s: %s", fold, rows[-1][0])
-    return _summary(rows, n_ep, t0), models
+        keep = {t: [i for i, it in enumerate(items[t]) if it.key not in fold] for t in ("a", "b2")}
+        kept = {t: [items[t][i] for i in keep[t]] for t in keep}
+        top, _ = adapt.adapt_encoder(model, maps["a"][keep["a"]], kept["a"], maps["b2"][keep["b2"]], kept["b2"],
+                                     quick=quick, seed=seed)
+        whole, key, _ = finetune.finetune_cached(model, model_key, pools, kept["a"], kept["b2"], work, quick=quick,
+                                                 seed=seed)
+        whole_maps = {t: adapt.cache_trunk(whole, data_dir, items[t], work, t, f"{model_key}|ft:{key}") for t in maps}
+        folds["unadapted"].append((model, maps))
+        folds["top"].append((top, maps))
+        folds["whole"].append((whole, whole_maps))
+        row = {"held_out": list(fold)}
+        for name in ADAPTATIONS:
+            m, mp = folds[name][-1]
+            all_maps = maps_all if mp is maps else np.concatenate([mp[t] for t in order])
+            for k, acc in _pair_accuracy(m, all_maps, items_all, fold, n_ep).items():
+                row[f"{name}_{k}shot"] = round(acc, 4)
+        rows.append(row)
+        log.info("held-out adaptation check %s: %s", fold, row)
+    means = {name: round(float(np.mean([r[f"{name}_{k}shot"] for r in rows for k in (1, 5)])), 4) for name in ADAPTATIONS}
+    chosen = choose(means)
+    log.info("held-out adaptation check means %s -> %s", means, chosen)
+    return {"folds": rows, "mean_accuracy": means, "chosen": chosen, "min_gain": MIN_GAIN, "episodes": n_ep,
+            "finetune_settings": finetune.settings(), "seconds": round(time.time() - t0, 1)}, folds[chosen]
 
 
 def _l2(x):
@@ -125,20 +156,21 @@ def make_g(cfg: dict, dim: int, init_scale: float) -> Synthesizer:
     return g
 
 
-def synth_check(fold_models, maps, texts: dict, ridge_init, dim: int, init_scale: float,
+def synth_check(fold_models, items: dict, texts: dict, ridge_init, dim: int, init_scale: float,
                 quick: bool = False, seed: int = 0, episodes_n: int = 600) -> dict:
-    """For each fold: features from the encoder adapted without the fold (or the ImageNet one),
-    G meta-trained on the other base classes in each configuration, then 2-way images+text
+    """For each fold: features from the fold's encoder (adapted without the fold, or the unadapted
+    one) on its own trunk maps (`fold_models`: (model, {split: maps}) per fold; `items`: {split:
+    items}, splits "a", "b1", "b2"), G meta-trained on the other base classes in each configuration, then 2-way images+text
     accuracy (1- and 5-shot, the held-out classes' own descriptions through the text projection
     fitted without them) on the held-out pair. Returns figures and the chosen configuration."""
     from .recipe import group
 
     t0 = time.time()
-    (ma, ia), (mb1, ib1), (mb2, ib2) = maps
+    ia, ib1, ib2 = items["a"], items["b1"], items["b2"]
     n_ep = 20 if quick else episodes_n
     rows = []
-    for fold, model in zip(FOLDS, fold_models):
-        f = {t: _l2(adapt.top_features(model, m)) for t, m in (("a", ma), ("b1", mb1), ("b2", mb2))}
+    for fold, (model, maps) in zip(FOLDS, fold_models):
+        f = {t: _l2(adapt.top_features(model, maps[t])) for t in ("a", "b1", "b2")}
         e1 = {c: v for c, v in group(f["b1"], ib1).items() if c not in fold}
         e2 = {c: v for c, v in group(f["b2"], ib2).items() if c not in fold}
         held_all = group(np.concatenate([f["a"], f["b1"], f["b2"]]), list(ia) + list(ib1) + list(ib2))
@@ -159,10 +191,7 @@ def synth_check(fold_models, maps, texts: dict, ridge_init, dim: int, init_scale
         log.info("held-out synthesizer check %s: %s", fold, row)
         rows.append(row)
     means = {name: round(float(np.mean([r[f"{name}_{k}shot"] for r in rows for k in (1, 5)])), 4) for name in CONFIGS}
-    best = None
-    for name in CONFIGS:  # simplest first; a more complex one must be better by more than MIN_GAIN
-        if best is None or means[name] > means[best] + MIN_GAIN:
-            best = name
+    best = choose(means)  # CONFIGS is ordered simplest first
     log.info("held-out synthesizer check means %s -> %s", means, best)
     return {"folds": rows, "mean_images_text_accuracy": means, "chosen": best, "min_gain": MIN_GAIN, "episodes": n_ep,
             "seconds": round(time.time() - t0, 1)}

@@ -166,6 +166,7 @@ def run(args):
     maps = {t: adapt.cache_trunk(backbone, args.data, s, work, t) for t, s in splits}
     timings["trunk_cache_s"] = round(time.time() - t0, 1)
     checks = {}
+    model_key = ""  # names the encoder's weights in cache keys ("" = ImageNet)
     if not args.no_ssl:
         # SimCLR on isic_unlabelled + the encoder-training split's ISIC images (labels unread);
         # kept only if it helps on the held-out base pairs
@@ -192,28 +193,37 @@ def run(args):
             checks["ssl"] = chk
             log.info("held-out-class ssl check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
             if heldout.passes(chk):
-                backbone, maps = ssl_model, ssl_maps
+                backbone, maps, model_key = ssl_model, ssl_maps, f"|ssl:{key}"
             del ssl_maps
         else:
             log.warning("no isic_unlabelled images in %s: self-supervised step skipped", args.data)
         timings["ssl_s"] = round(time.time() - t1, 1)
-    maps_a, maps_b1, maps_b2 = maps["a"], maps["b1"], maps["b2"]
-    del maps
-    fold_models = [backbone] * len(heldout.FOLDS)
+    split_items = dict((t, s) for t, s in splits)
+    fold_models = [(backbone, maps)] * len(heldout.FOLDS)
     if not args.no_adapt:
-        # adapt only if it helps on ISIC base classes held out of the adaptation (user's situation)
+        # adapt (top only, or every layer) only if it helps on ISIC base classes held out of the
+        # adaptation (the user's situation)
+        from . import finetune
+
         t1 = time.time()
-        chk, adapted_folds = heldout.adaptation_check(backbone, maps_a, split_a, maps_b2, split_b2, maps_b1, split_b1,
-                                                      quick=quick, seed=args.seed)
-        chk["decision"] = "adapt" if heldout.passes(chk) else "keep the unadapted encoder"
+        pools = finetune.Pools(args.data)
+        chk, fold_models = heldout.adaptation_check(backbone, model_key, maps, split_items, args.data, work, pools,
+                                                    quick=quick, seed=args.seed)
         checks["adaptation"] = chk
         timings["adapt_check_s"] = round(time.time() - t1, 1)
-        log.info("held-out-class adaptation check: mean gain %+.4f -> %s", chk["mean_gain"], chk["decision"])
-        if heldout.passes(chk):
-            fold_models = adapted_folds
-            t1 = time.time()
-            backbone, adapt_report = adapt.adapt_encoder(backbone, maps_a, split_a, maps_b2, split_b2, quick=quick, seed=args.seed)
-            timings["adapt_s"] = round(time.time() - t1, 1)
+        log.info("held-out-class adaptation check: mean accuracy %s -> %s", chk["mean_accuracy"], chk["chosen"])
+        t1 = time.time()
+        if chk["chosen"] == "top":
+            backbone, adapt_report = adapt.adapt_encoder(backbone, maps["a"], split_a, maps["b2"], split_b2, quick=quick, seed=args.seed)
+        elif chk["chosen"] == "whole":
+            backbone, key, adapt_report = finetune.finetune_cached(backbone, model_key, pools, split_a, split_b2, work,
+                                                                   quick=quick, seed=args.seed)
+            model_key += f"|ft:{key}"
+            maps = {t: adapt.cache_trunk(backbone, args.data, s, work, t, model_key) for t, s in splits}
+        del pools
+        timings["adapt_s"] = round(time.time() - t1, 1)
+    maps_b1, maps_b2 = maps["b1"], maps["b2"]
+    del maps
     backbone.eval()
     feats_b1 = adapt.top_features(backbone, maps_b1)
     feats_b2 = adapt.top_features(backbone, maps_b2)
@@ -248,12 +258,12 @@ def run(args):
 
     cfg = heldout.CONFIGS["text_and_image_delta"]
     if not args.no_meta:
-        sc = heldout.synth_check(fold_models, ((maps_a, split_a), (maps_b1, split_b1), (maps_b2, split_b2)), text_emb,
+        sc = heldout.synth_check(fold_models, split_items, text_emb,
                                  ridge_text_proj, lite0.FEATURE_DIM, SCALE_INIT, quick=quick, seed=args.seed)
         checks["synthesizer"] = sc
         cfg = heldout.CONFIGS[sc["chosen"]]
         timings["synth_check_s"] = round(time.time() - t0, 1)
-    del maps_a, fold_models
+    del fold_models
     g = heldout.make_g(cfg, lite0.FEATURE_DIM, SCALE_INIT)
     ridge_text_proj(g, emb_b1, text_emb)
 
@@ -566,7 +576,7 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
         "provenance": {
             "recipe": "python models/train/run.py --data <data> --out models/ (cargo xtask train)",
             "quick": bool(args.quick),
-            "adapted_encoder": not args.no_adapt,
+            "adapted_encoder": checks.get("adaptation", {}).get("chosen", "unadapted"),
             "meta_trained_synthesizer": meta_report is not None,
             "git_commit": git_commit(here),
             "upstream": {
@@ -584,7 +594,7 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
                     "licence": "Apache-2.0 (model); MIT (PyPI packaging)",
                 },
             },
-            "training_data": "../shared/data base classes only (isic basal_cell_carcinoma, melanoma, nevus, pigmented_benign_keratosis; brain_mri, blood_cells, breast_us, chest_xray) and, without labels, isic_unlabelled (self-supervised top); novel isic classes never used",
+            "training_data": "../shared/data base classes only (isic basal_cell_carcinoma, melanoma, nevus, pigmented_benign_keratosis; brain_mri, blood_cells, breast_us, chest_xray) and, without labels, isic_unlabelled (self-supervised, whole encoder); novel isic classes never used",
             "versions": {p: pkg_version(p) for p in ("torch", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors", "pillow")},
             "python": platform.python_version(),
             "machine": f"{platform.machine()}, {args.threads} threads",

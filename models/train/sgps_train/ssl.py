@@ -49,9 +49,9 @@ def settings() -> dict:
             "batch": BATCH, "crop_area": list(CROP_AREA), "jitter": JITTER}
 
 
-def load_pool(data_dir: Path, items) -> torch.Tensor:
-    """The pool images as uint8 [n, 3, STORE, STORE]."""
-    arr = np.stack([np.asarray(data.resize_center_crop(data.load_rgb(data_dir / it.path), STORE)) for it in items])
+def load_pool(data_dir: Path, items, store: int = STORE) -> torch.Tensor:
+    """The pool images as uint8 [n, 3, store, store] (shorter side resized, centre crop)."""
+    arr = np.stack([np.asarray(data.resize_center_crop(data.load_rgb(data_dir / it.path), store)) for it in items])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
@@ -96,7 +96,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = TEMPERATURE
 
 
 @contextlib.contextmanager
-def _keep_freed_memory():
+def keep_freed_memory():
     """glibc: serve every allocation from the heap and keep what is freed (M_MMAP_MAX = 0,
     M_TRIM_THRESHOLD = 1 GiB), so the step's activation tensors reuse pages instead of faulting in
     fresh ones (2x faster here); the defaults are restored and the heap trimmed afterwards. A no-op
@@ -132,7 +132,7 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
     if max_steps is not None:
         steps = min(steps, max_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[LR, PROJ_LR], total_steps=epochs * steps, pct_start=0.05)
-    with _keep_freed_memory():
+    with keep_freed_memory():
         for epoch in range(epochs):
             net.train()
             t0, total = time.time(), 0.0

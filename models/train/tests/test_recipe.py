@@ -123,3 +123,30 @@ def test_ssl_trains_every_layer_from_augmented_views_and_needs_two_images():
     for first_and_last in ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight", "_conv_head.weight"):
         assert first_and_last in changed, first_and_last
     assert not any(n.startswith("_fc.") for n in changed), "the ImageNet classifier is not part of the encoder"
+
+
+def test_finetune_trains_every_layer_keeps_the_best_validated_epoch_and_needs_two_classes(monkeypatch):
+    from sgps_train import adapt, finetune
+
+    rng = np.random.default_rng(0)
+    items = [data.Item(f"x/{c}/{i}.png", "isic" if c < 2 else "other", f"c{c}") for c in range(5) for i in range(2)]
+    pool = torch.from_numpy((rng.random((len(items), 3, 40, 40)) * 255).astype(np.uint8))
+    m = lite0.Lite0().eval()
+    start = {n: p.clone() for n, p in m.named_parameters()}
+    with pytest.raises(ValueError, match="at least 2 base classes"):
+        finetune.finetune(m, pool[:2], items[:2], pool, items, quick=True)
+    # validation improves after the step: the trained weights are returned
+    scores = iter([(0.3, 0.3), (0.6, 0.6)])
+    monkeypatch.setattr(adapt, "proto_score", lambda *a, **k: next(scores))
+    t, report = finetune.finetune(m, pool, items, pool, items, quick=True)
+    assert report["classes"] == 5 and report["selected_epoch"] == 1
+    changed = {n for n, p in t.named_parameters() if not torch.equal(start[n], p)}
+    for first_and_last in ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight", "_blocks.15._project_conv.weight", "_conv_head.weight"):
+        assert first_and_last in changed, first_and_last
+    assert not any(n.startswith("_fc.") for n in changed), "the ImageNet classifier is not part of the encoder"
+    assert all(torch.equal(start[n], p) for n, p in m.named_parameters()), "the input model is left alone"
+    # validation gets worse: the starting weights are kept
+    scores = iter([(0.6, 0.6), (0.3, 0.3)])
+    t, report = finetune.finetune(m, pool, items, pool, items, quick=True)
+    assert report["selected_epoch"] == 0
+    assert all(torch.equal(start[n], p) for n, p in t.named_parameters())

@@ -84,26 +84,25 @@ def finetune(model: lite0.Lite0, pool_a: torch.Tensor, items_a, pool_val: torch.
     best = (sum(score), copy.deepcopy(net.state_dict()), 0)
     history = [{"epoch": 0, "isic_base": round(score[0], 4), "all_base": round(score[1], 4)}]
     ty = torch.from_numpy(y)
-    with ssl.keep_freed_memory():
-        for ep in range(1, epochs + 1):
-            net.train()
-            tl = 0.0
-            for _ in range(steps):
-                idx = torch.from_numpy(rng.choice(len(y), size=batch, p=w))
-                x = ssl.augment(pool_a[idx], SIZE, gen).contiguous(memory_format=torch.channels_last)
-                loss = F.cross_entropy(head(net.features(x)), ty[idx], label_smoothing=0.1)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                tl += loss.item()
-            score = adapt.proto_score(pool_features(net, pool_val), items_val, n_ep)
-            history.append({"epoch": ep, "loss": round(tl / steps, 4), "isic_base": round(score[0], 4),
-                            "all_base": round(score[1], 4)})
-            log.info("finetune epoch %d/%d: loss %.4f, base-val proto acc ISIC-base %.4f all-base %.4f (%.0f s)",
-                     ep, epochs, tl / steps, score[0], score[1], time.time() - t0)
-            if sum(score) > best[0]:
-                best = (sum(score), copy.deepcopy(net.state_dict()), ep)
+    for ep in range(1, epochs + 1):
+        net.train()
+        tl = 0.0
+        for _ in range(steps):
+            idx = torch.from_numpy(rng.choice(len(y), size=batch, p=w))
+            x = ssl.augment(pool_a[idx], SIZE, gen).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(head(net.features(x)), ty[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tl += loss.item()
+        score = adapt.proto_score(pool_features(net, pool_val), items_val, n_ep)
+        history.append({"epoch": ep, "loss": round(tl / steps, 4), "isic_base": round(score[0], 4),
+                        "all_base": round(score[1], 4)})
+        log.info("finetune epoch %d/%d: loss %.4f, base-val proto acc ISIC-base %.4f all-base %.4f (%.0f s)",
+                 ep, epochs, tl / steps, score[0], score[1], time.time() - t0)
+        if sum(score) > best[0]:
+            best = (sum(score), copy.deepcopy(net.state_dict()), ep)
     net.load_state_dict(best[1])
     net = net.to(memory_format=torch.contiguous_format).eval()
     report = {"method": "whole encoder fine-tuned (every layer), cosine classifier over the base classes of the "
@@ -145,7 +144,8 @@ def finetune_cached(model: lite0.Lite0, model_key: str, pools: Pools, items_a, i
         net = copy.deepcopy(model)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return net.eval(), key, json.loads(rpath.read_text())
-    net, report = finetune(model, pools.get(items_a), items_a, pools.get(items_val), items_val, quick=quick, seed=seed)
+    with ssl.keep_freed_memory():  # also for the no-grad feature passes (about 2x faster)
+        net, report = finetune(model, pools.get(items_a), items_a, pools.get(items_val), items_val, quick=quick, seed=seed)
     for p, write in ((rpath, lambda t: t.write_text(json.dumps(report))), (path, lambda t: torch.save(net.state_dict(), t))):
         tmp = p.with_suffix(".tmp")
         write(tmp)

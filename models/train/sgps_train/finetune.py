@@ -47,11 +47,9 @@ def settings() -> dict:
 def pool_features(model: lite0.Lite0, pool: torch.Tensor, batch: int = 128) -> np.ndarray:
     """Pooled features of uint8 images [n, 3, SIZE, SIZE] (already the deployed centre crop)."""
     model.eval()
-    mean = torch.tensor(lite0.MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(lite0.STD).view(1, 3, 1, 1)
     out = []
     for i in range(0, len(pool), batch):
-        x = (pool[i : i + batch].float() / 255.0 - mean) / std
+        x = ssl.normalise(pool[i : i + batch].float() / 255.0)
         out.append(model.features(x.contiguous(memory_format=torch.channels_last)).numpy())
     return np.concatenate(out)
 
@@ -146,8 +144,6 @@ def finetune_cached(model: lite0.Lite0, model_key: str, pools: Pools, items_a, i
         return net.eval(), key, json.loads(rpath.read_text())
     with ssl.keep_freed_memory():  # also for the no-grad feature passes (about 2x faster)
         net, report = finetune(model, pools.get(items_a), items_a, pools.get(items_val), items_val, quick=quick, seed=seed)
-    for p, write in ((rpath, lambda t: t.write_text(json.dumps(report))), (path, lambda t: torch.save(net.state_dict(), t))):
-        tmp = p.with_suffix(".tmp")
-        write(tmp)
-        tmp.replace(p)
+    ssl.save_atomic(rpath, lambda t: t.write_text(json.dumps(report)))
+    ssl.save_atomic(path, lambda t: torch.save(net.state_dict(), t))
     return net, key, report

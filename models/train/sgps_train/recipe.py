@@ -198,7 +198,7 @@ def run(args):
         else:
             log.warning("no isic_unlabelled images in %s: self-supervised step skipped", args.data)
         timings["ssl_s"] = round(time.time() - t1, 1)
-    split_items = dict((t, s) for t, s in splits)
+    split_items = dict(splits)
     fold_models = [(backbone, maps)] * len(heldout.FOLDS)
     if not args.no_adapt:
         # adapt (top only, or every layer) only if it helps on ISIC base classes held out of the

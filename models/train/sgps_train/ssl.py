@@ -35,7 +35,7 @@ log = logging.getLogger("sgps_train.ssl")
 
 SIZE = 128  # training resolution
 STORE = 180  # images are held in memory as STORE x STORE uint8 (resize shorter side + centre crop)
-EPOCHS = 72
+EPOCHS = 48
 LR = 3e-4
 PROJ_LR = 1e-3
 TEMPERATURE = 0.2

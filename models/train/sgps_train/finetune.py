@@ -55,11 +55,13 @@ def pool_features(model: lite0.Lite0, pool: torch.Tensor, batch: int = 128) -> n
 
 
 def finetune(model: lite0.Lite0, pool_a: torch.Tensor, items_a, pool_val: torch.Tensor, items_val,
-             quick: bool = False, seed: int = 0, epochs: int = EPOCHS) -> tuple[lite0.Lite0, dict]:
+             quick: bool = False, seed: int = 0, epochs: int | None = None) -> tuple[lite0.Lite0, dict]:
     """A copy of `model` with every layer fine-tuned on `pool_a` (uint8 images of `items_a`), the
-    epoch chosen on `pool_val`; returns (model, report)."""
+    epoch chosen on `pool_val`; returns (model, report). `epochs` defaults to the module's EPOCHS
+    read at call time, the value finetune_cached's key records."""
     if len({it.key for it in items_a}) < 2:
         raise ValueError("whole-encoder fine-tuning needs at least 2 base classes")
+    epochs = EPOCHS if epochs is None else epochs
     t0 = time.time()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -150,3 +150,18 @@ def test_finetune_trains_every_layer_keeps_the_best_validated_epoch_and_needs_tw
     t, report = finetune.finetune(m, pool, items, pool, items, quick=True)
     assert report["selected_epoch"] == 0
     assert all(torch.equal(start[n], p) for n, p in t.named_parameters())
+
+
+def test_finetune_trains_the_epoch_count_its_cache_key_records(monkeypatch):
+    # finetune_cached keys the weights by settings(); the training must use the same EPOCHS, read
+    # when called (a default bound at import time trained 6 epochs under a key saying 2)
+    from sgps_train import adapt, finetune
+
+    rng = np.random.default_rng(1)
+    items = [data.Item(f"x/{c}/{i}.png", "isic", f"c{c}") for c in range(2) for i in range(2)]
+    pool = torch.from_numpy((rng.random((len(items), 3, 40, 40)) * 255).astype(np.uint8))
+    monkeypatch.setattr(finetune, "EPOCHS", 2)
+    monkeypatch.setattr(adapt, "proto_score", lambda *a, **k: (0.5, 0.5))
+    _, report = finetune.finetune(lite0.Lite0().eval(), pool, items, pool, items)
+    assert finetune.settings()["epochs"] == report["epochs"] == 2
+    assert [h["epoch"] for h in report["history"]] == [0, 1, 2]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, embed, lite0
+from . import cache, data, embed, lite0
 
 log = logging.getLogger("sgps_train.adapt")
 
@@ -44,7 +44,12 @@ def npy_cache(work: Path, prefix: str, items, salt: str, make) -> np.ndarray:
         log.info("cache hit %s", path.name)
         return np.load(path)
     arr = make()
-    np.save(path, arr)
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            np.save(f, arr)
+
+    cache.save_atomic(path, write)
     return arr
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import adapt, lite0, ssl
+from . import adapt, cache, lite0, ssl
 
 log = logging.getLogger("sgps_train.finetune")
 
@@ -55,13 +55,13 @@ def pool_features(model: lite0.Lite0, pool: torch.Tensor, batch: int = 128) -> n
 
 
 def finetune(model: lite0.Lite0, pool_a: torch.Tensor, items_a, pool_val: torch.Tensor, items_val,
-             quick: bool = False, seed: int = 0, epochs: int | None = None) -> tuple[lite0.Lite0, dict]:
+             quick: bool = False, seed: int = 0) -> tuple[lite0.Lite0, dict]:
     """A copy of `model` with every layer fine-tuned on `pool_a` (uint8 images of `items_a`), the
-    epoch chosen on `pool_val`; returns (model, report). `epochs` defaults to the module's EPOCHS
-    read at call time, the value finetune_cached's key records."""
+    epoch chosen on `pool_val`; returns (model, report). Trains EPOCHS read at call time, the value
+    finetune_cached's key records (1 step when `quick`)."""
     if len({it.key for it in items_a}) < 2:
         raise ValueError("whole-encoder fine-tuning needs at least 2 base classes")
-    epochs = EPOCHS if epochs is None else epochs
+    epochs = EPOCHS
     t0 = time.time()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -146,6 +146,6 @@ def finetune_cached(model: lite0.Lite0, model_key: str, pools: Pools, items_a, i
         return net.eval(), key, json.loads(rpath.read_text())
     with ssl.keep_freed_memory():  # also for the no-grad feature passes (about 2x faster)
         net, report = finetune(model, pools.get(items_a), items_a, pools.get(items_val), items_val, quick=quick, seed=seed)
-    ssl.save_atomic(rpath, lambda t: t.write_text(json.dumps(report)))
-    ssl.save_atomic(path, lambda t: torch.save(net.state_dict(), t))
+    cache.save_atomic(rpath, lambda t: t.write_text(json.dumps(report)))
+    cache.save_atomic(path, lambda t: torch.save(net.state_dict(), t))
     return net, key, report

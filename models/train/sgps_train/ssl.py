@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, lite0
+from . import cache, data, lite0
 
 log = logging.getLogger("sgps_train.ssl")
 
@@ -86,13 +86,6 @@ def augment(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
 def normalise(x: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1], [b, 3, h, w] -> the encoder's input normalisation."""
     return (x - torch.tensor(lite0.MEAN).view(1, 3, 1, 1)) / torch.tensor(lite0.STD).view(1, 3, 1, 1)
-
-
-def save_atomic(path: Path, write) -> None:
-    """`write(tmp)` then rename over `path`, so an interrupted run never leaves a half-written cache."""
-    tmp = path.with_suffix(".tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
@@ -179,5 +172,5 @@ def train_cached(model: lite0.Lite0, data_dir: Path, items, work: Path, epochs: 
     pool = load_pool(data_dir, items)
     log.info("ssl: %d images loaded (%.0f s); %d epochs at %d px", len(pool), time.time() - t0, epochs, SIZE)
     net = train(model, pool, epochs=epochs, seed=seed, max_steps=max_steps)
-    save_atomic(path, lambda t: torch.save(net.state_dict(), t))
+    cache.save_atomic(path, lambda t: torch.save(net.state_dict(), t))
     return net, key

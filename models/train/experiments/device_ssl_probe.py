@@ -17,24 +17,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from probe_log import OUT, T0, log  # noqa: E402
 from sgps_train import lite0  # noqa: E402
 
-T0 = time.time()
 QUICK = os.environ.get("QUICK") == "1"
 BUDGET = float(os.environ.get("BUDGET", "470"))
-OUT = os.environ.get("OUT", "/tmp/out")
-os.makedirs(OUT, exist_ok=True)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(0)
 torch.backends.cudnn.benchmark = False
 RESULTS = []
-
-
-def log(*a):
-    s = f"[{time.time() - T0:6.0f}s] " + " ".join(str(x) for x in a)
-    print(s, flush=True)
-    with open(f"{OUT}/log.txt", "a") as f:
-        f.write(s + "\n")
 
 
 z = np.load("devcarry/pack.npz")

@@ -18,8 +18,7 @@ from sgps_train import data, recipe  # noqa: E402
 D = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[3] / "shared" / "data"
 items = data.read_manifest(D)
 base = data.base_items(items)
-split_a, rest = data.split_images(base, 0.70, seed=0)
-split_b1, split_b2 = data.split_images(rest, 0.5, seed=1)
+split_a, split_b1, split_b2 = recipe.base_splits(base, 0)
 split_a, split_b1, split_b2 = (recipe.cap(s, c, 0) for s, c in ((split_a, recipe.CAP_A), (split_b1, recipe.CAP_B), (split_b2, recipe.CAP_B)))
 unl = [it for it in items if it.dataset == "isic_unlabelled"]
 # role: 0 unlabelled, 1 split A (SSL pool and held-out check), 2 B2, 3 B1 (held-out check only)

@@ -36,6 +36,14 @@ def cap(items, caps: dict, seed: int):
     return out
 
 
+def base_splits(base, seed: int):
+    """The fixed per-class image split of the base classes, uncapped: A encoder training (70 %),
+    B1 G meta-training and B2 validation (model selection, calibration, reported figures; 15 % each)."""
+    split_a, rest = data.split_images(base, 0.70, seed=seed)
+    split_b1, split_b2 = data.split_images(rest, 0.5, seed=seed + 1)
+    return split_a, split_b1, split_b2
+
+
 def set_seed(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -140,10 +148,7 @@ def run(args):
     base = data.base_items(items)
     if not base:
         raise RuntimeError(f"no base-class images found in {args.data}/manifest.csv")
-    # fixed per-class image split of the base classes: A encoder training, B1 G meta-training,
-    # B2 validation (model selection, calibration, reported figures)
-    split_a, rest = data.split_images(base, 0.70, seed=args.seed)
-    split_b1, split_b2 = data.split_images(rest, 0.5, seed=args.seed + 1)
+    split_a, split_b1, split_b2 = base_splits(base, args.seed)
     if quick:
         split_a = data.subsample(split_a, 3, args.seed)
         split_b1 = data.subsample(split_b1, 3, args.seed)

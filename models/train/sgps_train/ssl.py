@@ -170,13 +170,15 @@ def keep_freed_memory():
 
 
 def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: int = 0, max_steps: int | None = None) -> lite0.Lite0:
-    """A copy of `model` with every layer trained by SimCLR on `pool` (uint8 [n, 3, h, w])."""
+    """A copy of `model` with every layer trained by SimCLR on `pool` (uint8 [n, 3, h, w]), on the
+    pool's device (the recipe: CPU; the device probe: a GPU, where the forward pass runs in bf16)."""
     if len(pool) < 2:
         raise ValueError(f"self-supervised training needs at least 2 images, got {len(pool)}")
+    dev = pool.device
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    proj = torch.nn.Sequential(torch.nn.Linear(lite0.FEATURE_DIM, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
+    net = copy.deepcopy(model).to(dev, memory_format=torch.channels_last)
+    proj = torch.nn.Sequential(torch.nn.Linear(lite0.FEATURE_DIM, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).to(dev)
     enc_params = [p for n, p in net.named_parameters() if not n.startswith("_fc.")]
     opt = torch.optim.AdamW([{"params": enc_params, "lr": LR}, {"params": proj.parameters(), "lr": PROJ_LR}],
                             weight_decay=1e-4)
@@ -189,11 +191,12 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
         for epoch in range(epochs):
             net.train()
             t0, total = time.time(), 0.0
-            perm = torch.randperm(len(pool), generator=gen)
+            perm = torch.randperm(len(pool), generator=gen).to(dev)
             for s in range(steps):
                 x = pool[perm[s * batch : (s + 1) * batch]]
                 views = torch.cat([augment(x, SIZE, gen), augment(x, SIZE, gen)])
-                z = proj(net.features(views.contiguous(memory_format=torch.channels_last)))
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    z = proj(net.features(views.contiguous(memory_format=torch.channels_last))).float()
                 loss = nt_xent(z[: len(x)], z[len(x) :])
                 opt.zero_grad()
                 loss.backward()

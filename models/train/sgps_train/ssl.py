@@ -49,12 +49,20 @@ HUE = 0.0  # hue rotation of up to +- HUE turns (0 = off)
 GRAY_P = 0.0  # share of views turned grey
 BLUR_P = 0.0  # share of views blurred (Gaussian, sigma drawn from BLUR_SIGMA px at SIZE)
 BLUR_SIGMA = (0.1, 1.5)
+# multi-crop (SwAV-style): LOCAL_VIEWS extra small views per image (LOCAL_CROP of the area, at
+# LOCAL_SIZE px), each contrasted with both full-size views; 0 = off (the recipe), untried on a GPU
+LOCAL_VIEWS = 0
+LOCAL_SIZE = 64
+LOCAL_CROP = (0.05, 0.35)
 
 
 def settings() -> dict:
-    return {"size": SIZE, "store": STORE, "epochs": EPOCHS, "lr": LR, "temperature": TEMPERATURE,
-            "batch": BATCH, "crop_area": list(CROP_AREA), "jitter": JITTER, "hue": HUE, "gray_p": GRAY_P,
-            "blur_p": BLUR_P, "blur_sigma": list(BLUR_SIGMA)}
+    s = {"size": SIZE, "store": STORE, "epochs": EPOCHS, "lr": LR, "temperature": TEMPERATURE,
+         "batch": BATCH, "crop_area": list(CROP_AREA), "jitter": JITTER, "hue": HUE, "gray_p": GRAY_P,
+         "blur_p": BLUR_P, "blur_sigma": list(BLUR_SIGMA)}
+    if LOCAL_VIEWS:  # listed only when on, so the cache keys of the settings without them stay as they were
+        s.update(local_views=LOCAL_VIEWS, local_size=LOCAL_SIZE, local_crop=list(LOCAL_CROP))
+    return s
 
 
 def load_pool(data_dir: Path, items, store: int = STORE) -> torch.Tensor:
@@ -63,9 +71,9 @@ def load_pool(data_dir: Path, items, store: int = STORE) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def augment(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, size: int, gen: torch.Generator, crop_area: tuple | None = None) -> torch.Tensor:
     """Batched random view of uint8 images [b, 3, h, w] -> normalised float [b, 3, size, size]:
-    square crop of CROP_AREA of the area at a random place, random flip and rot90 (one affine
+    square crop of `crop_area` (default CROP_AREA) of the area at a random place, random flip and rot90 (one affine
     resampling), then brightness, contrast and saturation each x(1 +- JITTER), and where switched
     on a hue rotation (HUE), grey views (GRAY_P) and Gaussian blur (BLUR_P). The random draws come
     from `gen` (a CPU generator) whatever device `x` is on; a switched-off step draws nothing."""
@@ -78,7 +86,7 @@ def augment(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
         return (torch.rand(b, generator=gen) < p).to(dev).view(b, 1, 1, 1)
 
     x = x.float() / 255.0
-    s = uni(*CROP_AREA).sqrt()
+    s = uni(*(CROP_AREA if crop_area is None else crop_area)).sqrt()
     tx, ty = uni(-1, 1) * (1 - s), uni(-1, 1) * (1 - s)
     k = torch.randint(0, 4, (b,), generator=gen).to(dev)
     cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=dev)[k]
@@ -198,6 +206,8 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                     z = proj(net.features(views.contiguous(memory_format=torch.channels_last))).float()
                 loss = nt_xent(z[: len(x)], z[len(x) :])
+                if LOCAL_VIEWS:
+                    loss = (loss + local_loss(net, proj, x, z[: len(x)], z[len(x) :], gen)) / (1 + LOCAL_VIEWS)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -205,6 +215,15 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
                 total += loss.item()
             log.info("ssl epoch %d/%d: loss %.3f (%.0f s)", epoch + 1, epochs, total / max(steps, 1), time.time() - t0)
     return net.to(memory_format=torch.contiguous_format).eval()
+
+
+def local_loss(net, proj, x: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Multi-crop term: the sum over LOCAL_VIEWS small views of x of the mean NT-Xent of the view
+    against each full-size view's embedding (z1, z2)."""
+    loc = torch.cat([augment(x, LOCAL_SIZE, gen, LOCAL_CROP) for _ in range(LOCAL_VIEWS)])
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        zl = proj(net.features(loc.contiguous(memory_format=torch.channels_last))).float()
+    return sum((nt_xent(z1, zv) + nt_xent(z2, zv)) / 2 for zv in zl.split(len(x)))
 
 
 def cache_key(items, seed: int, epochs: int) -> str:

@@ -159,6 +159,34 @@ def test_ssl_view_options_do_what_they_say_and_cost_nothing_when_off(monkeypatch
     assert not torch.equal(gens[0.0].get_state(), gens[1e-9].get_state())
 
 
+def test_ssl_multi_crop_trains_on_small_views_and_leaves_the_default_alone(monkeypatch):
+    from sgps_train import ssl
+
+    rng = np.random.default_rng(2)
+    pool = torch.from_numpy((rng.random((4, 3, 40, 40)) * 255).astype(np.uint8))
+    m = lite0.Lite0().eval()
+    # off (the recipe): not in the settings, so the cache keys of the shipped setting stay valid
+    assert ssl.LOCAL_VIEWS == 0 and not any(k.startswith("local") for k in ssl.settings())
+    off = ssl.train(m, pool, epochs=1, max_steps=1)
+    # a crop area is honoured: a crop of the whole image of a flat image is that image
+    flat = torch.full((1, 3, 40, 40), 128, dtype=torch.uint8)
+    monkeypatch.setattr(ssl, "JITTER", 0.0)
+    assert torch.allclose(ssl.augment(flat, 16, torch.Generator().manual_seed(0), (1.0, 1.0)),
+                          ssl.normalise(torch.full((1, 3, 16, 16), 128 / 255)), atol=1e-5)
+    monkeypatch.undo()
+    # on: small views are drawn at LOCAL_SIZE and change the training, and the key says so
+    monkeypatch.setattr(ssl, "LOCAL_VIEWS", 2)
+    sizes = []
+    real = ssl.augment
+    monkeypatch.setattr(ssl, "augment", lambda x, size, gen, crop=None: sizes.append(size) or real(x, size, gen, crop))
+    on = ssl.train(m, pool, epochs=1, max_steps=1)
+    assert sizes == [ssl.SIZE, ssl.SIZE, ssl.LOCAL_SIZE, ssl.LOCAL_SIZE]
+    assert ssl.settings()["local_views"] == 2
+    w = "_conv_head.weight"
+    assert torch.isfinite(dict(on.named_parameters())[w]).all()
+    assert not torch.equal(dict(on.named_parameters())[w], dict(off.named_parameters())[w])
+
+
 def test_nt_xent_uses_the_temperature_set_when_called(monkeypatch):
     from sgps_train import ssl
 

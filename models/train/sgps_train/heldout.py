@@ -44,13 +44,20 @@ CONFIGS = {
 }
 
 
-def _pair_accuracy(model, maps: np.ndarray, items, fold, n_ep: int) -> dict:
+def classes_accuracy(feats: np.ndarray, items, classes, n_ep: int) -> dict:
+    """len(classes)-way prototype accuracy, 1- and 5-shot (15 queries, the checks' episode seeds),
+    on the L2-normalised `feats` of those `items` whose class is in `classes`."""
     from .recipe import group, proto_acc
 
-    held = [i for i, it in enumerate(items) if it.key in fold]
-    f = adapt.top_features(model, maps[held])
+    held = [i for i, it in enumerate(items) if it.key in classes]
+    f = feats[held]
     emb = group(f / np.linalg.norm(f, axis=1, keepdims=True), [items[i] for i in held])
-    return {k: proto_acc(emb, list(fold), 2, k, 15, n_ep, 11 + k) for k in (1, 5)}
+    return {k: proto_acc(emb, list(classes), len(classes), k, 15, n_ep, 11 + k) for k in (1, 5)}
+
+
+def _pair_accuracy(model, maps: np.ndarray, items, fold, n_ep: int) -> dict:
+    held = [i for i, it in enumerate(items) if it.key in fold]
+    return classes_accuracy(adapt.top_features(model, maps[held]), [items[i] for i in held], fold, n_ep)
 
 
 def _compare(fold, items, n_ep: int, old, new) -> tuple[dict, float]:

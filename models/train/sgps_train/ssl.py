@@ -6,6 +6,7 @@ encoder-training split's ISIC images, labels never read): random square crop of 
 area, flip, rot90 and brightness / contrast / saturation x0.8-1.2, all done batched in torch
 (hue rotation, grey views and blur are there too, switched off: on a device screen of the held-out
 pairs they lost, the colour ones by about 9 points - colour is what tells these lesions apart).
+Multi-crop (LOCAL_VIEWS small views per image) is there too, switched off and not yet screened.
 Training runs at SIZE px (128) to fit two CPU cores: an epoch over ~3,700 images takes ~1.5 min
 (channels-last tensors, and glibc told to keep freed memory: without that, page faults on the big
 activation tensors took half of every step); the encoder is still used at 224 px. The trained weights are cached in the work dir, keyed by the pool

@@ -37,8 +37,7 @@ torch.set_num_threads(2)
 t0 = time.time()
 
 items = data.read_manifest(args.data)
-split_a, split_b1, split_b2 = recipe.base_splits(data.base_items(items), 0)
-split_a, split_b1, split_b2 = (recipe.cap(s, c, 0) for s, c in ((split_a, recipe.CAP_A), (split_b1, recipe.CAP_B), (split_b2, recipe.CAP_B)))
+split_a, split_b1, split_b2 = recipe.capped_base_splits(data.base_items(items), 0)
 # the recipe's order (ssl_check: A, B2, B1) and its capped splits (capping keeps every ISIC image
 # but orders them as the recipe does, which fixes the episodes)
 held = [it for s in (split_a, split_b2, split_b1) for it in s if it.key in recipe.ISIC_BASE]

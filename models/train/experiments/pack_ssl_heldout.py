@@ -18,8 +18,7 @@ from sgps_train import data, recipe  # noqa: E402
 D = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[3] / "shared" / "data"
 items = data.read_manifest(D)
 base = data.base_items(items)
-split_a, split_b1, split_b2 = recipe.base_splits(base, 0)
-split_a, split_b1, split_b2 = (recipe.cap(s, c, 0) for s, c in ((split_a, recipe.CAP_A), (split_b1, recipe.CAP_B), (split_b2, recipe.CAP_B)))
+split_a, split_b1, split_b2 = recipe.capped_base_splits(base, 0)
 unl = [it for it in items if it.dataset == "isic_unlabelled"]
 # role: 0 unlabelled, 1 split A (SSL pool and held-out check), 2 B2, 3 B1 (held-out check only)
 groups = [(0, unl)] + [(r, [it for it in s if it.dataset == "isic"]) for r, s in ((1, split_a), (2, split_b2), (3, split_b1))]

@@ -44,6 +44,12 @@ def base_splits(base, seed: int):
     return split_a, split_b1, split_b2
 
 
+def capped_base_splits(base, seed: int):
+    """base_splits with the recipe's full-run caps applied (what a full run trains and checks on)."""
+    split_a, split_b1, split_b2 = base_splits(base, seed)
+    return cap(split_a, CAP_A, seed), cap(split_b1, CAP_B, seed), cap(split_b2, CAP_B, seed)
+
+
 def set_seed(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -148,15 +154,10 @@ def run(args):
     base = data.base_items(items)
     if not base:
         raise RuntimeError(f"no base-class images found in {args.data}/manifest.csv")
-    split_a, split_b1, split_b2 = base_splits(base, args.seed)
     if quick:
-        split_a = data.subsample(split_a, 3, args.seed)
-        split_b1 = data.subsample(split_b1, 3, args.seed)
-        split_b2 = data.subsample(split_b2, 3, args.seed)
+        split_a, split_b1, split_b2 = (data.subsample(s, 3, args.seed) for s in base_splits(base, args.seed))
     else:
-        split_a = cap(split_a, CAP_A, args.seed)
-        split_b1 = cap(split_b1, CAP_B, args.seed)
-        split_b2 = cap(split_b2, CAP_B, args.seed)
+        split_a, split_b1, split_b2 = capped_base_splits(base, args.seed)
     log.info("base images: encoder-train %d, G-train %d, validation %d", len(split_a), len(split_b1), len(split_b2))
 
     # 1. image encoder: ImageNet weights, optionally self-supervised on unlabelled dermoscopy (whole

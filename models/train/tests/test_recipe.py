@@ -187,6 +187,41 @@ def test_ssl_multi_crop_trains_on_small_views_and_leaves_the_default_alone(monke
     assert not torch.equal(dict(on.named_parameters())[w], dict(off.named_parameters())[w])
 
 
+def test_ssl_byol_option_trains_with_a_moving_average_target_and_leaves_the_default_alone(monkeypatch):
+    from sgps_train import ssl
+
+    rng = np.random.default_rng(3)
+    pool = torch.from_numpy((rng.random((4, 3, 40, 40)) * 255).astype(np.uint8))
+    m = lite0.Lite0().eval()
+    # off (the recipe): SimCLR, and the settings (cache keys) do not mention the option
+    assert ssl.OBJECTIVE == "simclr" and "objective" not in ssl.settings()
+    off = ssl.train(m, pool, epochs=1, max_steps=1)
+    # the target is the moving average of the online network: tau = BYOL_TAU at the start, 1 at the end
+    byol = ssl.BYOL(m, torch.device("cpu"))
+    t0 = byol.target["proj"][0].weight.clone()
+    with torch.no_grad():
+        byol.proj[0].weight.add_(1.0)
+    byol.update(m, 1.0)
+    assert torch.equal(byol.target["proj"][0].weight, t0)
+    byol.update(m, 0.0)
+    assert torch.allclose(byol.target["proj"][0].weight, t0 + (1 - ssl.BYOL_TAU), atol=1e-6)
+    # on: trains every layer to a different result, and the key says so
+    monkeypatch.setattr(ssl, "OBJECTIVE", "byol")
+    assert ssl.settings()["objective"] == "byol"
+    on = ssl.train(m, pool, epochs=1, max_steps=1)
+    w = "_conv_head.weight"
+    assert torch.isfinite(dict(on.named_parameters())[w]).all()
+    assert not torch.equal(dict(on.named_parameters())[w], dict(m.named_parameters())[w])
+    assert not torch.equal(dict(on.named_parameters())[w], dict(off.named_parameters())[w])
+    # a misspelt objective or an unsupported mix is refused rather than silently trained as SimCLR
+    monkeypatch.setattr(ssl, "LOCAL_VIEWS", 1)
+    with pytest.raises(ValueError, match="SimCLR objective only"):
+        ssl.train(m, pool, epochs=1, max_steps=1)
+    monkeypatch.setattr(ssl, "OBJECTIVE", "BYOL")
+    with pytest.raises(ValueError, match="'simclr' or 'byol'"):
+        ssl.train(m, pool, epochs=1, max_steps=1)
+
+
 def test_nt_xent_uses_the_temperature_set_when_called(monkeypatch):
     from sgps_train import ssl
 

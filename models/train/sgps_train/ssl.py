@@ -8,7 +8,7 @@ area, flip, rot90 and brightness / contrast / saturation x0.8-1.2, all done batc
 pairs they lost, the colour ones by about 9 points - colour is what tells these lesions apart).
 Multi-crop (LOCAL_VIEWS small views per image) is there too, switched off (-0.44 on the device
 screen), and a BYOL objective (OBJECTIVE = "byol"), switched off and not yet screened.
-Training runs at SIZE px (128) to fit two CPU cores: an epoch over ~3,700 images takes ~1.5 min
+Training runs at SIZE px (128) to fit two CPU cores: an epoch over ~3,700 images takes 1.5-2.5 min (BYOL: 1.5x that)
 (channels-last tensors, and glibc told to keep freed memory: without that, page faults on the big
 activation tensors took half of every step); the encoder is still used at 224 px. The trained weights are cached in the work dir, keyed by the pool
 file list and every setting here. Whether the result is used is decided by heldout.ssl_check on
@@ -187,7 +187,7 @@ def keep_freed_memory():
 
 
 def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: int = 0, max_steps: int | None = None) -> lite0.Lite0:
-    """A copy of `model` with every layer trained by SimCLR on `pool` (uint8 [n, 3, h, w]), on the
+    """A copy of `model` with every layer trained by SimCLR (or BYOL, see OBJECTIVE) on `pool` (uint8 [n, 3, h, w]), on the
     pool's device (the recipe: CPU; the device probe: a GPU, where the forward pass runs in bf16)."""
     if len(pool) < 2:
         raise ValueError(f"self-supervised training needs at least 2 images, got {len(pool)}")

@@ -150,9 +150,9 @@ if ROUND in ("3", "4", "5"):
         for name, st in VARIANTS.items():
             run(name, st, seed)
     base = {r["seed"]: r["mean"] for r in RESULTS if r["name"] == "baseline"}
-    if not base and os.path.exists("models/train/experiments/results/aug_round3_h200.json"):
-        base = {r["seed"]: r["mean"] for r in json.load(open("models/train/experiments/results/aug_round3_h200.json"))
-                if r["name"] == "baseline"}
+    round3 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aug_round3_h200.json")
+    if not base and os.path.exists(round3):  # rounds 4 and 5 pair with round 3's baselines
+        base = {r["seed"]: r["mean"] for r in json.load(open(round3)) if r["name"] == "baseline"}
     for name in VARIANTS:
         d = [r["mean"] - base[r["seed"]] for r in RESULTS if r["name"] == name and r["seed"] in base]
         if name != "baseline" and d:

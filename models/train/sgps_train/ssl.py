@@ -165,6 +165,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float | None = None
     return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device))
 
 
+def bf16_on_gpu(dev: torch.device):
+    """Autocast to bf16 on a GPU (the device probe); a no-op on the CPU, where the recipe runs in fp32."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
 @contextlib.contextmanager
 def keep_freed_memory():
     """glibc: serve every allocation from the heap and keep what is freed (M_MMAP_MAX = 0,
@@ -219,7 +224,7 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
                 x = pool[perm[s * batch : (s + 1) * batch]]
                 views = torch.cat([augment(x, SIZE, gen), augment(x, SIZE, gen)])
                 views = views.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                with bf16_on_gpu(dev):
                     z = proj(net.features(views)).float()
                 if byol:
                     loss = byol.loss(z, views)
@@ -256,10 +261,10 @@ class BYOL:
         """Symmetric BYOL loss, 2 - 2 cos(prediction of one view, target projection of the other),
         averaged over both orders; z = online projections of the two view halves of `views`."""
         n = len(z) // 2
-        with torch.no_grad(), torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=views.device.type == "cuda"):
+        with torch.no_grad(), bf16_on_gpu(views.device):
             self.target.train()
             t = self.target["proj"](self.target["net"].features(views)).float()
-        with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=views.device.type == "cuda"):
+        with bf16_on_gpu(views.device):
             p = self.pred(z).float()
         p, t = F.normalize(p, dim=-1), F.normalize(t, dim=-1)
         return 2 - (p[:n] * t[n:]).sum(-1).mean() - (p[n:] * t[:n]).sum(-1).mean()
@@ -280,7 +285,7 @@ def local_loss(net, proj, x: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, g
     """Multi-crop term: the sum over LOCAL_VIEWS small views of x of the mean NT-Xent of the view
     against each full-size view's embedding (z1, z2)."""
     loc = torch.cat([augment(x, LOCAL_SIZE, gen, LOCAL_CROP) for _ in range(LOCAL_VIEWS)])
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with bf16_on_gpu(x.device):
         zl = proj(net.features(loc.contiguous(memory_format=torch.channels_last))).float()
     return sum((nt_xent(z1, zv) + nt_xent(z2, zv)) / 2 for zv in zl.split(len(x)))
 

@@ -9,13 +9,14 @@ use clap::Args;
 
 use crate::eval::descriptions;
 use crate::eval::episodes::{EpisodeSpec, ImagePool, sample_episodes};
-use crate::eval::{ISIC_NOVEL, missing_data_message, resolve_data_dir};
+use crate::eval::{DemoData, ISIC_NOVEL, demo_data_dir};
 use crate::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
 
 /// `sgps demo`: few-shot classifier for four skin-lesion classes it was never trained on.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// Data directory (needs <DATA>/isic/<class>/*.jpg). Default: $SGPS_DATA, else ../shared/data.
+    /// Data directory (needs <DATA>/isic/<class>/*.jpg). Default: $SGPS_DATA, else ../shared/data,
+    /// else the sample images shipped in tests/samples.
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Example images per class.
@@ -44,10 +45,8 @@ pub struct DemoRow {
 
 /// `sgps demo`.
 pub fn run(args: &DemoArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result<()> {
-    let data = resolve_data_dir(args.data.as_deref());
-    if !data.is_dir() {
-        anyhow::bail!(missing_data_message(&data, "demo"));
-    }
+    let source = demo_data_dir(args.data.as_deref()).map_err(anyhow::Error::msg)?;
+    let data = source.dir().to_path_buf();
     let t_load = Instant::now();
     let pipeline = Pipeline::load(models, opts)
         .with_context(|| format!("loading the models from {}", models.display()))?;
@@ -93,7 +92,13 @@ pub fn run(args: &DemoArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
         models.display(),
         pipeline.image_encoder().variant
     );
-    println!("data:   {}\n", data.display());
+    match &source {
+        DemoData::Collection(d) => println!("data:   {} (the image collection)\n", d.display()),
+        DemoData::Samples { dir, note } => {
+            println!("data:   {} (shipped samples)", dir.display());
+            println!("        {note}\n");
+        }
+    }
 
     // Support set: embed the example images and the descriptions, then synthesize.
     let t_synth = Instant::now();

@@ -287,10 +287,11 @@ fn full_disk_keeps_previous_records() {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !ok {
-        eprintln!(
-            "SKIP full-disk test: cannot mount a tmpfs here (needs root); the injected ENOSPC unit tests in src/store still run"
-        );
+    if !common::require(
+        ok,
+        "full-disk test",
+        "cannot mount a tmpfs here (needs root); the injected ENOSPC unit tests in src/store still run",
+    ) {
         return;
     }
     struct Unmount(std::path::PathBuf);

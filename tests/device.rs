@@ -6,8 +6,9 @@
 //! task enrolls only that class, camera faults and a gate rejection are
 //! handled inside the session.
 //!
-//! Needs the shipped models (`models/manifest.json`) and the data (`../shared/data`, or
-//! `$SGPS_DATA`); prints a skip message and returns when either is absent.
+//! Needs the shipped models (`models/manifest.json`). Images come from the collection
+//! (`../shared/data`, or `$SGPS_DATA`) when present, else from the samples shipped in
+//! `tests/samples` (the same first images of each novel class).
 
 mod common;
 
@@ -27,9 +28,15 @@ fn repo() -> PathBuf {
 }
 
 fn data_dir() -> PathBuf {
-    std::env::var_os("SGPS_DATA")
+    let full = std::env::var_os("SGPS_DATA")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/data"))
+        .unwrap_or_else(|| repo().join("../shared/data"));
+    if full.join("isic").is_dir() {
+        full
+    } else {
+        common::samples_dir()
+    }
 }
 
 fn sorted_images(dir: &Path) -> Vec<PathBuf> {
@@ -59,18 +66,11 @@ fn pick(class: &str, gate: &GateThresholds) -> (Vec<PathBuf>, Vec<PathBuf>) {
 }
 
 fn skip() -> bool {
-    if !data_dir().join("isic").is_dir() {
-        eprintln!(
-            "SKIP device test: data not found at {} (set SGPS_DATA)",
-            data_dir().display()
-        );
-        return true;
-    }
-    if !repo().join("models/manifest.json").is_file() {
-        eprintln!("SKIP device test: models/manifest.json not found (build the models first)");
-        return true;
-    }
-    false
+    !common::require(
+        repo().join("models/manifest.json").is_file(),
+        "device test",
+        "models/manifest.json not found (regenerate the models with `cargo xtask train`)",
+    )
 }
 
 /// A copy of board/sim.toml with absolute paths and injected camera faults.
@@ -445,13 +445,6 @@ fn sim_session_matches_plain_pipeline() {
 #[test]
 fn gate_passes_real_isic_and_rejects_degraded_versions() {
     use quality::RejectReason as R;
-    if !data_dir().join("isic").is_dir() {
-        eprintln!(
-            "SKIP gate test: data not found at {} (set SGPS_DATA)",
-            data_dir().display()
-        );
-        return;
-    }
     let gate = GateThresholds::default();
     let mut paths = vec![];
     for class in [

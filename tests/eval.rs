@@ -138,6 +138,43 @@ fn isic_fs_novel_episodes_are_stable() {
     );
 }
 
+/// Without the collection (SGPS_DATA pointing nowhere), the README's first command runs on the
+/// samples shipped in tests/samples and says so.
+#[test]
+fn demo_without_the_collection_runs_on_the_shipped_samples() {
+    let out = common::command(env!("CARGO_BIN_EXE_sgps"))
+        .arg("--models")
+        .arg(models_dir())
+        .arg("demo")
+        .env("SGPS_DATA", "/nonexistent/sgps-data")
+        .output()
+        .expect("sgps runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "tests/samples (shipped samples)",
+        "SGPS_DATA=/nonexistent/sgps-data holds no isic/<novel class>/ folders",
+        "CC BY-NC 4.0",
+        "Support set (5 images per class)",
+        "Held-out images (5 per class)",
+        "Accuracy: ",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    // 20 held-out rows, each with a verdict, and no image failed
+    let rows = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ISIC_"))
+        .filter(|l| l.ends_with("correct") || l.ends_with("WRONG") || l.ends_with("(unsure)"))
+        .count();
+    assert_eq!(rows, 20, "{stdout}");
+    assert!(!stdout.contains("error:"), "{stdout}");
+}
+
 #[test]
 fn demo_without_data_says_what_it_needs() {
     let out = common::command(env!("CARGO_BIN_EXE_sgps"))

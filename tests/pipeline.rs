@@ -1,9 +1,9 @@
 //! The whole pipeline on the shipped models: support set → synthesis → artifact → classification,
-//! through the library and through the `sgps` binary. Real ISIC base-class images where the data
-//! directory exists (skipped with a message otherwise), synthetic images always.
+//! through the library and through the `sgps` binary. Real ISIC images from the samples shipped in
+//! `tests/samples` (so these never skip), synthetic images too.
 
 mod common;
-use common::{data_dir, models_dir, pipeline};
+use common::{models_dir, pipeline, samples_dir};
 
 use std::path::{Path, PathBuf};
 
@@ -13,10 +13,10 @@ use sgps::pipeline::{ClassSupport, SynthMode};
 use sgps::support::{ClassSpec, SupportSpec};
 
 const BASE: [&str; 4] = [
-    "basal_cell_carcinoma",
-    "melanoma",
-    "nevus",
-    "pigmented_benign_keratosis",
+    "actinic_keratosis",
+    "dermatofibroma",
+    "squamous_cell_carcinoma",
+    "vascular_lesion",
 ];
 
 /// Sorted image files of one ISIC class.
@@ -49,7 +49,7 @@ fn base_spec(data: &Path, shots: usize) -> (SupportSpec, Vec<(String, PathBuf)>)
 
 #[test]
 fn synthesize_save_load_and_classify_real_isic_images() {
-    let Some(data) = data_dir() else { return };
+    let data = samples_dir();
     let p = pipeline();
     let (spec, queries) = base_spec(&data, 5);
     let clf = p.synthesize_spec(&spec, SynthMode::ImagesAndText).unwrap();
@@ -98,7 +98,7 @@ fn synthesize_save_load_and_classify_real_isic_images() {
 
 #[test]
 fn every_mode_synthesizes_from_real_images() {
-    let Some(data) = data_dir() else { return };
+    let data = samples_dir();
     let p = pipeline();
     let (spec, _) = base_spec(&data, 1);
     let classes = p.embed_support(&spec).unwrap();
@@ -167,7 +167,7 @@ fn synthetic_colours_are_separated() {
 
 #[test]
 fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
-    let Some(data) = data_dir() else { return };
+    let data = samples_dir();
     let bin = env!("CARGO_BIN_EXE_sgps");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("c.sgps");
@@ -181,7 +181,7 @@ fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
         queries.push(files[5].clone());
     }
     cmd.arg("--describe")
-        .arg("melanoma=asymmetric lesion with several colours");
+        .arg("dermatofibroma=firm brown papule with a central white patch");
     cmd.arg("--out").arg(&out);
     let o = cmd.output().unwrap();
     assert!(
@@ -238,7 +238,7 @@ fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
     let c = Classifier::load(&out, pipeline().encoder_sha256()).unwrap();
     assert_eq!(
         c.classes[1].description.as_deref(),
-        Some("asymmetric lesion with several colours")
+        Some("firm brown papule with a central white patch")
     );
 }
 

@@ -4,6 +4,8 @@
 pub mod replay;
 #[cfg(all(feature = "v4l2", target_os = "linux"))]
 pub mod v4l2;
+#[cfg(all(feature = "v4l2", target_os = "linux"))]
+mod v4l2_sys;
 
 use std::time::Duration;
 

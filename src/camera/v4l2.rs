@@ -1,19 +1,20 @@
-//! V4L2 camera (USB dermatoscopes, CSI cameras exposed as V4L2) through the `v4l` crate.
+//! V4L2 camera (USB dermatoscopes, CSI cameras exposed as V4L2), through the kernel's ioctls
+//! declared in `v4l2_sys` (no bindgen, so no libclang at build time).
 //!
 //! Opens the device by path, negotiates MJPEG or YUYV at the profile's resolution, streams with
 //! mmap buffers, converts frames to RGB, times out cleanly and re-opens the device with
 //! exponential back-off after it disappears (unplug / replug).
 
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use v4l::buffer::Type;
-use v4l::io::mmap::Stream;
-use v4l::io::traits::CaptureStream;
-use v4l::video::Capture;
-use v4l::{Device, Format, FourCC};
 
+use super::v4l2_sys as sys;
 use super::{Camera, CameraError, decode_rgb};
 
 /// Pixel format preference.
@@ -47,9 +48,7 @@ impl PixelFormat {
 }
 
 struct Open {
-    // field order matters: the stream must be dropped before the device
-    stream: Stream<'static>,
-    _dev: Device,
+    stream: Stream,
     fourcc: [u8; 4],
     width: u32,
     height: u32,
@@ -106,74 +105,251 @@ impl V4l2Camera {
 
     fn try_open(&self) -> Result<Open, CameraError> {
         let device = self.device();
-        let dev = Device::with_path(&self.path).map_err(|e| CameraError::Disconnected {
+        let gone = |e: io::Error| CameraError::Disconnected {
             device: device.clone(),
             reason: e.to_string(),
-        })?;
-        let offered: Vec<[u8; 4]> = dev
-            .enum_formats()
-            .map_err(|e| CameraError::Disconnected {
-                device: device.clone(),
-                reason: e.to_string(),
-            })?
-            .into_iter()
-            .map(|d| d.fourcc.repr)
-            .collect();
+        };
+        let config = |reason: String| CameraError::Config {
+            device: device.clone(),
+            reason,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&self.path)
+            .map_err(gone)?;
+        let fd = file.as_raw_fd();
+        let mut cap: sys::v4l2_capability = sys::zeroed();
+        // SAFETY: VIDIOC_QUERYCAP takes a v4l2_capability.
+        unsafe { sys::ioctl(fd, sys::VIDIOC_QUERYCAP, &mut cap) }
+            .map_err(|e| config(format!("not a V4L2 device ({e})")))?;
+        let caps = if cap.capabilities & sys::V4L2_CAP_DEVICE_CAPS != 0 {
+            cap.device_caps
+        } else {
+            cap.capabilities
+        };
+        let need = sys::V4L2_CAP_VIDEO_CAPTURE | sys::V4L2_CAP_STREAMING;
+        if caps & need != need {
+            return Err(config(format!(
+                "{:?} is not a streaming capture device (capabilities {caps:#x}); point camera.device at the camera's capture node",
+                String::from_utf8_lossy(cap.card.split(|b| *b == 0).next().unwrap_or(&[]))
+            )));
+        }
+        let offered = enum_formats(fd).map_err(gone)?;
         let mut chosen = None;
         for want in self.format.candidates() {
             if !offered.contains(want) {
                 continue;
             }
-            let fmt = dev
-                .set_format(&Format::new(self.width, self.height, FourCC::new(want)))
-                .map_err(|e| CameraError::Config {
-                    device: device.clone(),
-                    reason: e.to_string(),
-                })?;
-            if fmt.fourcc.repr == **want {
-                chosen = Some(fmt);
+            let mut fmt: sys::v4l2_format = sys::zeroed();
+            fmt.type_ = sys::V4L2_BUF_TYPE_VIDEO_CAPTURE;
+            fmt.fmt.pix = sys::v4l2_pix_format {
+                width: self.width,
+                height: self.height,
+                pixelformat: sys::fourcc(want),
+                field: sys::V4L2_FIELD_ANY,
+                ..sys::zeroed()
+            };
+            // SAFETY: VIDIOC_S_FMT takes a v4l2_format.
+            unsafe { sys::ioctl(fd, sys::VIDIOC_S_FMT, &mut fmt) }.map_err(|e| {
+                config(format!(
+                    "setting {} failed: {e}",
+                    String::from_utf8_lossy(*want)
+                ))
+            })?;
+            // SAFETY: the driver filled the `pix` member for a capture type.
+            let pix = unsafe { fmt.fmt.pix };
+            if pix.pixelformat == sys::fourcc(want) {
+                chosen = Some((**want, pix));
                 break;
             }
         }
-        let fmt = chosen.ok_or_else(|| CameraError::Config {
-            device: device.clone(),
-            reason: format!(
+        let (fourcc, pix) = chosen.ok_or_else(|| {
+            config(format!(
                 "camera offers {:?}, none of the requested {:?}; set camera.format in the board profile",
                 offered.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect::<Vec<_>>(),
                 self.format
-            ),
+            ))
         })?;
-        if (fmt.width, fmt.height) != (self.width, self.height) {
+        if (pix.width, pix.height) != (self.width, self.height) {
             log::warn!(
                 "camera {device}: asked for {}x{}, driver gave {}x{}",
                 self.width,
                 self.height,
-                fmt.width,
-                fmt.height
+                pix.width,
+                pix.height
             );
         }
-        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, BUFFERS).map_err(|e| {
-            CameraError::Disconnected {
-                device: device.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        stream.set_timeout(self.timeout);
+        let stream = Stream::start(file, BUFFERS, self.timeout).map_err(gone)?;
         log::info!(
             "camera {device}: streaming {} {}x{}",
-            String::from_utf8_lossy(&fmt.fourcc.repr),
-            fmt.width,
-            fmt.height
+            String::from_utf8_lossy(&fourcc),
+            pix.width,
+            pix.height
         );
         Ok(Open {
             stream,
-            _dev: dev,
-            fourcc: fmt.fourcc.repr,
-            width: fmt.width,
-            height: fmt.height,
-            stride: fmt.stride,
+            fourcc,
+            width: pix.width,
+            height: pix.height,
+            stride: pix.bytesperline,
             fresh: true,
         })
+    }
+}
+
+/// The pixel formats the capture node offers (VIDIOC_ENUM_FMT until EINVAL).
+fn enum_formats(fd: i32) -> io::Result<Vec<[u8; 4]>> {
+    let mut out = Vec::new();
+    for index in 0..64 {
+        let mut d: sys::v4l2_fmtdesc = sys::zeroed();
+        d.index = index;
+        d.type_ = sys::V4L2_BUF_TYPE_VIDEO_CAPTURE;
+        // SAFETY: VIDIOC_ENUM_FMT takes a v4l2_fmtdesc.
+        match unsafe { sys::ioctl(fd, sys::VIDIOC_ENUM_FMT, &mut d) } {
+            Ok(()) => out.push(d.pixelformat.to_le_bytes()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// One driver buffer mapped into our address space.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+/// A streaming capture: mmap buffers queued with the driver. Dropping it stops streaming,
+/// unmaps the buffers and closes the device.
+struct Stream {
+    buffers: Vec<Mapped>,
+    timeout: Duration,
+    file: File,
+}
+
+impl Stream {
+    fn start(file: File, count: u32, timeout: Duration) -> io::Result<Stream> {
+        let fd = file.as_raw_fd();
+        let mut req = sys::v4l2_requestbuffers {
+            count,
+            type_: sys::V4L2_BUF_TYPE_VIDEO_CAPTURE,
+            memory: sys::V4L2_MEMORY_MMAP,
+            ..sys::zeroed()
+        };
+        // SAFETY: VIDIOC_REQBUFS takes a v4l2_requestbuffers.
+        unsafe { sys::ioctl(fd, sys::VIDIOC_REQBUFS, &mut req) }?;
+        if req.count == 0 {
+            return Err(io::Error::other("the driver granted no capture buffers"));
+        }
+        let mut stream = Stream {
+            buffers: Vec::with_capacity(req.count as usize),
+            timeout,
+            file,
+        };
+        for index in 0..req.count {
+            let mut buf = Self::buffer(index);
+            // SAFETY: VIDIOC_QUERYBUF takes a v4l2_buffer.
+            unsafe { sys::ioctl(fd, sys::VIDIOC_QUERYBUF, &mut buf) }?;
+            let len = buf.length as usize;
+            // SAFETY: maps the driver's buffer `index` at the offset it gave; checked below.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    buf.m.offset as libc::off_t,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            stream.buffers.push(Mapped { ptr, len });
+            // SAFETY: VIDIOC_QBUF takes a v4l2_buffer.
+            unsafe { sys::ioctl(fd, sys::VIDIOC_QBUF, &mut buf) }?;
+        }
+        let mut kind = sys::V4L2_BUF_TYPE_VIDEO_CAPTURE as i32;
+        // SAFETY: VIDIOC_STREAMON takes an int (the buffer type).
+        unsafe { sys::ioctl(fd, sys::VIDIOC_STREAMON, &mut kind) }?;
+        Ok(stream)
+    }
+
+    fn buffer(index: u32) -> sys::v4l2_buffer {
+        sys::v4l2_buffer {
+            index,
+            type_: sys::V4L2_BUF_TYPE_VIDEO_CAPTURE,
+            memory: sys::V4L2_MEMORY_MMAP,
+            ..sys::zeroed()
+        }
+    }
+
+    /// Wait for the next filled buffer (at most the time-out), copy it out and re-queue it.
+    fn next(&mut self) -> io::Result<Vec<u8>> {
+        let fd = self.file.as_raw_fd();
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let deadline = Instant::now() + self.timeout;
+        let mut buf;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r == 0 {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no frame"));
+            }
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the device went away",
+                ));
+            }
+            buf = Self::buffer(0);
+            // SAFETY: VIDIOC_DQBUF takes a v4l2_buffer.
+            match unsafe { sys::ioctl(fd, sys::VIDIOC_DQBUF, &mut buf) } {
+                Ok(()) => break,
+                // readable but nothing to dequeue yet (O_NONBLOCK): wait again
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let m = self.buffers.get(buf.index as usize).ok_or_else(|| {
+            io::Error::other(format!("driver returned unknown buffer {}", buf.index))
+        })?;
+        let used = (buf.bytesused as usize).min(m.len);
+        let used = if used == 0 { m.len } else { used };
+        // SAFETY: the mapping is `m.len` bytes long and the driver has handed it back to us.
+        let frame = unsafe { std::slice::from_raw_parts(m.ptr as *const u8, used) }.to_vec();
+        // SAFETY: VIDIOC_QBUF takes a v4l2_buffer (the one just dequeued).
+        unsafe { sys::ioctl(fd, sys::VIDIOC_QBUF, &mut buf) }?;
+        Ok(frame)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut kind = sys::V4L2_BUF_TYPE_VIDEO_CAPTURE as i32;
+        // SAFETY: VIDIOC_STREAMOFF takes an int; errors (device gone) are irrelevant here.
+        let _ = unsafe { sys::ioctl(self.file.as_raw_fd(), sys::VIDIOC_STREAMOFF, &mut kind) };
+        for m in &self.buffers {
+            // SAFETY: unmapping exactly what `start` mapped.
+            unsafe { libc::munmap(m.ptr, m.len) };
+        }
+        // `file` closes the device after this.
     }
 }
 
@@ -210,14 +386,7 @@ impl Camera for V4l2Camera {
         o.fresh = false;
         let mut result = Ok(Vec::new());
         for _ in 0..=skip {
-            result = match o.stream.next() {
-                Ok((buf, meta)) => {
-                    let used = (meta.bytesused as usize).min(buf.len());
-                    let used = if used == 0 { buf.len() } else { used };
-                    Ok(buf[..used].to_vec())
-                }
-                Err(e) => Err(e),
-            };
+            result = o.stream.next();
             if result.is_err() {
                 break;
             }
@@ -324,5 +493,21 @@ mod tests {
         assert!(matches!(e, CameraError::Disconnected { .. }), "{e}");
         assert!(c.backoff > MIN_BACKOFF);
         assert!(PixelFormat::parse("h264").is_err());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_camera_is_a_config_error() {
+        // /dev/null opens but answers VIDIOC_QUERYCAP with ENOTTY: not transient, say so
+        let mut c = V4l2Camera::new(
+            Path::new("/dev/null"),
+            PixelFormat::Auto,
+            640,
+            480,
+            Duration::from_millis(10),
+        );
+        let e = c.capture().unwrap_err();
+        assert!(matches!(e, CameraError::Config { .. }), "{e}");
+        assert!(e.to_string().contains("not a V4L2 device"), "{e}");
+        assert!(!e.is_transient());
     }
 }

@@ -13,8 +13,8 @@ pub mod metrics;
 pub mod protocol;
 
 pub use protocol::{
-    EvalArgs, EvalConfig, EvalReport, ISIC_NOVEL, evaluate, missing_data_message, resolve_data_dir,
-    run,
+    DemoData, EvalArgs, EvalConfig, EvalReport, ISIC_NOVEL, demo_data_dir, evaluate,
+    missing_data_message, resolve_data_dir, run, samples_dir,
 };
 
 use serde::{Deserialize, Serialize};

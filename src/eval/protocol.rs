@@ -45,6 +45,77 @@ pub fn resolve_data_dir(flag: Option<&Path>) -> PathBuf {
     if ws.is_dir() { ws } else { local }
 }
 
+/// The sample images shipped with sgps (`tests/samples`: 10 per ISIC novel class, CC BY-NC 4.0,
+/// see its ATTRIBUTION.md): next to the executable or one of its ancestors (the workspace when run
+/// from `target/…`), else the source workspace's.
+pub fn samples_dir() -> PathBuf {
+    let rel = Path::new("tests").join("samples");
+    if let Ok(exe) = std::env::current_exe() {
+        for anc in exe.ancestors().skip(1) {
+            if anc.join(&rel).join("isic").is_dir() {
+                return anc.join(&rel);
+            }
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Where the demo's images come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DemoData {
+    /// The full image collection (`--data`, `$SGPS_DATA` or `../shared/data`).
+    Collection(PathBuf),
+    /// The samples shipped in the repository; `note` says why the collection was not used.
+    Samples { dir: PathBuf, note: String },
+}
+
+impl DemoData {
+    pub fn dir(&self) -> &Path {
+        match self {
+            DemoData::Collection(d) | DemoData::Samples { dir: d, .. } => d,
+        }
+    }
+}
+
+/// The demo's data: an explicit `--data` must exist (an error names it otherwise); without one,
+/// the collection when it holds the ISIC novel classes, else the shipped samples.
+pub fn demo_data_dir(flag: Option<&Path>) -> Result<DemoData, String> {
+    let has_novel = |d: &Path| ISIC_NOVEL.iter().all(|c| d.join(c).is_dir());
+    if let Some(d) = flag {
+        return if has_novel(d) {
+            Ok(DemoData::Collection(d.to_path_buf()))
+        } else {
+            Err(missing_data_message(d, "demo"))
+        };
+    }
+    let d = resolve_data_dir(None);
+    if has_novel(&d) {
+        return Ok(DemoData::Collection(d));
+    }
+    let dir = samples_dir();
+    if !has_novel(&dir) {
+        return Err(format!(
+            "{}\nThe sample images shipped with sgps are missing too (expected at {}).",
+            missing_data_message(&d, "demo"),
+            dir.display()
+        ));
+    }
+    let why = match std::env::var_os(DATA_ENV).filter(|v| !v.is_empty()) {
+        Some(v) => format!(
+            "{DATA_ENV}={} holds no isic/<novel class>/ folders",
+            Path::new(&v).display()
+        ),
+        None => format!("{} not found", d.display()),
+    };
+    Ok(DemoData::Samples {
+        dir,
+        note: format!(
+            "{why}; using the 40 sample images shipped with sgps (ISIC Archive, CC BY-NC 4.0). \
+             For the full collection set {DATA_ENV} or pass --data."
+        ),
+    })
+}
+
 /// What to do when the data directory is missing: the exact layout and how to point at it.
 pub fn missing_data_message(dir: &Path, command: &str) -> String {
     format!(

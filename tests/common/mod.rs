@@ -15,22 +15,46 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
 }
 
-/// The image collection (`$SGPS_DATA`, else `../shared/data`), or `None` after printing why the
-/// calling test is skipped.
+/// Whether a requirement of the calling test is met. When it is not: under `CI=true` the test
+/// fails (a green CI must mean the whole suite ran); elsewhere it prints `SKIP <test>: <what>`
+/// and the caller returns.
+pub fn require(met: bool, test: &str, what: impl std::fmt::Display) -> bool {
+    if met {
+        return true;
+    }
+    if ci() {
+        panic!("{test}: {what} (CI=true: a missing requirement fails instead of skipping)");
+    }
+    eprintln!("SKIP {test}: {what}");
+    false
+}
+
+/// True under CI (`CI=true`, as CI services and `.ci/run` set it).
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The full image collection (`$SGPS_DATA`, else `../shared/data`), or `None` after printing why
+/// the calling test is skipped (a failure under `CI=true`, see [`require`]).
 pub fn data_dir() -> Option<PathBuf> {
     let d = std::env::var_os("SGPS_DATA")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if d.join("isic").is_dir() {
-        Some(d)
-    } else {
-        eprintln!(
-            "SKIP: data directory {} with isic/ not found (set SGPS_DATA to run this test)",
+    require(
+        d.join("isic").is_dir(),
+        "this test",
+        format_args!(
+            "the image collection is not at {} (needs isic/ and the other datasets; set SGPS_DATA)",
             d.display()
-        );
-        None
-    }
+        ),
+    )
+    .then_some(d)
+}
+
+/// The 40 sample images shipped in `tests/samples` (10 per ISIC novel class): always present.
+pub fn samples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples")
 }
 
 /// The models of [`models_dir`], loaded once per test binary.

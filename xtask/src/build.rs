@@ -155,11 +155,6 @@ pub fn cross_env() -> Vec<(String, String)> {
         (format!("CC_{t}"), "aarch64-linux-gnu-gcc".into()),
         (format!("CXX_{t}"), "aarch64-linux-gnu-g++".into()),
         (format!("AR_{t}"), "aarch64-linux-gnu-ar".into()),
-        // The v4l crate runs bindgen: point clang at the aarch64 headers.
-        (
-            format!("BINDGEN_EXTRA_CLANG_ARGS_{t}"),
-            format!("--sysroot={CROSS_SYSROOT}"),
-        ),
     ]
 }
 
@@ -183,21 +178,6 @@ pub fn cross_requirements(board: &Board) -> Vec<Requirement> {
         missing.push(Requirement {
             what: format!("aarch64 C library headers in {CROSS_SYSROOT}"),
             install: "apt-get install libc6-dev-arm64-cross".into(),
-        });
-    }
-    if !Path::new(CROSS_SYSROOT)
-        .join("include/linux/videodev2.h")
-        .is_file()
-    {
-        missing.push(Requirement {
-            what: format!("aarch64 Linux kernel headers in {CROSS_SYSROOT} (V4L2)"),
-            install: "apt-get install linux-libc-dev-arm64-cross".into(),
-        });
-    }
-    if !libclang_present() {
-        missing.push(Requirement {
-            what: "libclang (bindgen for the V4L2 camera crate)".into(),
-            install: "apt-get install libclang-dev".into(),
         });
     }
     if board.needs_zigbuild() {
@@ -236,29 +216,6 @@ fn rust_target_installed(target: &str) -> bool {
     }
 }
 
-fn libclang_present() -> bool {
-    if let Ok(p) = std::env::var("LIBCLANG_PATH")
-        && Path::new(&p).exists()
-    {
-        return true;
-    }
-    let dirs = ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"];
-    let in_dir = |d: &Path| {
-        fs::read_dir(d).into_iter().flatten().flatten().any(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("libclang") && n.contains(".so")
-        })
-    };
-    dirs.iter().any(|d| in_dir(Path::new(d)))
-        || fs::read_dir("/usr/lib")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
-            .any(|e| in_dir(&e.path().join("lib")))
-}
-
 fn python_ziglang_present() -> bool {
     Command::new("python3")
         .args(["-c", "import ziglang"])
@@ -270,7 +227,7 @@ fn python_ziglang_present() -> bool {
 /// Options for a release build.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
-    /// Build without the V4L2 camera feature (no bindgen / libclang needed).
+    /// Build without the V4L2 camera feature.
     pub no_camera: bool,
 }
 
@@ -292,12 +249,7 @@ pub fn build(root: &Path, board: &Board, opts: &BuildOptions) -> Result<PathBuf>
             if zig {
                 let (a, b) = board.glibc.unwrap_or(CROSS_GLIBC);
                 c.args(["--target", &format!("{t}.{a}.{b}")]);
-                // zig brings its own linker; keep only the bindgen sysroot.
-                for (k, v) in cross_env() {
-                    if k.starts_with("BINDGEN") {
-                        c.env(k, v);
-                    }
-                }
+                // zig brings its own linker and C library: no cross environment.
             } else {
                 c.args(["--target", t]);
                 c.envs(cross_env());

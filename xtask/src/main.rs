@@ -34,7 +34,7 @@ enum Cmd {
     Build {
         #[arg(long)]
         board: String,
-        /// Build without the V4L2 camera (no libclang/bindgen needed).
+        /// Build without the V4L2 camera.
         #[arg(long)]
         no_camera: bool,
     },

@@ -34,12 +34,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-meta", action="store_true", help="untrained G (= prototype imprinting)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage", choices=["all", "conditions"], default="all",
+                    help="all: the whole recipe, then the conditions stage; conditions: only the synthesizer stage over "
+                         "all 251 base conditions, on the image encoder already in --out")
     ap.add_argument("--novel-check", action="store_true",
                     help="after everything is frozen, print a Python-side novel-class sanity figure")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("sgps_train").setLevel(logging.INFO)
-    recipe.run(args)
+    if args.stage == "all":
+        recipe.run(args)
+    from sgps_train import conditions
+
+    res = conditions.run(args)
+    conditions.export_g(res, args.out)
     return 0
 
 

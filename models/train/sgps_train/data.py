@@ -21,6 +21,9 @@ NOVEL = {
     ("isic", "vascular_lesion"),
 }
 BASE_DATASETS = ["isic", "brain_mri", "blood_cells", "breast_us", "chest_xray"]
+# Skin conditions added later (all base): used by the synthesizer stage (conditions.py), not by
+# the encoder stage, whose cached runs and checks stay on BASE_DATASETS.
+CONDITION_DATASETS = ["dermnet", "sd198", "derm7pt"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ def base_items(items: list[Item]) -> list[Item]:
         for it in items
         if it.dataset in BASE_DATASETS and it.cls and (it.dataset, it.cls) not in NOVEL
     ]
+
+
+def all_base_items(items: list[Item]) -> list[Item]:
+    """Every base class of the fixed split (251): BASE_DATASETS plus CONDITION_DATASETS."""
+    keep = set(BASE_DATASETS) | set(CONDITION_DATASETS)
+    return [it for it in items if it.dataset in keep and it.cls and (it.dataset, it.cls) not in NOVEL]
 
 
 def novel_items(items: list[Item]) -> list[Item]:

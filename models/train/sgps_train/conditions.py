@@ -1,0 +1,408 @@
+"""The synthesizer stage over every base condition: class-level folds, the text map and G.
+
+The encoder stage (recipe.run) adapts the image encoder on the 16 original base classes. This
+stage starts from the encoder it exported (`models/image_encoder.onnx`, fixed by its SHA-256) and
+learns what the 16 classes could not teach: a map from clinical descriptions to classifier weights
+and a synthesizer G, from all 251 base conditions (the 16 plus dermnet, sd198 and derm7pt).
+
+Selection is by class-level folds: the base conditions are dealt into FOLDS folds; for each fold
+the text map and G are trained without its classes and scored on N-way K-shot episodes among
+them (K = 0, 1, 5). Two episode families are scored and weighted equally, so a clinical-photo
+gain cannot hide a dermoscopy loss: dermoscopic (ISIC base + derm7pt, 4-way) and skin (every
+held-out skin condition, 5-way). The novel ISIC classes are never read: `data.all_base_items`
+excludes them and `check_no_novel` fails the run if one reaches a training list.
+
+    python models/train/run.py --stage conditions     # after the full recipe (or on its shipped encoder)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, episodes, export, meta
+from .cache import save_atomic
+from .synth import ExportWrapper, Synthesizer
+
+log = logging.getLogger("sgps_train.conditions")
+
+FOLDS = 4
+# A part is switched on only if it beats the simpler configuration by more than this on the fold
+# score (mean over folds, K in {1, 5}, dermoscopic and skin weighted equally), and does not lose
+# more than this on the dermoscopic episodes alone.
+MIN_GAIN = 0.005
+# images per class embedded for the non-skin base datasets (they are 400-4,245 per class)
+CAP_OTHER = 100
+SKIN = ("isic", "dermnet", "sd198", "derm7pt")
+RIDGE_LAM = 0.1
+
+CONFIGS = {
+    "imprinting": {"text_with_images": False, "image_delta": False, "train": False},
+    "text_mix": {"text_with_images": True, "image_delta": False, "train": True},
+    "text_and_image_delta": {"text_with_images": True, "image_delta": True, "train": True},
+}
+
+
+def is_dermoscopic(c: str) -> bool:
+    return c.startswith("isic/") or c.startswith("derm7pt/")
+
+
+def check_no_novel(keys) -> None:
+    novel = {f"{d}/{c}" for d, c in data.NOVEL}
+    bad = sorted(set(keys) & novel)
+    if bad:
+        raise RuntimeError(f"novel classes reached a training list: {bad}")
+
+
+def make_folds(classes: list[str], n: int = FOLDS, seed: int = 0) -> list[list[str]]:
+    """Deal the classes into n folds: dermoscopic ones round-robin first (4 per fold for the 16),
+    then the rest, each group in a seeded shuffle, so every fold has its share of both."""
+    rng = np.random.default_rng(seed)
+    folds = [[] for _ in range(n)]
+    for group in ([c for c in classes if is_dermoscopic(c)], [c for c in classes if not is_dermoscopic(c)]):
+        group = sorted(group)
+        rng.shuffle(group)
+        for i, c in enumerate(group):
+            folds[i % n].append(c)
+    return [sorted(f) for f in folds]
+
+
+# ---------------------------------------------------------------- embeddings (cached)
+
+
+def _key(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def image_embeddings(models: Path, data_dir: Path, items, work: Path) -> np.ndarray:
+    """Embeddings of `items` by the exported image encoder (onnxruntime, fp32), cached by the
+    encoder's SHA-256 and the item list."""
+    mf = json.loads((models / "manifest.json").read_text())
+    ie = mf["image_encoder"]
+    path = models / ie["variants"]["fp32"]["file"]
+    sha = export.sha256(path)
+    cache = work / f"cond_img_{_key(sha, *[it.path for it in items])}.npy"
+    if cache.exists():
+        return np.load(cache)
+    mean, std = ie["preprocess"]["mean"], ie["preprocess"]["std"]
+    sess = export.ort_session(path)
+    out, t0 = [], time.time()
+    for i in range(0, len(items), 32):
+        x = np.stack([data.preprocess_file(data_dir / it.path, mean, std) for it in items[i : i + 32]])
+        out.append(sess.run([ie["output"]], {ie["input"]: x})[0])
+        if (i // 32) % 40 == 0:
+            log.info("embedded %d / %d images (%.0f s)", i + len(x), len(items), time.time() - t0)
+    emb = np.concatenate(out).astype(np.float32)
+    save_atomic(cache, lambda p: np.save(open(p, "wb"), emb))
+    return emb
+
+
+class TextEncoder:
+    """The shipped int8 text encoder through onnxruntime, one text per run, unpadded - exactly
+    what the runtime does (the dynamic int8 quantisation depends on batch neighbours)."""
+
+    def __init__(self, models: Path):
+        from tokenizers import Tokenizer
+
+        mf = json.loads((models / "manifest.json").read_text())
+        te = mf["text_encoder"]
+        self.te = te
+        self.path = models / te["variants"][te["default_variant"]]["file"]
+        self.tok = Tokenizer.from_file(str(models / te["tokenizer"]["file"]))
+        self.tok.no_padding()
+        self.sess = export.ort_session(self.path)
+
+    def embed(self, text: str) -> np.ndarray:
+        enc = self.tok.encode(text)
+        ids = np.asarray([enc.ids], np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if self.te["inputs"].get("token_type_ids"):
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        return self.sess.run([self.te["output"]], feeds)[0][0].astype(np.float32)
+
+
+def text_embeddings(models: Path, texts: dict, work: Path) -> dict:
+    enc = TextEncoder(models)
+    sha = export.sha256(enc.path)
+    flat = [(c, t) for c, ts in sorted(texts.items()) for t in ts]
+    cache = work / f"cond_txt_{_key(sha, *[c + t for c, t in flat])}.npy"
+    if cache.exists():
+        arr = np.load(cache)
+    else:
+        arr = np.stack([enc.embed(t) for _, t in flat])
+        save_atomic(cache, lambda p: np.save(open(p, "wb"), arr))
+    out, i = {}, 0
+    for c, ts in sorted(texts.items()):
+        out[c] = arr[i : i + len(ts)]
+        i += len(ts)
+    return out
+
+
+def load_conditions(models: Path, data_dir: Path, work: Path, desc: dict, quick: bool, seed: int):
+    items = data.all_base_items(data.read_manifest(data_dir))
+    by = data.by_class(items)
+    chosen = []
+    for c, its in sorted(by.items()):
+        cap = 3 if quick else (10_000 if its[0].dataset in SKIN else CAP_OTHER)
+        chosen += data.subsample(its, cap, seed)
+    if quick:
+        keep = sorted(by)[:: max(1, len(by) // 24)]
+        keep += [c for c in sorted(by) if is_dermoscopic(c)][:8]
+        chosen = [it for it in chosen if it.key in set(keep)]
+    check_no_novel({it.key for it in chosen})
+    check_no_novel(desc)
+    emb = image_embeddings(models, data_dir, chosen, work)
+    groups = {}
+    for e, it in zip(emb, chosen):
+        groups.setdefault(it.key, []).append(e)
+    emb_by = {c: np.stack(v) for c, v in groups.items()}
+    missing = sorted(set(emb_by) - set(desc))
+    if missing:
+        raise RuntimeError(f"base classes without descriptions in descriptions.json: {missing[:5]} ... ({len(missing)})")
+    texts = text_embeddings(models, {c: desc[c] for c in emb_by}, work)
+    return emb_by, texts
+
+
+# ---------------------------------------------------------------- training and scoring
+
+
+def split_images(emb: dict, frac: float, seed: int):
+    """Per class: the first part for meta-training, the rest for early stopping (>= 1 each)."""
+    rng = np.random.default_rng(seed)
+    a, b = {}, {}
+    for c, e in emb.items():
+        idx = rng.permutation(len(e))
+        n = min(max(1, int(round(frac * len(e)))), len(e) - 1) if len(e) > 1 else 1
+        a[c] = e[idx[:n]]
+        b[c] = e[idx[n:]] if len(e) > 1 else e[idx[:1]]
+    return a, b
+
+
+def fit_text_proj(g: Synthesizer, emb: dict, texts: dict, lam: float = RIDGE_LAM):
+    """text_proj so that P t ~ normalised class mean, least squares over the descriptions."""
+    means = meta.class_means(emb)
+    cs = [c for c in texts if c in means]
+    X = np.concatenate([texts[c] for c in cs]).astype(np.float64)
+    Y = np.concatenate([np.repeat(means[c][None], len(texts[c]), 0) for c in cs]).astype(np.float64)
+    W = meta.ridge(X, Y, lam)
+    with torch.no_grad():
+        g.text_proj.weight.copy_(torch.from_numpy(W[:-1].T).float())
+        g.text_proj.bias.copy_(torch.from_numpy(W[-1]).float())
+
+
+def make_g(cfg: dict, dim: int) -> Synthesizer:
+    g = Synthesizer(dim=dim, text_dim=384, init_scale=10.0)
+    g.text_with_images = cfg["text_with_images"]
+    g.image_delta = cfg["image_delta"]
+    return g
+
+
+def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int) -> Synthesizer:
+    dim = next(iter(emb.values())).shape[1]
+    g = make_g(cfg, dim)
+    fit_text_proj(g, emb, texts)
+    if cfg["train"]:
+        tr, va = split_images(emb, 0.8, seed)
+        g, _, _ = meta.meta_train(g, tr, va, texts, quick=quick, seed=seed, steps=1500)
+    g.eval()
+    return g
+
+
+def score(g: Synthesizer, held: dict, texts: dict, n_ep: int, seed: int) -> dict:
+    """Held-out-class figures: dermoscopic 4-way and skin 5-way, K = 0 (text only), 1, 5 (with text)."""
+    fams = {
+        "derm": [c for c in held if is_dermoscopic(c)],
+        "skin": [c for c in held if c.split("/")[0] in SKIN],
+    }
+    out = {}
+    for fam, cls in fams.items():
+        n = min(4 if fam == "derm" else 5, len(cls))
+        if n < 2:
+            continue
+        for k in (0, 1, 5):
+            r = episodes.evaluate(g, held, texts, cls, n, k, 15, n_ep, True, seed=seed + 7 * k)
+            out[f"{fam}_{k}"] = r["acc"]
+            if k > 0:
+                r = episodes.evaluate(g, held, texts, cls, n, k, 15, n_ep, False, seed=seed + 7 * k)
+                out[f"{fam}_{k}_imgonly"] = r["acc"]
+    return out
+
+
+def fold_score(rows: list[dict], name: str) -> dict:
+    def mean(keys):
+        v = [r[name][k] for r in rows for k in keys if k in r[name]]
+        return float(np.mean(v)) if v else float("nan")
+
+    derm = mean(["derm_1", "derm_5"])
+    skin = mean(["skin_1", "skin_5"])
+    return {"score": 0.5 * derm + 0.5 * skin, "derm": derm, "skin": skin,
+            "derm_0": mean(["derm_0"]), "skin_0": mean(["skin_0"])}
+
+
+def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path) -> dict:
+    classes = sorted(emb)
+    folds = make_folds(classes, 2 if quick else FOLDS, seed)
+    n_ep = 10 if quick else 300
+    cache = work / f"cond_folds_{_key(n_ep, seed, *classes, *[float(texts[c].sum()) for c in classes], json.dumps(CONFIGS))}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    t0 = time.time()
+    rows = []
+    for fi, fold in enumerate(folds):
+        held = {c: emb[c] for c in fold}
+        train = {c: emb[c] for c in classes if c not in fold}
+        tr_texts = {c: texts[c] for c in train}
+        row = {"fold": fi, "held_out": len(fold), "dermoscopic": [c for c in fold if is_dermoscopic(c)]}
+        for name, cfg in CONFIGS.items():
+            g = train_g(cfg, train, tr_texts, quick, seed)
+            row[name] = {k: round(v, 4) for k, v in score(g, held, {c: texts[c] for c in fold}, n_ep, 500 + fi).items()}
+            log.info("fold %d %s: %s (%.0f s)", fi, name, row[name], time.time() - t0)
+        rows.append(row)
+    means = {name: {k: round(v, 4) for k, v in fold_score(rows, name).items()} for name in CONFIGS}
+    chosen = "imprinting"
+    for name in CONFIGS:  # simplest first: a later one must beat the current choice
+        m, cur = means[name], means[chosen]
+        if m["score"] > cur["score"] + MIN_GAIN and m["derm"] >= cur["derm"] - MIN_GAIN:
+            chosen = name
+    report = {"folds": rows, "means": means, "chosen": chosen, "min_gain": MIN_GAIN, "episodes": n_ep,
+              "rule": "score = mean over folds and K in {1,5} of 0.5 * dermoscopic 4-way + 0.5 * skin 5-way (with text); "
+                      "a configuration replaces the simpler one only if its score is higher by > min_gain and its dermoscopic "
+                      "figure is not lower by more than min_gain",
+              "seconds": round(time.time() - t0, 1)}
+    save_atomic(cache, lambda p: Path(p).write_text(json.dumps(report, indent=1)))
+    return report
+
+
+def calibrate(g: Synthesizer, emb: dict, texts: dict, quick: bool, seed: int) -> dict:
+    """Temperature (folded into the scale), refer threshold and ECE on base-condition episodes.
+    The text weights are leave-one-class-out (each class's descriptions through a map fitted
+    without it), so text is not trusted more than it would be for a user's new class."""
+    eps = 10 if quick else 150
+    tw = meta.loo_text_weights(emb, texts, RIDGE_LAM)
+    classes = sorted(emb)
+    derm = [c for c in classes if is_dermoscopic(c)]
+    skin = [c for c in classes if c.split("/")[0] in SKIN]
+    pl = []
+    for k in (1, 2, 3, 5):
+        for use_text in (True, False):
+            pl += episodes.collect_logits(g, emb, texts, derm, min(4, len(derm)), k, 5, eps, use_text, 10 + k, tw)
+            pl += episodes.collect_logits(g, emb, texts, skin, min(5, len(skin)), k, 5, eps, use_text, 20 + k, tw)
+    temp = episodes.fit_temperature(pl)
+    with torch.no_grad():
+        g.log_scale.add_(math.log(temp))
+    probs, labels = [], []
+    for cls, n in ((derm, 4), (skin, 5)):
+        for k in (1, 5):
+            r = episodes.evaluate(g, emb, texts, cls, min(n, len(cls)), k, 15, eps, True, seed=100 + k, text_weights=tw)
+            probs += r["probs"]
+            labels += r["labels"]
+    return {"temperature_factor": round(temp, 4), "ece": round(episodes.ece(probs, labels), 4),
+            "refer": episodes.refer_threshold(probs, labels)}
+
+
+def run(args) -> dict:
+    here = Path(__file__).resolve().parent.parent
+    models = args.out
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    quick = args.quick
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    desc = json.loads((here / "descriptions.json").read_text())["base"]
+    t0 = time.time()
+    emb, texts = load_conditions(models, args.data, work, desc, quick, args.seed)
+    log.info("conditions: %d base classes, %d images, %d descriptions (%.0f s)", len(emb),
+             sum(len(v) for v in emb.values()), sum(len(v) for v in texts.values()), time.time() - t0)
+    check = fold_check(emb, texts, quick, args.seed, work)
+    log.info("fold check means %s -> %s", json.dumps(check["means"]), check["chosen"])
+    cfg = CONFIGS[check["chosen"]]
+    g = train_g(cfg, emb, texts, quick, args.seed)
+    cal = calibrate(g, emb, texts, quick, args.seed)
+    log.info("calibration %s", cal)
+    return {"g": g, "check": check, "calibration": cal, "config": check["chosen"], "texts": texts,
+            "classes": len(emb), "images": int(sum(len(v) for v in emb.values())), "seconds": round(time.time() - t0, 1)}
+
+
+def export_g(res: dict, models: Path) -> None:
+    """Write synthesizer.onnx (checked against PyTorch by onnxruntime), the synthesizer parity
+    reference and the manifest's synthesizer / head / provenance entries."""
+    g = res["g"]
+    dim = g.dim
+    syn_path = models / "synthesizer.onnx"
+    wrapper = ExportWrapper(g).eval()
+    tmp = models / "synthesizer.onnx.tmp"
+    export.export_synth(wrapper, tmp, dim, 384)
+    ref_dir = models / "reference"
+    texts_ref = json.loads((ref_dir / "texts.json").read_text())
+    rng = np.random.default_rng(3)
+    n, k = 3, 2
+    sup = rng.standard_normal((n, k, dim)).astype(np.float32)
+    sup /= np.linalg.norm(sup, axis=-1, keepdims=True)
+    sm = np.ones((n, k), np.float32)
+    sm[2, 1] = 0.0
+    sup[2, 1] = 0.0
+    txt = np.asarray([t["embedding"] for t in texts_ref[:n]], np.float32)
+    tm = np.asarray([1, 0, 1], np.float32)
+    txt[1] = 0.0
+    with torch.no_grad():
+        tw, tb, ts = (t.numpy() for t in wrapper(*(torch.from_numpy(a) for a in (sup, sm, txt, tm))))
+    sess = export.ort_session(tmp)
+    ow, ob, osc = sess.run(["weight", "bias", "scale"], {"support": sup, "support_mask": sm, "text": txt, "text_mask": tm})
+    err = max(np.abs(tw - ow).max(), np.abs(tb - ob).max(), np.abs(ts - osc).max())
+    log.info("synthesizer onnxruntime vs torch: max abs diff %.2e", err)
+    if err > 1e-3:
+        raise RuntimeError(f"synthesizer ONNX disagrees with PyTorch (max abs diff {err})")
+    z = sess.run(["weight"], {"support": np.zeros((n, 1, dim), np.float32), "support_mask": np.zeros((n, 1), np.float32),
+                              "text": txt, "text_mask": np.ones(n, np.float32)})[0]
+    if not np.isfinite(z).all():
+        raise RuntimeError("synthesizer gives non-finite weights for a text-only task")
+    tmp.replace(syn_path)
+    for name, arr in (("support", sup), ("support_mask", sm), ("text", txt), ("text_mask", tm), ("weight", ow), ("bias", ob), ("scale", osc)):
+        export.save_npy(ref_dir / f"synth_{name}.npy", arr)
+    export.write_json(ref_dir / "synth.json", {k: f"synth_{k}.npy" for k in ("support", "support_mask", "text", "text_mask", "weight", "bias", "scale")})
+
+    mf_path = models / "manifest.json"
+    mf = json.loads(mf_path.read_text())
+    syn = mf["synthesizer"]
+    syn["sha256"] = export.sha256(syn_path)
+    syn["bytes"] = syn_path.stat().st_size
+    syn["enabled"] = {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
+                      "chosen_by": "class-level folds over the 251 base conditions (provenance.conditions.fold_check)"}
+    cal = res["calibration"]
+    head = mf["head"]
+    head["refer_threshold"] = round(float(cal["refer"]["threshold"]), 4)
+    head["ece"] = cal["ece"]
+    head["calibration"] = {
+        "on": "base-condition episodes (dermoscopic 4-way and skin 5-way, K in 1..5, with and without text; "
+              "leave-one-class-out text weights)",
+        "temperature_factor": cal["temperature_factor"],
+        "refer_rule": "refer when max p < threshold; threshold maximises (+1 correct, -1 wrong, 0 referred) on those episodes",
+        "refer_rate": cal["refer"].get("refer_rate"),
+        "accepted_accuracy": cal["refer"].get("accepted_accuracy"),
+    }
+    mf.setdefault("provenance", {})["conditions"] = {
+        "stage": "python models/train/run.py --stage conditions",
+        "base_classes": res["classes"],
+        "images": res["images"],
+        "descriptions": "models/train/descriptions.json (base: 3 per class)",
+        "image_encoder_sha256": mf["image_encoder"]["variants"]["fp32"]["sha256"],
+        "chosen": res["config"],
+        "fold_check": {k: v for k, v in res["check"].items() if k != "folds"} | {
+            "folds": [{"fold": r["fold"], "held_out": r["held_out"], "dermoscopic": r["dermoscopic"]} | {n: r[n] for n in CONFIGS}
+                      for r in res["check"]["folds"]]},
+        "seconds": res["seconds"],
+    }
+    export.write_json(mf_path, mf)
+    log.info("wrote %s and %s (synthesizer %s)", syn_path, mf_path, res["config"])

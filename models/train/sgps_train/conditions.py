@@ -30,7 +30,7 @@ import torch
 
 from . import data, episodes, export, meta
 from .cache import save_atomic
-from .synth import ExportWrapper, Synthesizer
+from .synth import Synthesizer
 
 log = logging.getLogger("sgps_train.conditions")
 
@@ -339,39 +339,10 @@ def export_g(res: dict, models: Path) -> None:
     """Write synthesizer.onnx (checked against PyTorch by onnxruntime), the synthesizer parity
     reference and the manifest's synthesizer / head / provenance entries."""
     g = res["g"]
-    dim = g.dim
     syn_path = models / "synthesizer.onnx"
-    wrapper = ExportWrapper(g).eval()
-    tmp = models / "synthesizer.onnx.tmp"
-    export.export_synth(wrapper, tmp, dim, 384)
     ref_dir = models / "reference"
     texts_ref = json.loads((ref_dir / "texts.json").read_text())
-    rng = np.random.default_rng(3)
-    n, k = 3, 2
-    sup = rng.standard_normal((n, k, dim)).astype(np.float32)
-    sup /= np.linalg.norm(sup, axis=-1, keepdims=True)
-    sm = np.ones((n, k), np.float32)
-    sm[2, 1] = 0.0
-    sup[2, 1] = 0.0
-    txt = np.asarray([t["embedding"] for t in texts_ref[:n]], np.float32)
-    tm = np.asarray([1, 0, 1], np.float32)
-    txt[1] = 0.0
-    with torch.no_grad():
-        tw, tb, ts = (t.numpy() for t in wrapper(*(torch.from_numpy(a) for a in (sup, sm, txt, tm))))
-    sess = export.ort_session(tmp)
-    ow, ob, osc = sess.run(["weight", "bias", "scale"], {"support": sup, "support_mask": sm, "text": txt, "text_mask": tm})
-    err = max(np.abs(tw - ow).max(), np.abs(tb - ob).max(), np.abs(ts - osc).max())
-    log.info("synthesizer onnxruntime vs torch: max abs diff %.2e", err)
-    if err > 1e-3:
-        raise RuntimeError(f"synthesizer ONNX disagrees with PyTorch (max abs diff {err})")
-    z = sess.run(["weight"], {"support": np.zeros((n, 1, dim), np.float32), "support_mask": np.zeros((n, 1), np.float32),
-                              "text": txt, "text_mask": np.ones(n, np.float32)})[0]
-    if not np.isfinite(z).all():
-        raise RuntimeError("synthesizer gives non-finite weights for a text-only task")
-    tmp.replace(syn_path)
-    for name, arr in (("support", sup), ("support_mask", sm), ("text", txt), ("text_mask", tm), ("weight", ow), ("bias", ob), ("scale", osc)):
-        export.save_npy(ref_dir / f"synth_{name}.npy", arr)
-    export.write_json(ref_dir / "synth.json", {k: f"synth_{k}.npy" for k in ("support", "support_mask", "text", "text_mask", "weight", "bias", "scale")})
+    export.export_synth_checked(g, syn_path, ref_dir, np.asarray([t["embedding"] for t in texts_ref[:3]], np.float32))
 
     mf_path = models / "manifest.json"
     mf = json.loads(mf_path.read_text())

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import lite0
-from .synth import l2n
+from .synth import ExportWrapper, l2n
 
 log = logging.getLogger("sgps_train.export")
 OPSET = 14
@@ -111,6 +111,45 @@ def export_synth(wrapper, path: Path, dim: int, text_dim: int):
         ["weight", "bias", "scale"],
         axes,
     )
+
+
+def export_synth_checked(g, path: Path, ref_dir: Path, text3: np.ndarray) -> None:
+    """Export G to `path` (written whole or not at all), check onnxruntime against PyTorch on a
+    small task (3 classes, one with a masked shot, one without text) and on a text-only task, and
+    write that task as the synthesizer parity reference (`ref_dir/synth*.npy`, `synth.json`).
+    `text3`: three text embeddings [3, T] from the shipped text encoder."""
+    wrapper = ExportWrapper(g).eval()
+    dim = g.dim
+    tmp = path.with_name(path.name + ".tmp")
+    export_synth(wrapper, tmp, dim, text3.shape[1])
+    rng = np.random.default_rng(3)
+    n, k = 3, 2
+    sup = rng.standard_normal((n, k, dim)).astype(np.float32)
+    sup /= np.linalg.norm(sup, axis=-1, keepdims=True)
+    sm = np.ones((n, k), np.float32)
+    sm[2, 1] = 0.0
+    sup[2, 1] = 0.0
+    txt = np.asarray(text3[:n], np.float32).copy()
+    tm = np.asarray([1, 0, 1], np.float32)
+    txt[1] = 0.0
+    with torch.no_grad():
+        tw, tb, ts = (t.numpy() for t in wrapper(*(torch.from_numpy(a) for a in (sup, sm, txt, tm))))
+    sess = ort_session(tmp)
+    ow, ob, osc = sess.run(["weight", "bias", "scale"], {"support": sup, "support_mask": sm, "text": txt, "text_mask": tm})
+    err = max(np.abs(tw - ow).max(), np.abs(tb - ob).max(), np.abs(ts - osc).max())
+    log.info("synthesizer onnxruntime vs torch: max abs diff %.2e", err)
+    if err > 1e-3:
+        raise RuntimeError(f"synthesizer ONNX disagrees with PyTorch (max abs diff {err})")
+    # K = 0 (text only) must run too
+    z = sess.run(["weight"], {"support": np.zeros((n, 1, dim), np.float32), "support_mask": np.zeros((n, 1), np.float32),
+                              "text": np.asarray(text3[:n], np.float32), "text_mask": np.ones(n, np.float32)})[0]
+    if not np.isfinite(z).all():
+        raise RuntimeError("synthesizer gives non-finite weights for a text-only task")
+    tmp.replace(path)
+    names = ("support", "support_mask", "text", "text_mask", "weight", "bias", "scale")
+    for name, arr in zip(names, (sup, sm, txt, tm, ow, ob, osc)):
+        save_npy(ref_dir / f"synth_{name}.npy", arr)
+    write_json(ref_dir / "synth.json", {k: f"synth_{k}.npy" for k in names})
 
 
 def quantize_text_int8(fp32: Path, out: Path):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import data, embed, episodes, export, heldout, lite0, minilm
-from .synth import ExportWrapper, Synthesizer
+from .synth import Synthesizer
 
 log = logging.getLogger("sgps_train")
 
@@ -475,31 +475,9 @@ def export_all(out, work, enc, text_model, tok, g, data_dir, split_b1, split_b2,
     files["text_int8"] = t8
     files["text_int8_cos"] = float(c8.mean())
 
-    # synthesizer
+    # synthesizer (and its parity reference)
     syn_path = out / "synthesizer.onnx"
-    wrapper = ExportWrapper(g).eval()
-    export.export_synth(wrapper, syn_path, lite0.FEATURE_DIM, 384)
-    rng = np.random.default_rng(3)
-    n, k = 3, 2
-    sup = rng.standard_normal((n, k, lite0.FEATURE_DIM)).astype(np.float32)
-    sup /= np.linalg.norm(sup, axis=-1, keepdims=True)
-    sm = np.ones((n, k), np.float32)
-    sm[2, 1] = 0.0
-    sup[2, 1] = 0.0
-    txt = o8[:n].astype(np.float32).copy()
-    tm = np.asarray([1, 0, 1], np.float32)
-    txt[1] = 0.0
-    with torch.no_grad():
-        tw, tb, ts = (t.numpy() for t in wrapper(*(torch.from_numpy(a) for a in (sup, sm, txt, tm))))
-    ssess = export.ort_session(syn_path)
-    ow, ob, osc = ssess.run(["weight", "bias", "scale"], {"support": sup, "support_mask": sm, "text": txt, "text_mask": tm})
-    err = max(np.abs(tw - ow).max(), np.abs(tb - ob).max(), np.abs(ts - osc).max())
-    log.info("synthesizer onnxruntime vs torch: max abs diff %.2e", err)
-    if err > 1e-3:
-        raise RuntimeError(f"synthesizer ONNX disagrees with PyTorch (max abs diff {err})")
-    # K = 0 (text only) must run too
-    z = ssess.run(["weight"], {"support": np.zeros((n, 1, lite0.FEATURE_DIM), np.float32), "support_mask": np.zeros((n, 1), np.float32), "text": o8[:n], "text_mask": np.ones(n, np.float32)})[0]
-    assert np.isfinite(z).all()
+    export.export_synth_checked(g, syn_path, ref_dir, o8[:3])
     files["synth"] = syn_path
 
     # reference data
@@ -512,9 +490,6 @@ def export_all(out, work, enc, text_model, tok, g, data_dir, split_b1, split_b2,
         img_entries.append({"path": it.path, "input": f"img{i}_input.npy", "embedding": f"img{i}_embedding.npy", "embedding_torch": f"img{i}_embedding_torch.npy", "variant": "fp32"})
     export.write_json(ref_dir / "images.json", img_entries)
     export.write_json(ref_dir / "texts.json", [{"text": t, "variant": "int8", "embedding": [round(float(v), 7) for v in o8[i]], "embedding_torch_fp32": [round(float(v), 7) for v in tt[i]]} for i, t in enumerate(texts)])
-    for name, arr in (("support", sup), ("support_mask", sm), ("text", txt), ("text_mask", tm), ("weight", ow), ("bias", ob), ("scale", osc)):
-        export.save_npy(ref_dir / f"synth_{name}.npy", arr)
-    export.write_json(ref_dir / "synth.json", {k: f"synth_{k}.npy" for k in ("support", "support_mask", "text", "text_mask", "weight", "bias", "scale")})
     return files
 
 

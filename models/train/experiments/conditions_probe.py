@@ -1,0 +1,132 @@
+"""Probes behind the conditions stage's "tried, not shipped" rows (models/README.md), on the stage's cached
+embeddings and folds: `textmap` (contrastive text map vs ridge, K = 0), `lambda` (ridge lambda sweep), `refer`
+(task-adaptive referral vs the fixed calibrated threshold, utility +1 correct / -1 wrong / 0 referred).
+Base classes only (conditions.load_conditions). Run after `run.py --stage conditions` has filled --work:
+
+    models/train/.venv/bin/python models/train/experiments/conditions_probe.py textmap|lambda|refer
+"""
+import sys, json, time, logging
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+import numpy as np, torch, torch.nn.functional as F
+from sgps_train import conditions as C, episodes, meta
+logging.basicConfig(level=logging.WARNING)
+here = HERE
+desc = json.loads((here / "descriptions.json").read_text())["base"]
+emb, texts = C.load_conditions(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", desc, False, 0)
+classes = sorted(emb); folds = C.make_folds(classes)
+
+def pools_of(cls):
+    P = {"derm": [c for c in cls if C.is_dermoscopic(c)]}
+    for c in cls:
+        if not C.is_dermoscopic(c):
+            P.setdefault(c.split("/")[0], []).append(c)
+    return {k: v for k, v in P.items() if len(v) >= 2}
+
+def fit_contrastive(g, tr, trt, steps=1500, lr=1e-3, s=10.0, wd=1e-4, seed=0, per=4, B=32):
+    C.fit_text_proj(g, tr, trt)
+    rng = np.random.default_rng(seed)
+    lin = g.text_proj
+    opt = torch.optim.AdamW(lin.parameters(), lr=lr, weight_decay=wd)
+    P = pools_of(list(tr)); names = list(P)
+    E = {c: torch.from_numpy(v).float() for c, v in tr.items()}
+    T = {c: torch.from_numpy(v).float() for c, v in trt.items()}
+    for step in range(steps):
+        pool = P[names[rng.integers(len(names))]]
+        cs = list(rng.choice(pool, size=min(B, len(pool)), replace=False))
+        t = torch.stack([T[c][rng.integers(len(T[c]))] for c in cs])
+        w = F.normalize(lin(t), dim=-1)
+        xs, ys = [], []
+        for i, c in enumerate(cs):
+            idx = rng.choice(len(E[c]), size=per, replace=len(E[c]) < per)
+            xs.append(E[c][idx]); ys += [i] * per
+        x = torch.cat(xs); y = torch.tensor(ys)
+        loss = F.cross_entropy(s * x @ w.T, y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    return g
+
+def zs(g, held, ht, n_ep=300, fi=0):
+    out = {}
+    for fam, cls, n in (("derm", [c for c in held if C.is_dermoscopic(c)], 4), ("skin", [c for c in held if c.split('/')[0] in C.SKIN], 5)):
+        out[fam] = episodes.evaluate(g, held, ht, cls, n, 0, 15, n_ep, True, seed=500 + fi)["acc"]
+    return out
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "textmap"
+if mode == "textmap":
+    res = {}
+    t0 = time.time()
+    for fi, fold in enumerate(folds):
+        held = {c: emb[c] for c in fold}; ht = {c: texts[c] for c in fold}
+        tr = {c: emb[c] for c in classes if c not in fold}; trt = {c: texts[c] for c in tr}
+        for name, fn in (("ridge", lambda g: C.fit_text_proj(g, tr, trt)),
+                         ("contrastive", lambda g: fit_contrastive(g, tr, trt)),
+                         ("contrastive_s20", lambda g: fit_contrastive(g, tr, trt, s=20.0)),
+                         ("contrastive_lr3e-4", lambda g: fit_contrastive(g, tr, trt, lr=3e-4))):
+            g = C.make_g(C.CONFIGS["imprinting"], 1280); fn(g); g.eval()
+            r = zs(g, held, ht, fi=fi)
+            res.setdefault(name, []).append(r)
+            print(fi, name, {k: round(v, 4) for k, v in r.items()}, round(time.time() - t0), flush=True)
+    for name, rs in res.items():
+        d = np.mean([r["derm"] for r in rs]); s = np.mean([r["skin"] for r in rs])
+        print(f"{name}: derm_0 {d:.4f} skin_0 {s:.4f} mean {(d+s)/2:.4f}")
+elif mode == "lambda":
+    for lam in (0.01, 0.1, 0.3, 1.0, 3.0, 10.0):
+        ds, ss = [], []
+        for fi, fold in enumerate(folds):
+            held = {c: emb[c] for c in fold}; ht = {c: texts[c] for c in fold}
+            tr = {c: emb[c] for c in classes if c not in fold}; trt = {c: texts[c] for c in tr}
+            g = C.make_g(C.CONFIGS["imprinting"], 1280); C.fit_text_proj(g, tr, trt, lam=lam); g.eval()
+            r = zs(g, held, ht, fi=fi); ds.append(r["derm"]); ss.append(r["skin"])
+        print(f"lam {lam}: derm_0 {np.mean(ds):.4f} skin_0 {np.mean(ss):.4f} mean {(np.mean(ds)+np.mean(ss))/2:.4f}", [round(d,3) for d in ds], flush=True)
+elif mode == "refer":
+    from sgps_train.synth import logits
+    cfg = C.CONFIGS["text_and_image_delta"]
+    
+    def episodes_feats(g, embd, txt, cls, n, k, eps, seed, tw=None):
+        rng = np.random.default_rng(seed); rows = []
+        for _ in range(eps):
+            s, qx, y, chosen = episodes.sample_episode(rng, embd, cls, n, k, 15)
+            t, tm, tws = episodes.text_for(chosen, txt, rng, True, 384, tw)
+            w, b, sc = episodes.run_g(g, s, t, tm, tws)
+            p = torch.softmax(logits(torch.from_numpy(qx).float(), w, b, sc), -1).numpy()
+            wn = (w / w.norm(dim=-1, keepdim=True)).numpy()
+            sim = wn @ wn.T; off = sim[~np.eye(n, dtype=bool)]
+            cons = 1.0 if k == 1 else float(np.mean([(s[i] @ (s[i].mean(0) / np.linalg.norm(s[i].mean(0)))).mean() for i in range(n)]))
+            pm = p.max(-1); ok = (p.argmax(-1) == y).astype(float)
+            srt = np.sort(p, -1); margin = srt[:, -1] - srt[:, -2]
+            for j in range(len(y)):
+                rows.append([pm[j], margin[j], off.mean(), off.max(), cons, np.log(n), np.log1p(k), ok[j]])
+        return np.asarray(rows)
+    
+    def utility(ok, accept): return float(((2 * ok - 1) * accept).sum() / len(ok))
+    
+    res = {"fixed": [], "adaptive": [], "none": []}
+    for fi, fold in enumerate(folds):
+        tr = {c: emb[c] for c in classes if c not in fold}; trt = {c: texts[c] for c in tr}
+        held = {c: emb[c] for c in fold}; ht = {c: texts[c] for c in fold}
+        g = C.train_g(cfg, tr, trt, False, 0)
+        tw = meta.loo_text_weights(tr, trt, C.RIDGE_LAM)
+        def fam(embd, txt, tws, seed):
+            out = []
+            for cl, n in (([c for c in embd if C.is_dermoscopic(c)], 4), ([c for c in embd if c.split('/')[0] in C.SKIN], 5)):
+                for k in (1, 3, 5):
+                    out.append(episodes_feats(g, embd, txt, cl, min(n, len(cl)), k, 60, seed + k, tws))
+            return np.concatenate(out)
+        A = fam(tr, trt, tw, 10); B = fam(held, ht, None, 500 + fi)
+        # fixed threshold fitted on training classes
+        ths = np.linspace(0.2, 0.9, 71)
+        th = ths[np.argmax([utility(A[:, -1], A[:, 0] >= t) for t in ths])]
+        # adaptive: logistic regression of correctness on (logit p_max, margin, task feats)
+        from numpy.linalg import lstsq
+        X = lambda M: np.c_[np.log(M[:, 0] / (1 - M[:, 0] + 1e-6)), M[:, 1:7], np.ones(len(M))]
+        wlr = np.zeros(X(A).shape[1]); Xa = X(A); ya = A[:, -1]
+        for _ in range(300):
+            pr = 1 / (1 + np.exp(-Xa @ wlr)); wlr -= 0.5 * Xa.T @ (pr - ya) / len(ya) + 1e-4 * wlr
+        acc_b = 1 / (1 + np.exp(-X(B) @ wlr)) >= 0.5
+        res["none"].append(utility(B[:, -1], np.ones(len(B), bool)))
+        res["fixed"].append(utility(B[:, -1], B[:, 0] >= th))
+        res["adaptive"].append(utility(B[:, -1], acc_b))
+        print(fi, "th", round(th, 3), {k: round(v[-1], 4) for k, v in res.items()}, "refer fixed %.3f adaptive %.3f" % (1 - (B[:, 0] >= th).mean(), 1 - acc_b.mean()), flush=True)
+    print({k: round(float(np.mean(v)), 4) for k, v in res.items()})

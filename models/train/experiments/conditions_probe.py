@@ -15,7 +15,7 @@ from sgps_train import conditions as C, episodes, meta
 logging.basicConfig(level=logging.WARNING)
 here = HERE
 desc = json.loads((here / "descriptions.json").read_text())["base"]
-emb, texts = C.load_conditions(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", desc, False, 0)
+emb, texts, _ = C.load_conditions(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", desc, False, 0)
 classes = sorted(emb); folds = C.make_folds(classes)
 
 def pools_of(cls):

@@ -172,7 +172,40 @@ def load_conditions(models: Path, data_dir: Path, work: Path, desc: dict, quick:
     if missing:
         raise RuntimeError(f"base classes without descriptions in descriptions.json: {missing[:5]} ... ({len(missing)})")
     texts = text_embeddings(models, {c: desc[c] for c in emb_by}, work)
-    return emb_by, texts
+    concepts = concept_pairs(models, data_dir, chosen, emb, work)
+    return emb_by, texts, concepts
+
+
+CONCEPT_KEYS = {"pigment_network": "pigment network", "streaks": "streaks", "pigmentation": "pigmentation",
+                "regression_structures": "regression structures", "dots_and_globules": "dots and globules",
+                "blue_whitish_veil": "blue-whitish veil", "vascular_structures": "vessels"}
+
+
+def concept_text(row: dict) -> str:
+    """The seven-point checklist of one derm7pt image as a sentence ("Dermoscopy: atypical pigment
+    network, no streaks, ...")."""
+    def phrase(k, v):
+        if v == "absent":
+            return f"no {CONCEPT_KEYS[k]}"
+        return CONCEPT_KEYS[k] if v == "present" else f"{v} {CONCEPT_KEYS[k]}"
+
+    return "Dermoscopy: " + ", ".join(phrase(k, row[k]) for k in CONCEPT_KEYS) + "."
+
+
+def concept_pairs(models: Path, data_dir: Path, items, emb: np.ndarray, work: Path) -> list:
+    """(class, concept-sentence embedding, image embedding) for every embedded derm7pt image with
+    seven-point labels in derm7pt/concepts.csv (none when the file is absent)."""
+    import csv
+
+    path = data_dir / "derm7pt" / "concepts.csv"
+    if not path.exists():
+        return []
+    rows = {r["path"]: r for r in csv.DictReader(path.open(newline=""))}
+    found = [(it, e) for it, e in zip(items, emb) if it.path in rows]
+    sentences = sorted({concept_text(rows[it.path]) for it, _ in found})
+    t = text_embeddings(models, {"concepts": sentences}, work)["concepts"] if sentences else []
+    by_text = dict(zip(sentences, t))
+    return [(it.key, by_text[concept_text(rows[it.path])], e) for it, e in found]
 
 
 # ---------------------------------------------------------------- training and scoring
@@ -190,12 +223,24 @@ def split_images(emb: dict, frac: float, seed: int):
     return a, b
 
 
-def fit_text_proj(g: Synthesizer, emb: dict, texts: dict, lam: float = RIDGE_LAM):
-    """text_proj so that P t ~ normalised class mean, least squares over the descriptions."""
+def fit_text_proj(g: Synthesizer, emb: dict, texts: dict, lam: float = RIDGE_LAM, concepts=None):
+    """text_proj so that P t ~ normalised class mean, least squares over the descriptions; with
+    `concepts` (concept_pairs) also P(concept sentence) ~ normalised mean of the images of the
+    classes in `emb` that carry that sentence (dermoscopic vocabulary tied to dermoscopic images)."""
     means = meta.class_means(emb)
     cs = [c for c in texts if c in means]
-    X = np.concatenate([texts[c] for c in cs]).astype(np.float64)
-    Y = np.concatenate([np.repeat(means[c][None], len(texts[c]), 0) for c in cs]).astype(np.float64)
+    xs = [texts[c] for c in cs]
+    ys = [np.repeat(means[c][None], len(texts[c]), 0) for c in cs]
+    groups = {}
+    for c, t, e in concepts or []:
+        if c in emb:
+            groups.setdefault(t.tobytes(), (t, []))[1].append(e)
+    for t, es in groups.values():
+        m = np.mean(es, 0)
+        xs.append(t[None])
+        ys.append((m / (np.linalg.norm(m) + 1e-8))[None])
+    X = np.concatenate(xs).astype(np.float64)
+    Y = np.concatenate(ys).astype(np.float64)
     W = meta.ridge(X, Y, lam)
     with torch.no_grad():
         g.text_proj.weight.copy_(torch.from_numpy(W[:-1].T).float())
@@ -209,10 +254,10 @@ def make_g(cfg: dict, dim: int) -> Synthesizer:
     return g
 
 
-def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int) -> Synthesizer:
+def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=None) -> Synthesizer:
     dim = next(iter(emb.values())).shape[1]
     g = make_g(cfg, dim)
-    fit_text_proj(g, emb, texts)
+    fit_text_proj(g, emb, texts, concepts=concepts)
     if cfg["train"]:
         tr, va = split_images(emb, 0.8, seed)
         g, _, _ = meta.meta_train(g, tr, va, texts, quick=quick, seed=seed, steps=1500)
@@ -251,11 +296,44 @@ def fold_score(rows: list[dict], name: str) -> dict:
             "derm_0": mean(["derm_0"]), "skin_0": mean(["skin_0"])}
 
 
-def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path) -> dict:
+def text_map_check(emb: dict, texts: dict, concepts: list, quick: bool, seed: int) -> dict:
+    """Descriptions alone (K = 0) on the held-out folds, with the text map fitted on the
+    descriptions only, or also on the derm7pt concept sentences of the training classes' images.
+    The concepts are kept if the mean of dermoscopic 4-way and skin 5-way gains > MIN_GAIN and
+    dermoscopy does not lose more than MIN_GAIN."""
     classes = sorted(emb)
     folds = make_folds(classes, 2 if quick else FOLDS, seed)
     n_ep = 10 if quick else 300
-    cache = work / f"cond_folds_{_key(n_ep, seed, *classes, *[float(texts[c].sum()) for c in classes], json.dumps(CONFIGS))}.json"
+    out = {}
+    for name, cp in (("descriptions", None), ("descriptions+concepts", concepts)):
+        fams = {"derm": [], "skin": []}
+        for fi, fold in enumerate(folds):
+            held = {c: emb[c] for c in fold}
+            g = make_g(CONFIGS["imprinting"], next(iter(emb.values())).shape[1])
+            fit_text_proj(g, {c: emb[c] for c in classes if c not in fold}, {c: texts[c] for c in classes if c not in fold},
+                          concepts=cp)
+            g.eval()
+            r = score(g, held, {c: texts[c] for c in fold}, n_ep, 500 + fi)
+            for f in fams:
+                if f"{f}_0" in r:
+                    fams[f].append(r[f"{f}_0"])
+        d, k = float(np.mean(fams["derm"])), float(np.mean(fams["skin"]))
+        out[name] = {"derm_0": round(d, 4), "skin_0": round(k, 4), "mean": round(0.5 * d + 0.5 * k, 4),
+                     "derm_0_per_fold": [round(x, 4) for x in fams["derm"]]}
+    a, b = out["descriptions"], out["descriptions+concepts"]
+    use = bool(concepts) and b["mean"] > a["mean"] + MIN_GAIN and b["derm_0"] >= a["derm_0"] - MIN_GAIN
+    out["chosen"] = "descriptions+concepts" if use else "descriptions"
+    out["concept_pairs"] = len(concepts)
+    log.info("text map check %s", out)
+    return out
+
+
+def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path, concepts=None) -> dict:
+    classes = sorted(emb)
+    folds = make_folds(classes, 2 if quick else FOLDS, seed)
+    n_ep = 10 if quick else 300
+    ckey = [float(t.sum()) for _, t, _ in concepts or []]
+    cache = work / f"cond_folds_{_key(n_ep, seed, *classes, *[float(texts[c].sum()) for c in classes], json.dumps(CONFIGS), *ckey)}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     t0 = time.time()
@@ -266,7 +344,7 @@ def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path) -> di
         tr_texts = {c: texts[c] for c in train}
         row = {"fold": fi, "held_out": len(fold), "dermoscopic": [c for c in fold if is_dermoscopic(c)]}
         for name, cfg in CONFIGS.items():
-            g = train_g(cfg, train, tr_texts, quick, seed)
+            g = train_g(cfg, train, tr_texts, quick, seed, concepts)
             row[name] = {k: round(v, 4) for k, v in score(g, held, {c: texts[c] for c in fold}, n_ep, 500 + fi).items()}
             log.info("fold %d %s: %s (%.0f s)", fi, name, row[name], time.time() - t0)
         rows.append(row)
@@ -322,16 +400,20 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     desc = json.loads((here / "descriptions.json").read_text())["base"]
     t0 = time.time()
-    emb, texts = load_conditions(models, args.data, work, desc, quick, args.seed)
+    emb, texts, concepts = load_conditions(models, args.data, work, desc, quick, args.seed)
     log.info("conditions: %d base classes, %d images, %d descriptions (%.0f s)", len(emb),
              sum(len(v) for v in emb.values()), sum(len(v) for v in texts.values()), time.time() - t0)
-    check = fold_check(emb, texts, quick, args.seed, work)
+    tm = text_map_check(emb, texts, concepts, quick, args.seed)
+    if tm["chosen"] == "descriptions":
+        concepts = None
+    check = fold_check(emb, texts, quick, args.seed, work, concepts)
+    check["text_map"] = tm
     log.info("fold check means %s -> %s", json.dumps(check["means"]), check["chosen"])
     cfg = CONFIGS[check["chosen"]]
-    g = train_g(cfg, emb, texts, quick, args.seed)
+    g = train_g(cfg, emb, texts, quick, args.seed, concepts)
     cal = calibrate(g, emb, texts, quick, args.seed)
     log.info("calibration %s", cal)
-    return {"g": g, "check": check, "calibration": cal, "config": check["chosen"], "texts": texts,
+    return {"g": g, "check": check, "calibration": cal, "config": check["chosen"], "texts": texts, "concepts": bool(concepts),
             "classes": len(emb), "images": int(sum(len(v) for v in emb.values())), "seconds": round(time.time() - t0, 1)}
 
 
@@ -367,7 +449,7 @@ def export_g(res: dict, models: Path) -> None:
         "stage": "python models/train/run.py --stage conditions",
         "base_classes": res["classes"],
         "images": res["images"],
-        "descriptions": "models/train/descriptions.json (base: 3 per class)",
+        "descriptions": "models/train/descriptions.json (base: 3 per class)" + (" + derm7pt seven-point concept sentences" if res.get("concepts") else ""),
         "image_encoder_sha256": mf["image_encoder"]["variants"]["fp32"]["sha256"],
         "chosen": res["config"],
         "fold_check": {k: v for k, v in res["check"].items() if k != "folds"} | {

@@ -334,3 +334,27 @@ def test_fold_score_weighs_dermoscopy_and_skin_equally():
     s = conditions.fold_score(rows, "a")
     assert abs(s["derm"] - 0.5) < 1e-9 and abs(s["skin"] - 0.9) < 1e-9
     assert abs(s["score"] - 0.7) < 1e-9
+
+
+def test_concept_sentences_enter_the_text_map_only_for_training_classes():
+    from sgps_train import conditions
+
+    row = {"pigment_network": "atypical", "streaks": "absent", "pigmentation": "diffuse irregular",
+           "regression_structures": "absent", "dots_and_globules": "irregular", "blue_whitish_veil": "present",
+           "vascular_structures": "arborizing"}
+    assert conditions.concept_text(row) == (
+        "Dermoscopy: atypical pigment network, no streaks, diffuse irregular pigmentation, no regression structures, "
+        "irregular dots and globules, blue-whitish veil, arborizing vessels.")
+    rng = np.random.default_rng(0)
+    emb = {c: rng.standard_normal((4, 16)).astype(np.float32) for c in ("derm7pt/a", "dermnet/b", "dermnet/c")}
+    texts = {c: rng.standard_normal((3, 384)).astype(np.float32) for c in emb}
+    concepts = [("derm7pt/a", rng.standard_normal(384).astype(np.float32), rng.standard_normal(16).astype(np.float32))]
+    held_out = [("derm7pt/z", concepts[0][1], concepts[0][2])]  # a class not in the training set
+
+    def proj(cp):
+        g = synth.Synthesizer(dim=16, text_dim=384)
+        conditions.fit_text_proj(g, emb, texts, concepts=cp)
+        return g.text_proj.weight.detach().numpy().copy()
+
+    assert np.array_equal(proj(None), proj(held_out))  # held-out classes' concepts are never read
+    assert not np.allclose(proj(None), proj(concepts))

@@ -253,8 +253,7 @@ fn configure_threads(threads: Option<usize>) {
 }
 
 /// Where the models are: `flag` if given, else `$SGPS_MODELS`, else a `models/` directory with a
-/// manifest next to the executable or one of its ancestors (the workspace when run from
-/// `target/…`), else the source workspace's `models/`, else `./models`.
+/// manifest found by [`locate_installed`], else `./models`.
 pub fn resolve_models_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(p) = flag {
         return p.to_path_buf();
@@ -262,18 +261,19 @@ pub fn resolve_models_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(p) = std::env::var_os(MODELS_ENV).filter(|v| !v.is_empty()) {
         return PathBuf::from(p);
     }
-    let has_manifest = |d: &Path| d.join("manifest.json").is_file();
-    if let Ok(exe) = std::env::current_exe() {
-        for anc in exe.ancestors().skip(1) {
-            let cand = anc.join("models");
-            if has_manifest(&cand) {
-                return cand;
-            }
-        }
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    if has_manifest(&src) {
-        return src;
-    }
-    PathBuf::from("models")
+    locate_installed(Path::new("models"), |d| d.join("manifest.json").is_file())
+        .unwrap_or_else(|| PathBuf::from("models"))
+}
+
+/// `rel` next to the executable or one of its ancestors (a release bundle, or the workspace when
+/// run from `target/…`), else in the source workspace: the first that `ok` accepts.
+pub fn locate_installed(rel: &Path, ok: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    exe.iter()
+        .flat_map(|e| e.ancestors().skip(1))
+        .map(|a| a.join(rel))
+        .chain(std::iter::once(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(rel),
+        ))
+        .find(|c| ok(c))
 }

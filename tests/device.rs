@@ -28,7 +28,7 @@ fn repo() -> PathBuf {
 }
 
 fn data_dir() -> PathBuf {
-    let full = collection();
+    let full = common::collection_dir();
     if full.join("isic").is_dir() {
         full
     } else {
@@ -36,18 +36,11 @@ fn data_dir() -> PathBuf {
     }
 }
 
-fn collection() -> PathBuf {
-    std::env::var_os("SGPS_DATA")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/data"))
-}
-
 /// K images for a class added to the task later: ISIC nevus from the collection, or (samples
 /// only) the held-out actinic keratosis images under that name - the test checks that only the
 /// new class is enrolled and that the device equals the plain pipeline, not what the images show.
 fn added_class_images(gate: &GateThresholds) -> Vec<PathBuf> {
-    if collection().join("isic/nevus").is_dir() {
+    if common::collection_dir().join("isic/nevus").is_dir() {
         pick("nevus", gate).0
     } else {
         pick("actinic_keratosis", gate).1[..K].to_vec()

@@ -142,29 +142,22 @@ fn isic_fs_novel_episodes_are_stable() {
 /// samples shipped in tests/samples and says so.
 #[test]
 fn demo_without_the_collection_runs_on_the_shipped_samples() {
-    let out = common::command(env!("CARGO_BIN_EXE_sgps"))
-        .arg("--models")
+    let mut cmd = common::command(env!("CARGO_BIN_EXE_sgps"));
+    cmd.arg("--models")
         .arg(models_dir())
         .arg("demo")
-        .env("SGPS_DATA", "/nonexistent/sgps-data")
-        .output()
-        .expect("sgps runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        .env("SGPS_DATA", "/nonexistent/sgps-data");
+    let stdout = succeeds_saying(
+        &mut cmd,
+        &[
+            "tests/samples (shipped samples)",
+            "SGPS_DATA=/nonexistent/sgps-data holds no isic/<novel class>/ folders",
+            "CC BY-NC 4.0",
+            "Support set (5 images per class)",
+            "Held-out images (5 per class)",
+            "Accuracy: ",
+        ],
     );
-    for needle in [
-        "tests/samples (shipped samples)",
-        "SGPS_DATA=/nonexistent/sgps-data holds no isic/<novel class>/ folders",
-        "CC BY-NC 4.0",
-        "Support set (5 images per class)",
-        "Held-out images (5 per class)",
-        "Accuracy: ",
-    ] {
-        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
-    }
     // 20 held-out rows, each with a verdict, and no image failed
     let rows = stdout
         .lines()
@@ -217,37 +210,45 @@ fn eval_rejects_impossible_arguments_before_embedding() {
 #[test]
 fn bench_smoke_without_onnxruntime() {
     let Some(data) = data_dir() else { return };
-    let out = common::command(env!("CARGO_BIN_EXE_sgps"))
-        .args([
-            "bench",
-            "--reps",
-            "1",
-            "--warmup",
-            "0",
-            "--python",
-            "/nonexistent/python",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .arg("--models")
-        .arg(models_dir())
-        .output()
-        .expect("sgps runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut cmd = common::command(env!("CARGO_BIN_EXE_sgps"));
+    cmd.args([
+        "bench",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--python",
+        "/nonexistent/python",
+    ])
+    .arg("--data")
+    .arg(&data)
+    .arg("--models")
+    .arg(models_dir());
+    succeeds_saying(
+        &mut cmd,
+        &[
+            "end to end",
+            "text: tokenize + encoder",
+            "from cached embeddings",
+            "raw captures",
+            "peak RSS (VmHWM)",
+            "onnxruntime comparison skipped",
+            "--no-ort",
+        ],
+    );
+}
+
+/// Run `cmd`, require success and every needle in its standard output; returns that output.
+fn succeeds_saying(cmd: &mut std::process::Command, needles: &[&str]) -> String {
+    let out = cmd.output().expect("sgps runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for needle in [
-        "end to end",
-        "text: tokenize + encoder",
-        "from cached embeddings",
-        "raw captures",
-        "peak RSS (VmHWM)",
-        "onnxruntime comparison skipped",
-        "--no-ort",
-    ] {
+    for needle in needles {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
+    stdout
 }

@@ -480,15 +480,19 @@ mod tests {
         assert!(yuyv_to_rgb(&[0; 3], 2, 1, 0).is_none());
     }
 
-    #[test]
-    fn missing_device_is_disconnected_and_backs_off() {
-        let mut c = V4l2Camera::new(
-            Path::new("/dev/video-does-not-exist"),
+    fn camera(path: &str) -> V4l2Camera {
+        V4l2Camera::new(
+            Path::new(path),
             PixelFormat::Auto,
             640,
             480,
             Duration::from_millis(10),
-        );
+        )
+    }
+
+    #[test]
+    fn missing_device_is_disconnected_and_backs_off() {
+        let mut c = camera("/dev/video-does-not-exist");
         let e = c.capture().unwrap_err();
         assert!(matches!(e, CameraError::Disconnected { .. }), "{e}");
         assert!(c.backoff > MIN_BACKOFF);
@@ -498,13 +502,7 @@ mod tests {
     #[test]
     fn a_file_that_is_not_a_camera_is_a_config_error() {
         // /dev/null opens but answers VIDIOC_QUERYCAP with ENOTTY: not transient, say so
-        let mut c = V4l2Camera::new(
-            Path::new("/dev/null"),
-            PixelFormat::Auto,
-            640,
-            480,
-            Duration::from_millis(10),
-        );
+        let mut c = camera("/dev/null");
         let e = c.capture().unwrap_err();
         assert!(matches!(e, CameraError::Config { .. }), "{e}");
         assert!(e.to_string().contains("not a V4L2 device"), "{e}");

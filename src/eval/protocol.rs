@@ -46,18 +46,11 @@ pub fn resolve_data_dir(flag: Option<&Path>) -> PathBuf {
 }
 
 /// The sample images shipped with sgps (`tests/samples`: 10 per ISIC novel class, CC BY-NC 4.0,
-/// see its ATTRIBUTION.md): next to the executable or one of its ancestors (the workspace when run
-/// from `target/…`), else the source workspace's.
+/// see its ATTRIBUTION.md), found by [`crate::pipeline::locate_installed`].
 pub fn samples_dir() -> PathBuf {
     let rel = Path::new("tests").join("samples");
-    if let Ok(exe) = std::env::current_exe() {
-        for anc in exe.ancestors().skip(1) {
-            if anc.join(&rel).join("isic").is_dir() {
-                return anc.join(&rel);
-            }
-        }
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    crate::pipeline::locate_installed(&rel, |d| d.join("isic").is_dir())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
 }
 
 /// Where the demo's images come from.

@@ -37,10 +37,7 @@ pub fn ci() -> bool {
 /// The full image collection (`$SGPS_DATA`, else `../shared/data`), or `None` after printing why
 /// the calling test is skipped (a failure under `CI=true`, see [`require`]).
 pub fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("SGPS_DATA")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    let d = collection_dir();
     require(
         d.join("isic").is_dir(),
         "this test",
@@ -52,10 +49,17 @@ pub fn data_dir() -> Option<PathBuf> {
     .then_some(d)
 }
 
-/// The 40 sample images shipped in `tests/samples` (10 per ISIC novel class): always present.
-pub fn samples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples")
+/// Where the image collection should be: `$SGPS_DATA`, else `../shared/data` (may not exist).
+pub fn collection_dir() -> PathBuf {
+    std::env::var_os("SGPS_DATA")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
 }
+
+/// The 40 sample images shipped in `tests/samples` (10 per ISIC novel class): always present.
+#[allow(unused_imports)] // used by some test binaries only
+pub use sgps::eval::samples_dir;
 
 /// The models of [`models_dir`], loaded once per test binary.
 pub fn pipeline() -> &'static Pipeline {

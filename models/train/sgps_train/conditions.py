@@ -109,6 +109,11 @@ def image_embeddings(models: Path, data_dir: Path, items, work: Path) -> np.ndar
     return emb
 
 
+def text_encoder_file(models: Path) -> Path:
+    te = json.loads((models / "manifest.json").read_text())["text_encoder"]
+    return models / te["variants"][te["default_variant"]]["file"]
+
+
 class TextEncoder:
     """The shipped int8 text encoder through onnxruntime, one text per run, unpadded - exactly
     what the runtime does (the dynamic int8 quantisation depends on batch neighbours)."""
@@ -119,7 +124,7 @@ class TextEncoder:
         mf = json.loads((models / "manifest.json").read_text())
         te = mf["text_encoder"]
         self.te = te
-        self.path = models / te["variants"][te["default_variant"]]["file"]
+        self.path = text_encoder_file(models)
         self.tok = Tokenizer.from_file(str(models / te["tokenizer"]["file"]))
         self.tok.no_padding()
         self.sess = export.ort_session(self.path)
@@ -134,13 +139,15 @@ class TextEncoder:
 
 
 def text_embeddings(models: Path, texts: dict, work: Path) -> dict:
-    enc = TextEncoder(models)
-    sha = export.sha256(enc.path)
+    """class -> [n, T] embeddings of its texts, cached by the text encoder's SHA-256 and the texts
+    (the encoder is loaded only on a cache miss)."""
+    sha = export.sha256(text_encoder_file(models))
     flat = [(c, t) for c, ts in sorted(texts.items()) for t in ts]
     cache = work / f"cond_txt_{_key(sha, *[c + t for c, t in flat])}.npy"
     if cache.exists():
         arr = np.load(cache)
     else:
+        enc = TextEncoder(models)
         arr = np.stack([enc.embed(t) for _, t in flat])
         save_atomic(cache, lambda p: np.save(open(p, "wb"), arr))
     out, i = {}, 0
@@ -256,6 +263,7 @@ def make_g(cfg: dict, dim: int) -> Synthesizer:
 
 def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=None) -> Synthesizer:
     dim = next(iter(emb.values())).shape[1]
+    torch.manual_seed(seed)  # G's initial weights do not depend on what ran (or was cached) before
     g = make_g(cfg, dim)
     fit_text_proj(g, emb, texts, concepts=concepts)
     if cfg["train"]:

@@ -56,6 +56,13 @@ fn small_real_eval_is_deterministic_and_cached() {
             assert_eq!(m.accuracy.n, 5);
             assert!((0.0..=1.0).contains(&m.accuracy.mean), "{m:?}");
             assert!((0.0..=1.0).contains(&m.macro_f1.mean), "{m:?}");
+            // Referral figures cover every query (5 episodes x 2 ways x 5 queries) at the
+            // shipped threshold, and pooled accuracy equals the mean of the balanced episodes'.
+            let r = &m.referral;
+            assert_eq!(r.predictions, 50, "{m:?}");
+            assert_eq!(r.threshold, pipeline.manifest().head.refer_threshold);
+            assert!((r.overall_accuracy - m.accuracy.mean).abs() < 1e-9, "{m:?}");
+            assert!((0.0..=1.0).contains(&r.refer_rate) && (0.0..=1.0).contains(&r.ece));
         }
         // Every episode: disjoint support/query sets of the requested sizes.
         let list = sr.episode_list.as_ref().expect("--list-episodes");
@@ -86,6 +93,7 @@ fn small_real_eval_is_deterministic_and_cached() {
             assert_eq!(ma.method, mb.method);
             assert_eq!(ma.accuracy, mb.accuracy, "{}", ma.method);
             assert_eq!(ma.macro_f1, mb.macro_f1, "{}", ma.method);
+            assert_eq!(ma.referral, mb.referral, "{}", ma.method);
         }
     }
 

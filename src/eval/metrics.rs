@@ -1,4 +1,5 @@
-//! Accuracy, macro-F1 and confidence intervals over episodes.
+//! Accuracy, macro-F1 and confidence intervals over episodes; referral, calibration (ECE) and
+//! risk-coverage over the pooled queries.
 
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +78,94 @@ impl MeanCi {
     }
 }
 
+/// Number of equal-width confidence bins of [`expected_calibration_error`].
+pub const ECE_BINS: usize = 15;
+
+/// Referral and calibration figures over pooled predictions (`confidence` = the top class's
+/// probability, `correct` = whether the top class was right).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Referral {
+    /// Refer when the top probability is below this.
+    pub threshold: f32,
+    /// Fraction of predictions referred.
+    pub refer_rate: f64,
+    /// Accuracy on the predictions not referred (0 when every one was referred).
+    pub accepted_accuracy: f64,
+    /// Accuracy over every prediction.
+    pub overall_accuracy: f64,
+    /// Expected calibration error, [`ECE_BINS`] equal-width bins of the top probability.
+    pub ece: f64,
+    /// Area under the risk-coverage curve (predictions ranked by confidence; lower is better).
+    pub aurc: f64,
+    pub predictions: usize,
+}
+
+impl Referral {
+    pub fn of(confidence: &[f32], correct: &[bool], threshold: f32) -> Referral {
+        assert_eq!(confidence.len(), correct.len());
+        let n = confidence.len();
+        let accepted: Vec<bool> = confidence
+            .iter()
+            .zip(correct)
+            .filter(|(c, _)| **c >= threshold)
+            .map(|(_, ok)| *ok)
+            .collect();
+        let frac = |k: usize, of: usize| if of == 0 { 0.0 } else { k as f64 / of as f64 };
+        Referral {
+            threshold,
+            refer_rate: frac(n - accepted.len(), n),
+            accepted_accuracy: frac(accepted.iter().filter(|ok| **ok).count(), accepted.len()),
+            overall_accuracy: frac(correct.iter().filter(|ok| **ok).count(), n),
+            ece: expected_calibration_error(confidence, correct, ECE_BINS),
+            aurc: aurc(confidence, correct),
+            predictions: n,
+        }
+    }
+}
+
+/// Σ_b (n_b / n) · |accuracy_b − mean confidence_b| over `bins` equal-width bins of [0, 1]
+/// (confidence 1 falls in the last bin). Empty input gives 0.
+pub fn expected_calibration_error(confidence: &[f32], correct: &[bool], bins: usize) -> f64 {
+    assert_eq!(confidence.len(), correct.len());
+    let n = confidence.len();
+    if n == 0 || bins == 0 {
+        return 0.0;
+    }
+    let mut count = vec![0usize; bins];
+    let mut conf = vec![0f64; bins];
+    let mut ok = vec![0usize; bins];
+    for (&c, &r) in confidence.iter().zip(correct) {
+        let b = ((c.clamp(0.0, 1.0) as f64 * bins as f64) as usize).min(bins - 1);
+        count[b] += 1;
+        conf[b] += c as f64;
+        ok[b] += r as usize;
+    }
+    (0..bins)
+        .filter(|&b| count[b] > 0)
+        .map(|b| (ok[b] as f64 - conf[b]).abs() / n as f64)
+        .sum()
+}
+
+/// Area under the risk-coverage curve: predictions sorted by confidence (highest first), the
+/// mean over coverages i/n (i = 1..n) of the error rate among the i most confident. Ties are
+/// taken in input order. Empty input gives 0.
+pub fn aurc(confidence: &[f32], correct: &[bool]) -> f64 {
+    assert_eq!(confidence.len(), correct.len());
+    let n = confidence.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| confidence[b].total_cmp(&confidence[a]));
+    let mut wrong = 0usize;
+    let mut sum = 0f64;
+    for (i, &j) in order.iter().enumerate() {
+        wrong += (!correct[j]) as usize;
+        sum += wrong as f64 / (i + 1) as f64;
+    }
+    sum / n as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +197,44 @@ mod tests {
         assert!((m.std - std).abs() < 1e-12);
         assert!((m.ci95 - 1.96 * std / 2.0).abs() < 1e-12);
         assert_eq!(MeanCi::of(&[0.7]).ci95, 0.0);
+    }
+
+    #[test]
+    fn ece_is_zero_when_confidence_matches_accuracy_and_large_when_not() {
+        // Bin [0.6, 0.667): confidence 0.6 on 5 predictions, 3 right -> calibrated.
+        let conf = [0.6f32; 5];
+        let ok = [true, true, true, false, false];
+        assert!(expected_calibration_error(&conf, &ok, 15) < 1e-6);
+        // Always 0.95 sure, right half the time -> ECE 0.45.
+        let conf = [0.95f32; 4];
+        let ok = [true, false, true, false];
+        assert!((expected_calibration_error(&conf, &ok, 15) - 0.45).abs() < 1e-6);
+        // Two bins, weighted by their share: |1 - 0.9| * 0.5 + |0 - 0.3| * 0.5.
+        let e = expected_calibration_error(&[0.9, 0.3], &[true, false], 10);
+        assert!((e - 0.2).abs() < 1e-6, "{e}");
+        assert_eq!(expected_calibration_error(&[1.0], &[true], 15), 0.0);
+    }
+
+    #[test]
+    fn aurc_rewards_confidence_that_ranks_errors_last() {
+        let ok = [true, true, false, false];
+        // Errors least confident: risks 0, 0, 1/3, 1/2.
+        let good = aurc(&[0.9, 0.8, 0.4, 0.3], &ok);
+        assert!((good - (0.0 + 0.0 + 1.0 / 3.0 + 0.5) / 4.0).abs() < 1e-12);
+        // Errors most confident: risks 1, 1, 2/3, 1/2.
+        let bad = aurc(&[0.3, 0.4, 0.9, 0.8], &ok);
+        assert!((bad - (1.0 + 1.0 + 2.0 / 3.0 + 0.5) / 4.0).abs() < 1e-12);
+        assert_eq!(aurc(&[], &[]), 0.0);
+    }
+
+    #[test]
+    fn referral_splits_at_the_threshold() {
+        let r = Referral::of(&[0.9, 0.7, 0.45, 0.3], &[true, false, true, false], 0.5);
+        assert_eq!(r.refer_rate, 0.5);
+        assert_eq!(r.accepted_accuracy, 0.5);
+        assert_eq!(r.overall_accuracy, 0.5);
+        assert_eq!(r.predictions, 4);
+        let all = Referral::of(&[0.2, 0.3], &[true, true], 0.5);
+        assert_eq!((all.refer_rate, all.accepted_accuracy), (1.0, 0.0));
     }
 }

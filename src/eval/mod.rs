@@ -3,7 +3,8 @@
 //! The flow: resolve the classes of an ImageFolder tree ([`episodes::ImagePool`]), draw seeded
 //! episodes, embed every image of those classes once through the runtime pipeline (cached on
 //! disk, [`cache::EmbeddingCache`]), then score every [`Method`] on the same episodes and report
-//! accuracy ± 95% CI and macro-F1 ([`metrics`]).
+//! accuracy ± 95% CI and macro-F1, and the referral figures (refer rate and accepted-case
+//! accuracy at the shipped threshold, ECE, area under the risk-coverage curve) ([`metrics`]).
 
 pub mod cache;
 pub mod descriptions;
@@ -19,9 +20,10 @@ pub use protocol::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::classifier::softmax;
 use episodes::Episode;
 use logreg::{LogReg, LogRegOptions, argmax};
-use metrics::MeanCi;
+use metrics::{MeanCi, Referral};
 
 /// One episode as seen by a method: embeddings of the support images per way (possibly none,
 /// for 0-shot) and of the queries, plus the pool class index of each way.
@@ -31,14 +33,14 @@ pub struct Task<'a> {
     pub queries: Vec<&'a [f32]>,
 }
 
-/// A few-shot method: predicts the way (index into `task.classes`) of every query.
+/// A few-shot method: the probability of each way (index into `task.classes`) for every query.
 pub trait Method {
     fn name(&self) -> &str;
     /// Whether the method needs at least one shot per class.
     fn needs_shots(&self) -> bool {
         true
     }
-    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<usize>>;
+    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<Vec<f32>>>;
 }
 
 /// L2-normalised copy of `v` (zero vector stays zero).
@@ -55,14 +57,24 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Prototype imprinting: cosine similarity to the normalised mean of the normalised shots.
-pub struct Prototype;
+/// Prototype imprinting: cosine similarity to the normalised mean of the normalised shots;
+/// probabilities are softmax(`scale` · cosine).
+pub struct Prototype {
+    pub scale: f32,
+}
+
+impl Default for Prototype {
+    /// Scale 10: the synthesizer's starting scale before calibration (recipe `init_scale`).
+    fn default() -> Self {
+        Prototype { scale: 10.0 }
+    }
+}
 
 impl Method for Prototype {
     fn name(&self) -> &str {
         "prototype"
     }
-    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<usize>> {
+    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<Vec<f32>>> {
         let protos: Vec<Vec<f32>> = task
             .support
             .iter()
@@ -82,8 +94,8 @@ impl Method for Prototype {
             .iter()
             .map(|q| {
                 let q = normalized(q);
-                let sims: Vec<f32> = protos.iter().map(|p| dot(p, &q)).collect();
-                argmax(&sims)
+                let sims: Vec<f32> = protos.iter().map(|p| self.scale * dot(p, &q)).collect();
+                softmax(&sims)
             })
             .collect())
     }
@@ -101,7 +113,7 @@ impl Method for LogisticRegression {
     fn name(&self) -> &str {
         "logistic_regression"
     }
-    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<usize>> {
+    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<Vec<f32>>> {
         let mut x = Vec::new();
         let mut y = Vec::new();
         for (w, shots) in task.support.iter().enumerate() {
@@ -118,7 +130,7 @@ impl Method for LogisticRegression {
         Ok(task
             .queries
             .iter()
-            .map(|q| m.predict(&normalized(q)))
+            .map(|q| softmax(&m.logits(&normalized(q))))
             .collect())
     }
 }
@@ -128,6 +140,10 @@ impl Method for LogisticRegression {
 pub struct EpisodeScores {
     pub accuracy: Vec<f64>,
     pub macro_f1: Vec<f64>,
+    /// Top probability of every query of every episode, in order.
+    pub confidence: Vec<f32>,
+    /// Whether each of those predictions was right.
+    pub correct: Vec<bool>,
     /// Wall time spent in the method (fit + predict), all episodes.
     pub seconds: f64,
 }
@@ -139,6 +155,8 @@ pub struct MethodResult {
     pub accuracy: MeanCi,
     /// Mean over episodes of the per-episode macro-F1 (each episode is class-balanced).
     pub macro_f1: MeanCi,
+    /// Referral at the shipped threshold, ECE and risk-coverage over every query of every episode.
+    pub referral: Referral,
     /// Wall time spent in the method over all episodes (from cached embeddings).
     #[serde(default)]
     pub seconds: f64,
@@ -182,8 +200,9 @@ pub fn score_episodes(
         for (m, scores) in methods.iter_mut().zip(out.iter_mut()) {
             let Some(scores) = scores else { continue };
             let t = std::time::Instant::now();
-            let pred = m.predict(&task)?;
+            let probs = m.predict(&task)?;
             scores.seconds += t.elapsed().as_secs_f64();
+            let pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
             anyhow::ensure!(
                 pred.len() == truth.len(),
                 "method {} returned {} predictions for {} queries",
@@ -191,6 +210,10 @@ pub fn score_episodes(
                 pred.len(),
                 truth.len()
             );
+            for ((p, &k), &t) in probs.iter().zip(&pred).zip(&truth) {
+                scores.confidence.push(p[k]);
+                scores.correct.push(k == t);
+            }
             scores.accuracy.push(metrics::accuracy(&truth, &pred));
             scores
                 .macro_f1
@@ -202,11 +225,13 @@ pub fn score_episodes(
 }
 
 impl MethodResult {
-    pub fn from_scores(method: &str, s: &EpisodeScores) -> MethodResult {
+    /// Summary of `s`; predictions whose top probability is below `refer_threshold` count as referred.
+    pub fn from_scores(method: &str, s: &EpisodeScores, refer_threshold: f32) -> MethodResult {
         MethodResult {
             method: method.to_string(),
             accuracy: MeanCi::of(&s.accuracy),
             macro_f1: MeanCi::of(&s.macro_f1),
+            referral: Referral::of(&s.confidence, &s.correct, refer_threshold),
             seconds: s.seconds,
         }
     }
@@ -263,23 +288,30 @@ mod tests {
             seed: 0,
         };
         let eps = sample_episodes(&pool, &spec).unwrap();
-        let mut p = Prototype;
+        let mut p = Prototype::default();
         let mut l = LogisticRegression::default();
         let res = score_episodes(&embs, &eps, &mut [&mut p, &mut l], || {}).unwrap();
         for r in &res {
-            let r = MethodResult::from_scores("x", r.as_ref().unwrap());
+            let r = MethodResult::from_scores("x", r.as_ref().unwrap(), 0.5);
             assert_eq!(r.accuracy.mean, 1.0);
             assert_eq!(r.macro_f1.mean, 1.0);
             assert_eq!(r.accuracy.n, 10);
+            // 10 episodes x 4 ways x 5 queries, all right and confident enough to be accepted.
+            assert_eq!(r.referral.predictions, 200);
+            assert_eq!(r.referral.overall_accuracy, 1.0);
+            assert_eq!(r.referral.aurc, 0.0);
         }
         assert_eq!(l.not_converged, 0);
 
         let (pool, embs) = toy(4, 20, 3.0);
         let eps = sample_episodes(&pool, &spec).unwrap();
-        let res = score_episodes(&embs, &eps, &mut [&mut Prototype], || {}).unwrap();
-        let r = MethodResult::from_scores("p", res[0].as_ref().unwrap());
+        let res = score_episodes(&embs, &eps, &mut [&mut Prototype::default()], || {}).unwrap();
+        let r = MethodResult::from_scores("p", res[0].as_ref().unwrap(), 0.5);
         assert!(r.accuracy.mean < 0.9 && r.accuracy.mean > 0.25, "{r:?}");
         assert!(r.accuracy.ci95 > 0.0);
+        // Pooled over queries, the referral figures agree with the episode accuracies.
+        assert!((r.referral.overall_accuracy - r.accuracy.mean).abs() < 1e-9);
+        assert!(r.referral.aurc > 0.0 && r.referral.aurc < 1.0 - r.accuracy.mean);
     }
 
     #[test]
@@ -293,7 +325,7 @@ mod tests {
             seed: 1,
         };
         let eps = sample_episodes(&pool, &spec).unwrap();
-        let res = score_episodes(&embs, &eps, &mut [&mut Prototype], || {}).unwrap();
+        let res = score_episodes(&embs, &eps, &mut [&mut Prototype::default()], || {}).unwrap();
         assert!(res[0].is_none());
     }
 }

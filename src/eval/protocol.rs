@@ -269,7 +269,7 @@ impl Method for Sgps<'_> {
     fn needs_shots(&self) -> bool {
         self.mode != SynthMode::TextOnly
     }
-    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<usize>> {
+    fn predict(&mut self, task: &Task) -> anyhow::Result<Vec<Vec<f32>>> {
         let build = |with_shots: bool| -> Vec<ClassSupport> {
             task.classes
                 .iter()
@@ -297,7 +297,11 @@ impl Method for Sgps<'_> {
             fresh = self.pipeline.synthesize(&build(true), self.mode)?;
             &fresh
         };
-        Ok(task.queries.iter().map(|q| clf.predict(q).top).collect())
+        Ok(task
+            .queries
+            .iter()
+            .map(|q| clf.predict(q).probabilities)
+            .collect())
     }
 }
 
@@ -433,7 +437,8 @@ pub fn evaluate(
     let mut m_it = sgps(SynthMode::ImagesAndText, "sgps images+text");
     let mut m_i = sgps(SynthMode::ImagesOnly, "sgps images only");
     let mut m_t = sgps(SynthMode::TextOnly, "sgps text only (0-shot)");
-    let mut m_p = Prototype;
+    let mut m_p = Prototype::default();
+    let refer_threshold = pipeline.manifest().head.refer_threshold;
     let mut m_l = LogisticRegression::default();
 
     let t1 = Instant::now();
@@ -448,7 +453,10 @@ pub fn evaluate(
         let methods = labels
             .iter()
             .zip(&scores)
-            .filter_map(|(l, s)| s.as_ref().map(|s| MethodResult::from_scores(l, s)))
+            .filter_map(|(l, s)| {
+                s.as_ref()
+                    .map(|s| MethodResult::from_scores(l, s, refer_threshold))
+            })
             .collect();
         let episode_list = list_episodes.then(|| {
             let p = |ids: &Vec<usize>| {
@@ -498,7 +506,8 @@ pub fn evaluate(
         method_notes: vec![
             "sgps *: the shipped synthesizer through Pipeline::synthesize, one fixed description per class (the first in the descriptions file)".into(),
             "sgps text only (0-shot): ignores the shots; synthesized once per class set and scored on every shot count's queries".into(),
-            "prototype: argmax cosine to the L2-normalised mean of the L2-normalised support embeddings".into(),
+            format!("prototype: argmax cosine to the L2-normalised mean of the L2-normalised support embeddings; probabilities softmax({} x cosine), uncalibrated (the synthesizer's starting scale)", m_p.scale),
+            format!("referral: every method's prediction is referred when its top probability is below the shipped threshold {refer_threshold} (models/manifest.json head.refer_threshold); refer_rate, accepted_accuracy, overall_accuracy, ECE ({} equal-width bins) and AURC (area under the risk-coverage curve, confidence-ranked) are over every query of every episode", super::metrics::ECE_BINS),
             format!(
                 "logistic_regression: multinomial, L2 (C = {}), unpenalised bias, on L2-normalised support embeddings; Nesterov gradient descent to max-gradient {} ({} of {} fits hit the iteration cap)",
                 m_l.opts.c, m_l.opts.tol, m_l.not_converged, cfg.episodes * cfg.shots.iter().filter(|&&k| k > 0).count()
@@ -551,6 +560,32 @@ pub fn report_table(r: &EvalReport) -> String {
                 100.0 * m.macro_f1.mean,
                 100.0 * m.macro_f1.ci95,
                 m.seconds
+            );
+        }
+    }
+    let threshold = r
+        .results
+        .iter()
+        .flat_map(|sr| sr.methods.first())
+        .map(|m| m.referral.threshold)
+        .next()
+        .unwrap_or(0.5);
+    s += &format!(
+        "\nreferral (refer when top p < {threshold:.2}; all queries of all episodes)\n{:>5}  {:<26} {:>10} {:>14} {:>11} {:>7} {:>7}\n",
+        "shots", "method", "referred %", "accepted acc %", "overall %", "ECE", "AURC"
+    );
+    for sr in &r.results {
+        for m in &sr.methods {
+            let f = &m.referral;
+            s += &format!(
+                "{:>5}  {:<26} {:>10.1} {:>14.2} {:>11.2} {:>7.3} {:>7.3}\n",
+                sr.shots,
+                m.method,
+                100.0 * f.refer_rate,
+                100.0 * f.accepted_accuracy,
+                100.0 * f.overall_accuracy,
+                f.ece,
+                f.aurc
             );
         }
     }

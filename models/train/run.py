@@ -4,9 +4,13 @@
     python models/train/run.py --data ../shared/data --out models/            # full recipe
     python models/train/run.py --data ../shared/data --out /tmp/x --quick     # code-path check (CI)
 
-Steps: ImageNet Lite0 check -> encoder adaptation on base classes -> text encoder export (int8) ->
-embedding cache -> synthesizer meta-training on base-class episodes -> calibration -> ONNX export,
-onnxruntime verification, int8 image encoder, parity reference data, manifest.json.
+Stages (--stage all runs the three in order, --stage supervised the last two; each heavy step is cached in --work, so a cut run resumes):
+  recipe      ImageNet Lite0 check -> self-supervised encoder -> adaptation checks on the 16 original base
+              classes -> text encoder export (int8) -> ONNX export, verification, references, manifest.json
+  supervised  every layer of that encoder fine-tuned on the 235+ base skin conditions, kept only if
+              class-level folds say so (sgps_train/supervise.py)
+  conditions  text map and synthesizer G learned from all 251 base conditions, chosen by class-level
+              folds, calibrated (sgps_train/conditions.py)
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-meta", action="store_true", help="untrained G (= prototype imprinting)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stage", choices=["all", "conditions"], default="all",
-                    help="all: the whole recipe, then the conditions stage; conditions: only the synthesizer stage over "
-                         "all 251 base conditions, on the image encoder already in --out")
+    ap.add_argument("--stage", choices=["all", "supervised", "conditions"], default="all",
+                    help="all: the encoder recipe, then the supervised stage, then the conditions stage; supervised: "
+                         "the many-condition fine-tuning of the encoder already in --out, then the conditions stage; "
+                         "conditions: only the synthesizer stage over all 251 base conditions, on the image encoder in --out")
     ap.add_argument("--novel-check", action="store_true",
                     help="after everything is frozen, print a Python-side novel-class sanity figure")
     args = ap.parse_args(argv)
@@ -44,7 +49,10 @@ def main(argv=None) -> int:
     logging.getLogger("sgps_train").setLevel(logging.INFO)
     if args.stage == "all":
         recipe.run(args)
-    from sgps_train import conditions
+    from sgps_train import conditions, supervise
+
+    if args.stage in ("all", "supervised"):
+        supervise.run(args)
 
     res = conditions.run(args)
     conditions.export_g(res, args.out)

@@ -111,6 +111,10 @@ def test_quick_recipe_end_to_end(tmp_path):
     cond = m["provenance"]["conditions"]
     assert cond["chosen"] in ("imprinting", "text_mix", "text_and_image_delta")
     assert cond["fold_check"]["folds"] and cond["base_classes"] > 16
+    # the supervised stage ran between them, checked a fold, and the conditions stage used its encoder
+    sup = m["provenance"]["supervised_encoder"]
+    assert sup["fold_check"]["folds"] and sup["fold_check"]["chosen"] in ("start", "finetuned")
+    assert sup["output_sha256"] == m["image_encoder"]["variants"]["fp32"]["sha256"] == cond["image_encoder_sha256"]
 
 
 def test_ssl_trains_every_layer_from_augmented_views_and_needs_two_images():
@@ -358,3 +362,55 @@ def test_concept_sentences_enter_the_text_map_only_for_training_classes():
 
     assert np.array_equal(proj(None), proj(held_out))  # held-out classes' concepts are never read
     assert not np.allclose(proj(None), proj(concepts))
+
+
+# ---------------------------------------------------------------- supervised encoder stage
+
+
+def test_supervised_stage_rebuilds_the_shipped_encoder_exactly():
+    from sgps_train import export, supervise
+
+    path = HERE.parent / "image_encoder.onnx"
+    enc = supervise.rebuild(path)
+    assert enc.power and enc.center.abs().sum() > 0  # the shipped export is sqrt + centred
+    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        a = enc(torch.from_numpy(x)).numpy()
+    b = export.ort_session(path).run(["embedding"], {"image": x})[0]
+    assert np.abs(a - b).max() < 1e-4
+    # every layer gets a gradient through the rebuilt graph (the fine-tuning trains them all)
+    enc(torch.from_numpy(x[:1]))[0, :8].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in enc.backbone.named_parameters() if not n.startswith("_fc."))
+
+
+def test_supervised_sampling_balances_classes_and_gives_dermoscopy_half():
+    from sgps_train import supervise
+
+    keys = ["isic/melanoma"] * 10 + ["derm7pt/x"] * 2 + ["dermnet/a"] * 5 + ["dermnet/b"] * 1 + ["sd198/c"] * 2
+    classes, y, w = supervise.sampling(keys)
+    assert classes == sorted(set(keys)) and abs(w.sum() - 1) < 1e-9
+    mass = {c: w[y == i].sum() for i, c in enumerate(classes)}
+    assert abs(mass["isic/melanoma"] - 0.25) < 1e-9 and abs(mass["derm7pt/x"] - 0.25) < 1e-9
+    assert all(abs(mass[c] - 0.5 / 3) < 1e-9 for c in ("dermnet/a", "dermnet/b", "sd198/c"))
+
+
+def test_supervised_stage_keeps_its_start_and_says_when_it_is_missing(tmp_path):
+    import shutil
+
+    from sgps_train import export, supervise
+
+    models, work = tmp_path / "models", tmp_path / "work"
+    models.mkdir()
+    shutil.copyfile(HERE.parent / "image_encoder.onnx", models / "image_encoder.onnx")
+    (models / "manifest.json").write_text(json.dumps({"provenance": {}}))
+    start, sha = supervise.start_encoder(models, work)
+    assert sha == export.sha256(models / "image_encoder.onnx") and export.sha256(start) == sha
+    # once the stage has replaced the file, the start comes from work - or the stage refuses
+    (models / "image_encoder.onnx").write_bytes(b"fine-tuned")
+    done = {"shipped": True, "start_sha256": sha, "output_sha256": export.sha256(models / "image_encoder.onnx")}
+    (models / "manifest.json").write_text(json.dumps({"provenance": {"supervised_encoder": done}}))
+    assert supervise.start_encoder(models, work) == (start, sha)
+    start.unlink()
+    with pytest.raises(RuntimeError, match="run the whole recipe"):
+        supervise.start_encoder(models, work)

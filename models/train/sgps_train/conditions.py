@@ -157,7 +157,8 @@ def text_embeddings(models: Path, texts: dict, work: Path) -> dict:
     return out
 
 
-def load_conditions(models: Path, data_dir: Path, work: Path, desc: dict, quick: bool, seed: int):
+def chosen_items(data_dir: Path, quick: bool, seed: int):
+    """The base-condition images this stage embeds (skin datasets whole, the others CAP_OTHER per class)."""
     items = data.all_base_items(data.read_manifest(data_dir))
     by = data.by_class(items)
     chosen = []
@@ -169,12 +170,53 @@ def load_conditions(models: Path, data_dir: Path, work: Path, desc: dict, quick:
         keep += [c for c in sorted(by) if is_dermoscopic(c)][:8]
         chosen = [it for it in chosen if it.key in set(keep)]
     check_no_novel({it.key for it in chosen})
+    return chosen
+
+
+def group_by_class(items, emb: np.ndarray) -> dict:
+    groups = {}
+    for e, it in zip(emb, items):
+        groups.setdefault(it.key, []).append(e)
+    return {c: np.stack(v) for c, v in groups.items()}
+
+
+def fold_views(models: Path, data_dir: Path, work: Path, folds: list, quick: bool, seed: int):
+    """When the shipped image encoder is the supervised stage's (trained on every base skin condition),
+    the folds must not be scored with it: for each fold, (embeddings by class, concept pairs) of every
+    chosen image through that fold's encoder, fine-tuned without the fold's classes (the supervised
+    stage's cached check encoders). None when the encoder was not trained on the base labels."""
+    mf = json.loads((models / "manifest.json").read_text())
+    sup = mf.get("provenance", {}).get("supervised_encoder")
+    if not (sup and sup.get("shipped")):
+        return None
+    from . import supervise as S
+
+    start, start_sha = S.start_encoder(models, work)
+    _, skin = S.skin_items(data_dir, quick, seed)
+    chosen = chosen_items(data_dir, quick, seed)
+    pool_skin, pool = S.image_pool(data_dir, skin, work), S.image_pool(data_dir, chosen, work)
+    views = []
+    for fi, fold in enumerate(folds):
+        fold = set(fold)
+        train_idx = np.asarray([i for i, it in enumerate(skin) if it.key not in fold])
+        enc, _ = S.finetuned_cached(start, start_sha, skin, pool_skin, train_idx, fi, quick, work, f"fold{fi}")
+        cache = work / f"cond_foldenc_{_key(fi, *[float(p.sum()) for p in enc.state_dict().values()], *[it.path for it in chosen])}.npy"
+        if cache.exists():
+            flat = np.load(cache)
+        else:
+            t0 = time.time()
+            flat = S.embed(enc, pool, np.arange(len(chosen))).astype(np.float32)
+            save_atomic(cache, lambda p: np.save(open(p, "wb"), flat))
+            log.info("fold %d: %d images embedded by its encoder (%.0f s)", fi, len(chosen), time.time() - t0)
+        views.append((group_by_class(chosen, flat), concept_pairs(models, data_dir, chosen, flat, work)))
+    return views
+
+
+def load_conditions(models: Path, data_dir: Path, work: Path, desc: dict, quick: bool, seed: int):
+    chosen = chosen_items(data_dir, quick, seed)
     check_no_novel(desc)
     emb = image_embeddings(models, data_dir, chosen, work)
-    groups = {}
-    for e, it in zip(emb, chosen):
-        groups.setdefault(it.key, []).append(e)
-    emb_by = {c: np.stack(v) for c, v in groups.items()}
+    emb_by = group_by_class(chosen, emb)
     missing = sorted(set(emb_by) - set(desc))
     if missing:
         raise RuntimeError(f"base classes without descriptions in descriptions.json: {missing[:5]} ... ({len(missing)})")
@@ -304,7 +346,7 @@ def fold_score(rows: list[dict], name: str) -> dict:
             "derm_0": mean(["derm_0"]), "skin_0": mean(["skin_0"])}
 
 
-def text_map_check(emb: dict, texts: dict, concepts: list, quick: bool, seed: int) -> dict:
+def text_map_check(emb: dict, texts: dict, concepts: list, quick: bool, seed: int, views=None) -> dict:
     """Descriptions alone (K = 0) on the held-out folds, with the text map fitted on the
     descriptions only, or also on the derm7pt concept sentences of the training classes' images.
     The concepts are kept if the mean of dermoscopic 4-way and skin 5-way gains > MIN_GAIN and
@@ -313,12 +355,14 @@ def text_map_check(emb: dict, texts: dict, concepts: list, quick: bool, seed: in
     folds = make_folds(classes, 2 if quick else FOLDS, seed)
     n_ep = 10 if quick else 300
     out = {}
-    for name, cp in (("descriptions", None), ("descriptions+concepts", concepts)):
+    for name, use in (("descriptions", False), ("descriptions+concepts", True)):
         fams = {"derm": [], "skin": []}
         for fi, fold in enumerate(folds):
-            held = {c: emb[c] for c in fold}
+            E, cp = views[fi] if views else (emb, concepts)
+            cp = cp if use else None
+            held = {c: E[c] for c in fold}
             g = make_g(CONFIGS["imprinting"], next(iter(emb.values())).shape[1])
-            fit_text_proj(g, {c: emb[c] for c in classes if c not in fold}, {c: texts[c] for c in classes if c not in fold},
+            fit_text_proj(g, {c: E[c] for c in classes if c not in fold}, {c: texts[c] for c in classes if c not in fold},
                           concepts=cp)
             g.eval()
             r = score(g, held, {c: texts[c] for c in fold}, n_ep, 500 + fi)
@@ -336,23 +380,26 @@ def text_map_check(emb: dict, texts: dict, concepts: list, quick: bool, seed: in
     return out
 
 
-def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path, concepts=None) -> dict:
+def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path, concepts=None, views=None) -> dict:
     classes = sorted(emb)
     folds = make_folds(classes, 2 if quick else FOLDS, seed)
     n_ep = 10 if quick else 300
     ckey = [float(t.sum()) for _, t, _ in concepts or []]
-    cache = work / f"cond_folds_{_key(n_ep, seed, *classes, *[float(texts[c].sum()) for c in classes], json.dumps(CONFIGS), *ckey)}.json"
+    vkey = [float(E[c].sum()) for E, _ in views or [] for c in classes]
+    cache = work / f"cond_folds_{_key(n_ep, seed, *classes, *[float(texts[c].sum()) for c in classes], json.dumps(CONFIGS), *ckey, *vkey)}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     t0 = time.time()
     rows = []
     for fi, fold in enumerate(folds):
-        held = {c: emb[c] for c in fold}
-        train = {c: emb[c] for c in classes if c not in fold}
+        E, cp = views[fi] if views else (emb, concepts)
+        cp = cp if concepts else None
+        held = {c: E[c] for c in fold}
+        train = {c: E[c] for c in classes if c not in fold}
         tr_texts = {c: texts[c] for c in train}
         row = {"fold": fi, "held_out": len(fold), "dermoscopic": [c for c in fold if is_dermoscopic(c)]}
         for name, cfg in CONFIGS.items():
-            g = train_g(cfg, train, tr_texts, quick, seed, concepts)
+            g = train_g(cfg, train, tr_texts, quick, seed, cp)
             row[name] = {k: round(v, 4) for k, v in score(g, held, {c: texts[c] for c in fold}, n_ep, 500 + fi).items()}
             log.info("fold %d %s: %s (%.0f s)", fi, name, row[name], time.time() - t0)
         rows.append(row)
@@ -411,15 +458,22 @@ def run(args) -> dict:
     emb, texts, concepts = load_conditions(models, args.data, work, desc, quick, args.seed)
     log.info("conditions: %d base classes, %d images, %d descriptions (%.0f s)", len(emb),
              sum(len(v) for v in emb.values()), sum(len(v) for v in texts.values()), time.time() - t0)
-    tm = text_map_check(emb, texts, concepts, quick, args.seed)
+    folds = make_folds(sorted(emb), 2 if quick else FOLDS, args.seed)
+    views = fold_views(models, args.data, work, folds, quick, args.seed)
+    tm = text_map_check(emb, texts, concepts, quick, args.seed, views)
     if tm["chosen"] == "descriptions":
         concepts = None
-    check = fold_check(emb, texts, quick, args.seed, work, concepts)
+    check = fold_check(emb, texts, quick, args.seed, work, concepts, views)
     check["text_map"] = tm
+    check["embeddings"] = ("each fold through the supervised stage's encoder trained without it" if views
+                           else "the shipped image encoder (not trained on base labels)")
     log.info("fold check means %s -> %s", json.dumps(check["means"]), check["chosen"])
     cfg = CONFIGS[check["chosen"]]
     g = train_g(cfg, emb, texts, quick, args.seed, concepts)
-    cal = calibrate(g, emb, texts, quick, args.seed)
+    # calibrate where every class is embedded by an encoder that never saw it (as a user's new class)
+    cal_emb = {c: views[fi][0][c] for fi, fold in enumerate(folds) for c in fold} if views else emb
+    cal = calibrate(g, cal_emb, texts, quick, args.seed)
+    cal["on_embeddings"] = check["embeddings"]
     log.info("calibration %s", cal)
     return {"g": g, "check": check, "calibration": cal, "config": check["chosen"], "texts": texts, "concepts": bool(concepts),
             "classes": len(emb), "images": int(sum(len(v) for v in emb.values())), "seconds": round(time.time() - t0, 1)}
@@ -450,6 +504,7 @@ def export_g(res: dict, models: Path) -> None:
               "leave-one-class-out text weights)",
         "temperature_factor": cal["temperature_factor"],
         "refer_rule": "refer when max p < threshold; threshold maximises (+1 correct, -1 wrong, 0 referred) on those episodes",
+        "embeddings": cal.get("on_embeddings"),
         "refer_rate": cal["refer"].get("refer_rate"),
         "accepted_accuracy": cal["refer"].get("accepted_accuracy"),
     }

@@ -115,6 +115,10 @@ def test_quick_recipe_end_to_end(tmp_path):
     sup = m["provenance"]["supervised_encoder"]
     assert sup["fold_check"]["folds"] and sup["fold_check"]["chosen"] in ("start", "finetuned")
     assert sup["output_sha256"] == m["image_encoder"]["variants"]["fp32"]["sha256"] == cond["image_encoder_sha256"]
+    # an encoder trained on the base labels never scores the conditions folds it was trained on
+    trained_on_labels = sup["fold_check"]["chosen"] == "finetuned"
+    assert ("trained without it" in cond["fold_check"]["embeddings"]) == trained_on_labels
+    assert m["head"]["calibration"]["embeddings"] == cond["fold_check"]["embeddings"]
 
 
 def test_ssl_trains_every_layer_from_augmented_views_and_needs_two_images():

@@ -418,3 +418,13 @@ def test_supervised_stage_keeps_its_start_and_says_when_it_is_missing(tmp_path):
     start.unlink()
     with pytest.raises(RuntimeError, match="run the whole recipe"):
         supervise.start_encoder(models, work)
+
+
+def test_supervised_stage_never_reads_novel_classes():
+    from sgps_train import conditions, supervise
+
+    d = need_data()
+    classes, items = supervise.skin_items(d, False, 0)
+    novel = {f"{ds}/{c}" for ds, c in data.NOVEL}
+    assert not novel & set(classes) and not novel & {it.key for it in items}
+    assert not novel & {it.key for it in conditions.chosen_items(d, False, 0)}

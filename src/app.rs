@@ -336,7 +336,7 @@ impl<'p> Device<'p> {
                 return None;
             }
         };
-        let path = self.store.root().join("classifiers").join(&active.file);
+        let path = self.store.classifier_dir().join(&active.file);
         match self.pipeline.load_classifier(&path) {
             Ok(c) => {
                 let names: Vec<&str> = self.task.classes.iter().map(|c| c.name.as_str()).collect();
@@ -578,8 +578,7 @@ impl<'p> Device<'p> {
                 return Ok(());
             }
         };
-        let file = format!("{}.sgpc", clf.id);
-        clf.save(&self.store.root().join("classifiers").join(&file))?;
+        let file = self.store.save_classifier(&clf)?;
         let mut names = heapless::Vec::new();
         for c in &self.classes {
             names

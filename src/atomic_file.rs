@@ -4,21 +4,19 @@
 //! directory. A crash at any point leaves either the old or the new content; a failure (e.g. a
 //! full disk) leaves the old content and removes the temporary.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::disk::{Disk, RealDisk};
 
 /// Atomically replace `path` with `bytes`.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_with(path, bytes, |f, b| f.write_all(b))
+    write_on(&RealDisk, path, bytes)
 }
 
-/// [`write`] with the write step supplied by the caller (fault injection in tests).
-pub fn write_with(
-    path: &Path,
-    bytes: &[u8],
-    write: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
-) -> io::Result<()> {
+/// [`write`] through `disk` (the store's disk: recorded by the power-cut model, full in tests).
+pub fn write_on(disk: &dyn Disk, path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -35,19 +33,13 @@ pub fn write_with(
         std::process::id()
     ));
     let result = (|| -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        write(&mut f, bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        disk.write_file(&tmp, bytes)?;
+        disk.sync_file(&tmp)?;
+        disk.rename(&tmp, path)?;
+        disk.sync_dir(dir)
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    if result.is_err() && tmp.exists() {
+        let _ = disk.remove_file(&tmp);
     }
     result
 }
@@ -56,16 +48,16 @@ const TMP_MARK: &str = ".tmp-";
 
 /// fsync a directory so that a rename or a new file in it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    RealDisk.sync_dir(dir)
 }
 
 /// Remove temporary files left in `dir` by an interrupted [`write`] (`.<name>.tmp-<pid>`).
-pub fn remove_stale_temps(dir: &Path) -> Vec<PathBuf> {
+pub fn remove_stale_temps(disk: &dyn Disk, dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with('.') && n.contains(TMP_MARK) && fs::remove_file(e.path()).is_ok() {
+            if n.starts_with('.') && n.contains(TMP_MARK) && disk.remove_file(&e.path()).is_ok() {
                 removed.push(e.path());
             }
         }
@@ -92,12 +84,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.bin");
         write(&p, b"old").unwrap();
-        let err = write_with(&p, b"new", |f, b| {
-            f.write_all(&b[..1])?;
-            Err(io::Error::other("disk full"))
-        })
-        .unwrap_err();
-        assert_eq!(err.to_string(), "disk full");
+        let err = write_on(&crate::disk::testing::FullDisk, &p, b"new").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(28), "{err}");
         assert_eq!(fs::read(&p).unwrap(), b"old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -107,7 +95,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(".a.bin.tmp-123"), b"x").unwrap();
         fs::write(dir.path().join("keep.bin"), b"x").unwrap();
-        assert_eq!(remove_stale_temps(dir.path()).len(), 1);
+        assert_eq!(remove_stale_temps(&RealDisk, dir.path()).len(), 1);
         assert!(dir.path().join("keep.bin").exists());
     }
 }

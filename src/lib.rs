@@ -7,6 +7,7 @@ pub mod camera;
 pub mod classifier;
 pub mod cli;
 pub mod demo;
+pub mod disk;
 pub mod encoders;
 pub mod error;
 pub mod eval;

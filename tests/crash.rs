@@ -95,9 +95,7 @@ fn child_main(dir: PathBuf) -> ! {
         out.flush().unwrap();
         if v % 3 == 0 {
             let c = classifier(v);
-            let file = format!("{}.sgpc", c.id);
-            c.save(&store.classifier_path(&c.id))
-                .expect("save classifier");
+            let file = store.save_classifier(&c).expect("save classifier");
             store
                 .set_active(&ActiveRecord {
                     classifier_id: c.id.clone(),
@@ -195,11 +193,8 @@ fn verify(dir: &Path, acked: &Acked) {
             .active()
             .expect("active pointer intact")
             .expect("active pointer present");
-        let c = Classifier::load(
-            &st.root().join("classifiers").join(&a.file),
-            "crash-test-encoder",
-        )
-        .expect("active classifier loads");
+        let c = Classifier::load(&st.classifier_dir().join(&a.file), "crash-test-encoder")
+            .expect("active classifier loads");
         assert!(
             a.created_unix_ms >= *last_v,
             "active pointer went back in time"

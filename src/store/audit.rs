@@ -1,23 +1,29 @@
 //! Append-only audit log: a sequence of framed records (see [`super::record`]), each with its
-//! own checksum. Every append is written with one `write` call and `fdatasync`ed before it is
+//! own checksum and the SHA-256 of the record before it (a hash chain: a record changed,
+//! removed, inserted or reordered anywhere but at the very end breaks it, and `sgps audit
+//! verify` says where). Every append is written with one `write` call and `fsync`ed before it is
 //! acknowledged.
 //!
 //! Reading never fails because of damage: a record whose frame does not check is skipped, the
-//! reader resynchronises on the next magic, and the damage is reported. A torn tail (the last
-//! record was being written when power went) is cut off when the log is opened for appending;
-//! it was never acknowledged.
+//! reader resynchronises on the next magic, and the damage is reported. A torn tail (damage
+//! after the last intact record: an append that power cut short or whose sectors did not all
+//! reach the card) is cut off when the log is opened for appending; it was never acknowledged.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::StoreError;
 use super::record::{self, FrameError, MAGIC, RecordKind};
+use crate::disk::{Disk, RealDisk};
 
-/// Format version of audit records.
-pub const AUDIT_VERSION: u16 = 1;
+/// Format version of audit records (2: with the hash chain; 1 is still read, unchained).
+pub const AUDIT_VERSION: u16 = 2;
+/// Sector size of the power-loss model: unsynced data is lost or kept in units of this.
+pub const SECTOR: usize = 512;
 
 /// The verdict shown to the clinician.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,11 +82,32 @@ pub enum AuditEvent {
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// Sequence number, strictly increasing within a log.
+    /// Sequence number, one more than the record before it.
     pub seq: u64,
     /// Milliseconds since the Unix epoch.
     pub time_unix_ms: u64,
+    /// SHA-256 of the whole frame of the record before it (zeros for the first record);
+    /// `None` for records of format 1, written before the chain existed.
+    pub prev_sha256: Option<[u8; 32]>,
     pub event: AuditEvent,
+}
+
+/// A record of format 1 (no hash chain), still readable.
+#[derive(Deserialize)]
+struct AuditRecordV1 {
+    seq: u64,
+    time_unix_ms: u64,
+    event: AuditEvent,
+}
+
+/// Where the chain of records does not link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainBreak {
+    /// Sequence number of the record that does not link to the one before it.
+    pub seq: u64,
+    /// Byte offset of that record.
+    pub offset: u64,
+    pub reason: String,
 }
 
 /// A damaged region found while reading.
@@ -101,32 +128,115 @@ pub struct ScanReport {
     pub torn_tail_bytes: u64,
     /// Offset where the valid content ends (start of the torn tail, or file length).
     pub valid_len: u64,
+    /// SHA-256 of the last intact frame: what the next record chains to.
+    pub head_sha256: Option<[u8; 32]>,
+    /// Records that do not link to the record before them.
+    pub chain_breaks: Vec<ChainBreak>,
+    /// Records of format 1, written before the hash chain (cannot be verified).
+    pub unchained: usize,
 }
 
-/// Scan a log image; never fails.
+impl ScanReport {
+    /// True when every record is intact and linked (a torn tail, never acknowledged, is fine).
+    pub fn is_intact(&self) -> bool {
+        self.damaged.is_empty() && self.chain_breaks.is_empty()
+    }
+}
+
+/// Decode one audit frame of either format.
+fn decode_record(bytes: &[u8]) -> Result<(AuditRecord, usize), FrameError> {
+    match record::decode::<AuditRecord>(RecordKind::Audit, AUDIT_VERSION, bytes) {
+        Err(FrameError::Version { found: 1, .. }) => {
+            let (r, n) = record::decode::<AuditRecordV1>(RecordKind::Audit, 1, bytes)?;
+            Ok((
+                AuditRecord {
+                    seq: r.seq,
+                    time_unix_ms: r.time_unix_ms,
+                    prev_sha256: None,
+                    event: r.event,
+                },
+                n,
+            ))
+        }
+        other => other,
+    }
+}
+
+/// Longest damaged tail (with no intact frame after it) taken for a torn append; longer
+/// damage is reported and kept. Audit records are far shorter.
+pub const MAX_TORN_TAIL: usize = 64 * 1024;
+
+/// True when the damage at `pos`, with no frame after it, is what a power cut leaves after the
+/// last acknowledged record. Every acknowledged append was fsynced, so damage after the last
+/// intact record can only be an append that never completed: cut short, or some of its sectors
+/// without their data (zeros or old bytes, in any order).
+fn is_torn_tail(bytes: &[u8], pos: usize, reason: &FrameError) -> bool {
+    matches!(reason, FrameError::Truncated { .. }) || bytes.len() - pos <= MAX_TORN_TAIL
+}
+
+/// Scan a log image, checking every frame and the chain; never fails.
 pub fn scan(bytes: &[u8]) -> (Vec<AuditRecord>, ScanReport) {
-    let mut out = Vec::new();
+    let mut out: Vec<AuditRecord> = Vec::new();
     let mut rep = ScanReport::default();
     let mut pos = 0usize;
+    // the previous intact record (its frame's hash and sequence number), and whether damage
+    // was found after it
+    let mut prev: Option<([u8; 32], u64)> = None;
+    let mut damage_since_prev = false;
     while pos < bytes.len() {
-        match record::decode::<AuditRecord>(RecordKind::Audit, AUDIT_VERSION, &bytes[pos..]) {
+        match decode_record(&bytes[pos..]) {
             Ok((r, n)) => {
+                let frame_hash: [u8; 32] = Sha256::digest(&bytes[pos..pos + n]).into();
+                let mut why = Vec::new();
+                match r.prev_sha256 {
+                    None => rep.unchained += 1,
+                    Some(p) if p != prev.map(|(h, _)| h).unwrap_or([0; 32]) => {
+                        why.push(if prev.is_none() {
+                            "the log does not start with its first record"
+                        } else if damage_since_prev {
+                            "the record before it is damaged"
+                        } else {
+                            "the record before it was changed, removed or reordered"
+                        });
+                    }
+                    Some(_) => {}
+                }
+                let mut seq_why = None;
+                if let Some((_, s)) = prev
+                    && r.seq != s + 1
+                    && !(damage_since_prev && r.seq > s)
+                {
+                    seq_why = Some(format!("sequence number {} follows {s}", r.seq));
+                }
+                if !why.is_empty() || seq_why.is_some() {
+                    let mut reason: Vec<String> = why.iter().map(|w| w.to_string()).collect();
+                    reason.extend(seq_why);
+                    rep.chain_breaks.push(ChainBreak {
+                        seq: r.seq,
+                        offset: pos as u64,
+                        reason: reason.join("; "),
+                    });
+                }
+                prev = Some((frame_hash, r.seq));
+                damage_since_prev = false;
                 out.push(r);
                 rep.records += 1;
                 pos += n;
             }
             Err(reason) => {
                 let next = find_magic(bytes, pos + 1);
-                if next.is_none() && matches!(reason, FrameError::Truncated { .. }) {
-                    // incomplete last record: a torn write
+                if next.is_none() && is_torn_tail(bytes, pos, &reason) {
+                    // the last record was being written when power went; never acknowledged
                     rep.torn_tail_bytes = (bytes.len() - pos) as u64;
                     rep.valid_len = pos as u64;
+                    rep.head_sha256 = prev.map(|(h, _)| h);
                     return (out, rep);
                 }
                 rep.damaged.push(Damage {
                     offset: pos as u64,
                     reason,
                 });
+                damage_since_prev = true;
                 match next {
                     Some(n) => pos = n,
                     None => pos = bytes.len(),
@@ -135,6 +245,7 @@ pub fn scan(bytes: &[u8]) -> (Vec<AuditRecord>, ScanReport) {
         }
     }
     rep.valid_len = bytes.len() as u64;
+    rep.head_sha256 = prev.map(|(h, _)| h);
     (out, rep)
 }
 
@@ -162,22 +273,37 @@ pub fn read_log(path: &Path) -> Result<(Vec<AuditRecord>, ScanReport), StoreErro
 /// An audit log open for appending.
 pub struct AuditLog {
     path: PathBuf,
-    file: File,
+    disk: Arc<dyn Disk>,
+    /// Holds the lock: one writer per storage directory (released by the kernel on exit).
+    _lock: File,
     next_seq: u64,
+    head: [u8; 32],
 }
 
 impl AuditLog {
-    /// Open (or create) the log, cut a torn tail, and report what the scan found.
+    /// Open (or create) the log on the real disk, cut a torn tail, and report what the scan found.
     pub fn open(path: &Path) -> Result<(AuditLog, ScanReport), StoreError> {
-        let existed = path.exists();
+        AuditLog::open_on(Arc::new(RealDisk), path)
+    }
+
+    /// [`AuditLog::open`] writing through `disk`.
+    pub fn open_on(disk: Arc<dyn Disk>, path: &Path) -> Result<(AuditLog, ScanReport), StoreError> {
         let (records, rep) = read_log(path)?;
-        let file = OpenOptions::new()
-            .create(true)
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !path.exists() {
+            disk.write_file(path, b"")
+                .and_then(|()| disk.sync_file(path))
+                .and_then(|()| disk.sync_dir(dir))
+                .map_err(|e| StoreError::io(path, e))?;
+        }
+        let lock = OpenOptions::new()
             .append(true)
             .open(path)
             .map_err(|e| StoreError::io(path, e))?;
-        // one writer per storage directory (released by the kernel when the process dies)
-        match file.try_lock() {
+        match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(StoreError::Invalid(format!(
@@ -193,9 +319,9 @@ impl AuditLog {
                 path.display(),
                 rep.torn_tail_bytes
             );
-            file.set_len(rep.valid_len)
+            disk.set_len(path, rep.valid_len)
+                .and_then(|()| disk.sync_file(path))
                 .map_err(|e| StoreError::io(path, e))?;
-            file.sync_all().map_err(|e| StoreError::io(path, e))?;
         }
         for d in &rep.damaged {
             log::warn!(
@@ -205,15 +331,23 @@ impl AuditLog {
                 d.reason
             );
         }
-        if !existed && let Some(dir) = path.parent() {
-            crate::atomic_file::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+        for b in &rep.chain_breaks {
+            log::warn!(
+                "audit log {}: record #{} at byte {} does not link: {}",
+                path.display(),
+                b.seq,
+                b.offset,
+                b.reason
+            );
         }
         let next_seq = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
         Ok((
             AuditLog {
                 path: path.to_owned(),
-                file,
+                disk,
+                _lock: lock,
                 next_seq,
+                head: rep.head_sha256.unwrap_or([0; 32]),
             },
             rep,
         ))
@@ -225,28 +359,35 @@ impl AuditLog {
         let rec = AuditRecord {
             seq,
             time_unix_ms: now_unix_ms(),
+            prev_sha256: Some(self.head),
             event,
         };
         let bytes = record::encode(RecordKind::Audit, AUDIT_VERSION, &rec)?;
-        let len_before = self.file.metadata().map(|m| m.len()).ok();
+        let len_before = fs::metadata(&self.path).map(|m| m.len()).ok();
         let res = self
-            .file
-            .write_all(&bytes)
-            .and_then(|_| self.file.sync_data());
+            .disk
+            .append(&self.path, &bytes)
+            .and_then(|()| self.disk.sync_file(&self.path));
         if let Err(e) = res {
             // do not leave a partial frame in front of the next append
             if let Some(l) = len_before {
-                let _ = self.file.set_len(l);
+                let _ = self.disk.set_len(&self.path, l);
             }
             return Err(StoreError::io(&self.path, e));
         }
         self.next_seq += 1;
+        self.head = Sha256::digest(&bytes).into();
         Ok(seq)
     }
 
     /// Sequence number the next append will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// SHA-256 of the last record's frame: the chain's head (zeros for an empty log).
+    pub fn head_sha256(&self) -> [u8; 32] {
+        self.head
     }
 
     pub fn path(&self) -> &Path {
@@ -349,14 +490,174 @@ mod tests {
             assert_eq!(log.append(note(99)).unwrap(), 3);
             let (recs, rep) = read_log(&p).unwrap();
             assert_eq!(recs.len(), 4);
-            assert_eq!(
-                rep,
-                ScanReport {
-                    records: 4,
-                    valid_len: rep.valid_len,
-                    ..Default::default()
-                }
-            );
+            assert_eq!(rep.records, 4);
+            assert_eq!(rep.torn_tail_bytes, 0);
+            assert!(rep.is_intact(), "cut {cut}: {rep:?}");
         }
+    }
+
+    /// Frames of a log: (offset, length).
+    fn frames(b: &[u8]) -> Vec<(usize, usize)> {
+        let mut out = vec![];
+        let mut pos = 0;
+        while pos < b.len() {
+            let (_, _, n) = record::check_frame(&b[pos..]).unwrap();
+            out.push((pos, n));
+            pos += n;
+        }
+        out
+    }
+
+    fn log_of(n: u32) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let (mut log, _) = AuditLog::open(&p).unwrap();
+        for i in 0..n {
+            log.append(note(i)).unwrap();
+        }
+        drop(log);
+        let b = fs::read(&p).unwrap();
+        (dir, p, b)
+    }
+
+    #[test]
+    fn records_chain_and_a_rewritten_removed_or_reordered_record_breaks_it() {
+        let (_d, _p, b) = log_of(6);
+        let (recs, rep) = scan(&b);
+        assert!(rep.is_intact(), "{rep:?}");
+        assert_eq!(rep.unchained, 0);
+        assert_eq!(recs[0].prev_sha256, Some([0; 32]));
+        let f = frames(&b);
+        let h2: [u8; 32] = Sha256::digest(&b[f[2].0..f[2].0 + f[2].1]).into();
+        assert_eq!(recs[3].prev_sha256, Some(h2));
+
+        // a record rewritten with a valid checksum (what someone editing the log would do)
+        let mut edited = recs[2].clone();
+        edited.event = AuditEvent::Note("nothing happened".into());
+        let frame = record::encode(RecordKind::Audit, AUDIT_VERSION, &edited).unwrap();
+        let mut t = b[..f[2].0].to_vec();
+        t.extend_from_slice(&frame);
+        t.extend_from_slice(&b[f[2].0 + f[2].1..]);
+        let (recs2, rep) = scan(&t);
+        assert_eq!(recs2.len(), 6);
+        assert!(rep.damaged.is_empty());
+        assert_eq!(rep.chain_breaks.len(), 1, "{rep:?}");
+        assert_eq!(rep.chain_breaks[0].seq, 3);
+        assert!(
+            rep.chain_breaks[0]
+                .reason
+                .contains("changed, removed or reordered")
+        );
+
+        // a record cut out of the middle
+        let mut t = b[..f[2].0].to_vec();
+        t.extend_from_slice(&b[f[3].0..]);
+        let (_, rep) = scan(&t);
+        assert_eq!(rep.chain_breaks.len(), 1, "{rep:?}");
+        assert!(
+            rep.chain_breaks[0]
+                .reason
+                .contains("sequence number 3 follows 1")
+        );
+
+        // two records swapped
+        let mut t = b[..f[1].0].to_vec();
+        t.extend_from_slice(&b[f[2].0..f[3].0]);
+        t.extend_from_slice(&b[f[1].0..f[2].0]);
+        t.extend_from_slice(&b[f[3].0..]);
+        let (_, rep) = scan(&t);
+        assert!(rep.chain_breaks.len() >= 2, "{rep:?}");
+
+        // the first records removed
+        let (_, rep) = scan(&b[f[2].0..]);
+        assert_eq!(rep.chain_breaks.len(), 1);
+        assert!(rep.chain_breaks[0].reason.contains("does not start"));
+    }
+
+    #[test]
+    fn appends_after_reopen_continue_the_chain() {
+        let (_d, p, _) = log_of(3);
+        let (mut log, rep) = AuditLog::open(&p).unwrap();
+        assert_eq!(Some(log.head_sha256()), rep.head_sha256);
+        log.append(note(3)).unwrap();
+        drop(log);
+        let (recs, rep) = read_log(&p).unwrap();
+        assert_eq!(recs.len(), 4);
+        assert!(rep.is_intact(), "{rep:?}");
+    }
+
+    #[test]
+    fn format_1_records_are_read_unchained_and_new_records_chain_after_them() {
+        #[derive(Serialize)]
+        struct V1 {
+            seq: u64,
+            time_unix_ms: u64,
+            event: AuditEvent,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let mut b = vec![];
+        for i in 0..2u32 {
+            let r = V1 {
+                seq: i as u64,
+                time_unix_ms: 5,
+                event: note(i),
+            };
+            b.extend(record::encode(RecordKind::Audit, 1, &r).unwrap());
+        }
+        fs::write(&p, &b).unwrap();
+        let (mut log, rep) = AuditLog::open(&p).unwrap();
+        assert_eq!((rep.records, rep.unchained), (2, 2));
+        assert_eq!(log.append(note(2)).unwrap(), 2);
+        drop(log);
+        let (recs, rep) = read_log(&p).unwrap();
+        assert_eq!(recs[1].event, note(1));
+        assert_eq!(recs[1].prev_sha256, None);
+        assert!(rep.is_intact(), "{rep:?}");
+    }
+
+    #[test]
+    fn sectors_that_never_got_their_data_are_a_torn_tail() {
+        let (_d, p, _) = log_of(39);
+        let (mut log, _) = AuditLog::open(&p).unwrap();
+        log.append(AuditEvent::Note("x".repeat(1500))).unwrap();
+        drop(log);
+        let b = fs::read(&p).unwrap();
+        let f = frames(&b);
+        let last = f[f.len() - 1];
+        // the last record's sectors from a sector boundary inside it read as zeros
+        let boundary = (last.0 + 1).next_multiple_of(SECTOR);
+        assert!(
+            boundary < b.len(),
+            "the last record must cross a sector boundary"
+        );
+        let mut t = b.clone();
+        t[boundary..].fill(0);
+        let (recs, rep) = scan(&t);
+        assert_eq!(recs.len(), 39);
+        assert!(rep.is_intact(), "{rep:?}");
+        assert_eq!(rep.valid_len as usize, last.0);
+        // all of it zeros (size updated, no data)
+        let mut t = b.clone();
+        t[last.0..].fill(0);
+        let (recs, rep) = scan(&t);
+        assert_eq!((recs.len(), rep.valid_len as usize), (39, last.0));
+        // an earlier sector missing but the last one written
+        let mut t = b.clone();
+        t[last.0 + 20] ^= 0x55;
+        fs::write(&p, &t).unwrap();
+        let (mut log, rep) = AuditLog::open(&p).unwrap();
+        assert_eq!((rep.records, rep.torn_tail_bytes as usize), (39, last.1));
+        assert_eq!(log.append(note(99)).unwrap(), 39);
+        drop(log);
+        let (_, rep) = read_log(&p).unwrap();
+        assert!(rep.is_intact(), "{rep:?}");
+        // damage followed by an intact record is damage, not a torn tail
+        let mut t = b.clone();
+        t[f[5].0 + 20] ^= 0x55;
+        let (recs, rep) = scan(&t);
+        assert_eq!((recs.len(), rep.damaged.len()), (39, 1));
+        assert_eq!(rep.chain_breaks.len(), 1);
+        assert!(rep.chain_breaks[0].reason.contains("damaged"));
     }
 }

@@ -4,18 +4,24 @@
 //! <storage_dir>/
 //!   classes/<name>-<h>.rec  one framed record per class: name, description, urgent flag,
 //!                           support embeddings + capture metadata (re-synthesis never re-captures)
-//!   classifiers/<id>.sgpc   synthesized classifiers (written by `Classifier::save`)
+//!   classifiers/<id>.sgpc   synthesized classifiers ([`Store::save_classifier`])
 //!   active.rec              which classifier is in use
 //!   audit.log               append-only audit log (see [`audit`])
 //! ```
 //! Every record carries magic, kind, format version, length and CRC32 ([`record`]); every
-//! replacement is atomic (temp file, fsync, rename, fsync directory).
+//! replacement is atomic (temp file, fsync, rename, fsync directory). Every write goes through
+//! one [`Disk`], so that [`powercut`] can record it and check what a power loss leaves.
 
 pub mod audit;
+pub mod powercut;
 pub mod record;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::classifier::Classifier;
+use crate::disk::{self, Disk, RealDisk};
 
 use serde::{Deserialize, Serialize};
 
@@ -122,24 +128,28 @@ pub fn label(name: &str) -> Result<Label, StoreError> {
 /// The store of one board profile.
 pub struct Store {
     root: PathBuf,
+    disk: Arc<dyn Disk>,
 }
 
 impl Store {
-    /// Open (creating directories as needed) and clean temporaries of interrupted writes.
+    /// Open on the real disk (creating directories as needed) and clean temporaries of
+    /// interrupted writes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for d in [
+        Store::open_on(Arc::new(RealDisk), root)
+    }
+
+    /// [`Store::open`] writing through `disk`.
+    pub fn open_on(disk: Arc<dyn Disk>, root: &Path) -> Result<Store, StoreError> {
+        let dirs = [
             root.to_owned(),
             root.join("classes"),
             root.join("classifiers"),
-        ] {
-            fs::create_dir_all(&d).map_err(|e| StoreError::io(&d, e))?;
+        ];
+        for d in &dirs {
+            disk::create_dir_all(&*disk, d).map_err(|e| StoreError::io(d, e))?;
         }
-        for d in [
-            root.to_owned(),
-            root.join("classes"),
-            root.join("classifiers"),
-        ] {
-            for p in crate::atomic_file::remove_stale_temps(&d) {
+        for d in &dirs {
+            for p in crate::atomic_file::remove_stale_temps(&*disk, d) {
                 log::info!(
                     "store: removed temporary of an interrupted write {}",
                     p.display()
@@ -148,6 +158,7 @@ impl Store {
         }
         Ok(Store {
             root: root.to_owned(),
+            disk,
         })
     }
 
@@ -161,7 +172,7 @@ impl Store {
 
     /// Open the audit log for appending.
     pub fn open_audit(&self) -> Result<(AuditLog, ScanReport), StoreError> {
-        AuditLog::open(&self.audit_path())
+        AuditLog::open_on(self.disk.clone(), &self.audit_path())
     }
 
     fn class_path(&self, name: &str) -> PathBuf {
@@ -171,6 +182,7 @@ impl Store {
     /// Atomically replace the record of the class `rec.name`.
     pub fn save_class(&self, rec: &ClassRecord) -> Result<(), StoreError> {
         record::write_record(
+            &*self.disk,
             &self.class_path(&rec.name),
             RecordKind::Class,
             CLASS_VERSION,
@@ -225,23 +237,48 @@ impl Store {
     /// Remove the record of class `name` (if any).
     pub fn remove_class(&self, name: &str) -> Result<(), StoreError> {
         let p = self.class_path(name);
-        match fs::remove_file(&p) {
+        match self.disk.remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(StoreError::io(&p, e)),
         }
         let d = self.root.join("classes");
-        crate::atomic_file::sync_dir(&d).map_err(|e| StoreError::io(&d, e))
+        self.disk.sync_dir(&d).map_err(|e| StoreError::io(&d, e))
+    }
+
+    /// The directory of stored classifiers.
+    pub fn classifier_dir(&self) -> PathBuf {
+        self.root.join("classifiers")
     }
 
     /// Where a classifier with this id is stored.
     pub fn classifier_path(&self, id: &str) -> PathBuf {
-        self.root.join("classifiers").join(format!("{id}.sgpc"))
+        self.classifier_dir().join(format!("{id}.sgpc"))
     }
 
-    /// Make a stored classifier active (atomic pointer replace). Write the classifier file first.
+    /// Store a classifier (atomically) under `classifiers/`; returns its file name for the
+    /// [`ActiveRecord`].
+    pub fn save_classifier(&self, clf: &Classifier) -> Result<String, StoreError> {
+        clf.validate().map_err(|e| {
+            StoreError::Invalid(format!("refusing to store an invalid classifier: {e}"))
+        })?;
+        let bytes = clf
+            .to_bytes()
+            .map_err(|e| StoreError::Encode(e.to_string()))?;
+        let path = self.classifier_path(&clf.id);
+        crate::atomic_file::write_on(&*self.disk, &path, &bytes)
+            .map_err(|e| StoreError::io(&path, e))?;
+        Ok(path
+            .file_name()
+            .expect("classifier_path ends in a file name")
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    /// Make a stored classifier active (atomic pointer replace). Store the classifier first.
     pub fn set_active(&self, rec: &ActiveRecord) -> Result<(), StoreError> {
         record::write_record(
+            &*self.disk,
             &self.root.join("active.rec"),
             RecordKind::Active,
             ACTIVE_VERSION,

@@ -8,6 +8,7 @@
 //! detected as well as a damaged payload.
 
 use crate::atomic_file;
+use crate::disk::Disk;
 use std::fs;
 use std::path::Path;
 
@@ -166,19 +167,20 @@ pub fn read_record<T: DeserializeOwned>(
 
 /// Atomically replace `path` with one framed record.
 pub fn write_record<T: Serialize>(
+    disk: &dyn Disk,
     path: &Path,
     kind: RecordKind,
     version: u16,
     value: &T,
 ) -> Result<(), StoreError> {
     let bytes = encode(kind, version, value)?;
-    atomic_file::write(path, &bytes).map_err(|e| StoreError::io(path, e))
+    atomic_file::write_on(disk, path, &bytes).map_err(|e| StoreError::io(path, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{self, Write};
+    use crate::disk::RealDisk;
 
     #[test]
     fn roundtrip_and_every_single_byte_flip_is_detected() {
@@ -221,14 +223,11 @@ mod tests {
     fn failed_write_keeps_old_content_and_removes_temp() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.rec");
-        write_record(&p, RecordKind::Test, 1, &"old".to_string()).unwrap();
+        write_record(&RealDisk, &p, RecordKind::Test, 1, &"old".to_string()).unwrap();
         let new = encode(RecordKind::Test, 1, &"new content".to_string()).unwrap();
-        let err = atomic_file::write_with(&p, &new, |f, b| {
-            f.write_all(&b[..b.len() / 2])?;
-            Err(io::Error::from_raw_os_error(28)) // ENOSPC
-        })
-        .map_err(|e| StoreError::io(&p, e))
-        .unwrap_err();
+        let err = atomic_file::write_on(&crate::disk::testing::FullDisk, &p, &new)
+            .map_err(|e| StoreError::io(&p, e))
+            .unwrap_err();
         assert!(err.is_no_space(), "{err}");
         assert!(err.to_string().contains("full"), "{err}");
         let old: String = read_record(&p, RecordKind::Test, 1).unwrap();
@@ -244,7 +243,7 @@ mod tests {
     fn truncated_file_is_corrupt_not_panic() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.rec");
-        write_record(&p, RecordKind::Test, 1, &vec![1u32; 100]).unwrap();
+        write_record(&RealDisk, &p, RecordKind::Test, 1, &vec![1u32; 100]).unwrap();
         let b = fs::read(&p).unwrap();
         fs::write(&p, &b[..b.len() - 3]).unwrap();
         let e = read_record::<Vec<u32>>(&p, RecordKind::Test, 1).unwrap_err();

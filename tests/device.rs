@@ -291,6 +291,7 @@ fn sim_session_matches_plain_pipeline() {
         decisions.len(),
         queries.len()
     );
+    audit_verify_sees_tampering(&storage, decisions.len(), tmp.path());
 
     // restart: the classifier is restored from the store, screening continues without enrollment
     let script2 = tmp.path().join("restart.txt");
@@ -571,4 +572,63 @@ fn gate_passes_real_isic_and_rejects_degraded_versions() {
         wrong.len(),
         paths.len() * 4
     );
+}
+
+/// `sgps audit verify` on the session's log: intact, with its decisions counted; then on a copy
+/// in which one decision's label was rewritten (with a valid checksum, as someone editing the
+/// file would): the chain breaks at the next record and the command exits with 1.
+fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path) {
+    let verify = |path: &Path| {
+        let out = common::command(env!("CARGO_BIN_EXE_sgps"))
+            .args(["audit", "verify"])
+            .arg(path)
+            .output()
+            .expect("run sgps audit verify");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), stdout)
+    };
+    let (code, stdout) = verify(storage);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("intact: every record checks"), "{stdout}");
+    let counted: usize = stdout
+        .lines()
+        .filter(|l| l.contains("decision: "))
+        .map(|l| {
+            l.split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(counted, decisions, "{stdout}");
+
+    let bytes = std::fs::read(storage.join("audit.log")).unwrap();
+    let (records, _) = store::audit::scan(&bytes);
+    let i = records
+        .iter()
+        .position(|r| matches!(r.event, AuditEvent::Decision { .. }))
+        .unwrap();
+    let mut edited = records[i].clone();
+    if let AuditEvent::Decision { label, .. } = &mut edited.event {
+        *label = "something else".into();
+    }
+    let mut forged = Vec::new();
+    for (j, r) in records.iter().enumerate() {
+        let r = if j == i { &edited } else { r };
+        forged.extend(
+            store::record::encode(store::RecordKind::Audit, store::audit::AUDIT_VERSION, r)
+                .unwrap(),
+        );
+    }
+    let copy = tmp.join("forged-audit.log");
+    std::fs::write(&copy, &forged).unwrap();
+    let (code, stdout) = verify(&copy);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("CHAIN BROKEN at record #{}", records[i + 1].seq)),
+        "{stdout}"
+    );
+    let (code, stdout) = verify(&tmp.join("no-such-dir"));
+    assert_ne!(code, Some(0), "{stdout}");
 }

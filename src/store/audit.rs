@@ -270,6 +270,70 @@ pub fn read_log(path: &Path) -> Result<(Vec<AuditRecord>, ScanReport), StoreErro
     }
 }
 
+/// What a check of a whole log found (`sgps audit verify`).
+#[derive(Debug, Clone)]
+pub struct Verification {
+    pub path: PathBuf,
+    pub report: ScanReport,
+    /// Sequence number and time of the first and the last intact record.
+    pub first: Option<(u64, u64)>,
+    pub last: Option<(u64, u64)>,
+    /// Intact records per kind of event, in a fixed order.
+    pub counts: Vec<(&'static str, usize)>,
+}
+
+impl Verification {
+    /// True when every record is intact and the chain links from the first record to the last.
+    pub fn is_intact(&self) -> bool {
+        self.report.is_intact()
+    }
+}
+
+/// Check every record of the log at `path` and its hash chain. A missing file is an error.
+pub fn verify(path: &Path) -> Result<Verification, StoreError> {
+    let bytes = fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            StoreError::Invalid(format!(
+                "no audit log at {}: give the device's storage directory (storage_dir in its board profile) or its audit.log",
+                path.display()
+            ))
+        } else {
+            StoreError::io(path, e)
+        }
+    })?;
+    let (records, report) = scan(&bytes);
+    let mut counts = vec![
+        ("decision: benign", 0),
+        ("decision: refer", 0),
+        ("decision: urgent", 0),
+        ("capture rejected", 0),
+        ("shot enrolled", 0),
+        ("classifier synthesized", 0),
+        ("note", 0),
+    ];
+    for r in &records {
+        let i = match &r.event {
+            AuditEvent::Decision { verdict, .. } => match verdict {
+                Verdict::Benign => 0,
+                Verdict::Refer => 1,
+                Verdict::Urgent => 2,
+            },
+            AuditEvent::Rejected { .. } => 3,
+            AuditEvent::Enrolled { .. } => 4,
+            AuditEvent::Synthesized { .. } => 5,
+            AuditEvent::Note(_) => 6,
+        };
+        counts[i].1 += 1;
+    }
+    Ok(Verification {
+        path: path.to_owned(),
+        first: records.first().map(|r| (r.seq, r.time_unix_ms)),
+        last: records.last().map(|r| (r.seq, r.time_unix_ms)),
+        report,
+        counts,
+    })
+}
+
 /// An audit log open for appending.
 pub struct AuditLog {
     path: PathBuf,

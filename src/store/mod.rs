@@ -167,7 +167,12 @@ impl Store {
     }
 
     pub fn audit_path(&self) -> PathBuf {
-        self.root.join("audit.log")
+        Store::audit_path_in(&self.root)
+    }
+
+    /// The audit log of the storage directory `root`.
+    pub fn audit_path_in(root: &Path) -> PathBuf {
+        root.join("audit.log")
     }
 
     /// Open the audit log for appending.

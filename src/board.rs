@@ -275,25 +275,26 @@ impl TaskFile {
             path: path.to_owned(),
             source,
         })?;
-        let t: TaskFile = toml::from_str(&text).map_err(|e| BoardError::Invalid {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let invalid = |reason: String| BoardError::Invalid {
+        TaskFile::parse(&text).map_err(|reason| BoardError::Invalid {
             path: path.to_owned(),
             reason,
-        };
+        })
+    }
+
+    /// Parse and check the text of a task file.
+    pub fn parse(text: &str) -> Result<TaskFile, String> {
+        let t: TaskFile = toml::from_str(text).map_err(|e| e.to_string())?;
         if t.classes.len() < 2 || t.classes.len() > crate::store::MAX_CLASSES {
-            return Err(invalid(format!(
+            return Err(format!(
                 "a task needs 2..={} classes, this one has {}",
                 crate::store::MAX_CLASSES,
                 t.classes.len()
-            )));
+            ));
         }
         for (i, c) in t.classes.iter().enumerate() {
-            crate::store::label(&c.name).map_err(|e| invalid(e.to_string()))?;
+            crate::store::label(&c.name).map_err(|e| e.to_string())?;
             if t.classes[..i].iter().any(|o| o.name == c.name) {
-                return Err(invalid(format!("class {:?} appears twice", c.name)));
+                return Err(format!("class {:?} appears twice", c.name));
             }
         }
         Ok(t)

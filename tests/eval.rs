@@ -63,6 +63,15 @@ fn small_real_eval_is_deterministic_and_cached() {
             assert_eq!(r.threshold, pipeline.manifest().head.refer_threshold);
             assert!((r.overall_accuracy - m.accuracy.mean).abs() < 1e-9, "{m:?}");
             assert!((0.0..=1.0).contains(&r.refer_rate) && (0.0..=1.0).contains(&r.ece));
+            // the plots' data: every query in the confusion counts (25 per class), the
+            // reliability bins and the risk-coverage curve, which ends at full coverage
+            let rows: Vec<u32> = m.confusion.iter().map(|r| r.iter().sum()).collect();
+            assert_eq!(rows, [25, 25], "{m:?}");
+            let right: u32 = (0..2).map(|i| m.confusion[i][i]).sum();
+            assert!((right as f64 / 50.0 - r.overall_accuracy).abs() < 1e-9);
+            assert_eq!(m.reliability.iter().map(|b| b.count).sum::<usize>(), 50);
+            let end = m.risk_coverage.last().unwrap();
+            assert!(end[0] == 1.0 && (end[1] - (1.0 - r.overall_accuracy)).abs() < 1e-9);
         }
         // Every episode: disjoint support/query sets of the requested sizes.
         let list = sr.episode_list.as_ref().expect("--list-episodes");
@@ -80,6 +89,28 @@ fn small_real_eval_is_deterministic_and_cached() {
     for m in five.methods.iter().filter(|m| m.method == "prototype") {
         assert!(m.accuracy.mean > 0.6, "{m:?}");
     }
+
+    // The plots `sgps eval` writes next to its JSON.
+    let plots_dir = tempfile::tempdir().unwrap();
+    let plots = sgps::eval::plots::write_plots(&first, plots_dir.path(), "small").unwrap();
+    assert_eq!(plots.len(), 4);
+    let svg = |name: &str| {
+        let p = plots_dir.path().join(format!("small.{name}.svg"));
+        let s = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            s.starts_with("<svg") && s.trim_end().ends_with("</svg>"),
+            "{s}"
+        );
+        s
+    };
+    let c = svg("confusion");
+    assert!(c.contains("actinic keratosis") && c.contains("dermatofibroma"));
+    assert!(svg("reliability").contains("5-shot (ECE"));
+    let rc = svg("risk-coverage");
+    for m in &first.results[1].methods {
+        assert!(rc.contains(&m.method), "{} missing", m.method);
+    }
+    assert!(svg("accuracy-vs-shots").contains("chance (50%)"));
 
     // Second run: every embedding comes from the cache, and the numbers are identical.
     let second = evaluate(&pipeline, &cfg, cache.path(), None, true, false).expect("eval runs");

@@ -1,6 +1,7 @@
 //! Text encoder E_T: tokenizer (pure-Rust `tokenizers`) + MiniLM ONNX → L2-normalised embedding.
 
-use tokenizers::{Tokenizer, TruncationParams};
+pub use tokenizers::Tokenizer;
+use tokenizers::TruncationParams;
 use tract_onnx::prelude::*;
 
 use super::{Dim, Plan, load_onnx, rows, run_f32, tensor};

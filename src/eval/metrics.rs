@@ -123,14 +123,22 @@ impl Referral {
     }
 }
 
-/// Σ_b (n_b / n) · |accuracy_b − mean confidence_b| over `bins` equal-width bins of [0, 1]
-/// (confidence 1 falls in the last bin). Empty input gives 0.
-pub fn expected_calibration_error(confidence: &[f32], correct: &[bool], bins: usize) -> f64 {
+/// One bin of a reliability diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReliabilityBin {
+    /// The bin covers top probabilities in [lo, hi) (the last bin includes 1).
+    pub lo: f64,
+    pub hi: f64,
+    pub count: usize,
+    /// Mean top probability of the predictions in the bin (0 when empty).
+    pub confidence: f64,
+    /// Fraction of them that were right (0 when empty).
+    pub accuracy: f64,
+}
+
+/// `bins` equal-width bins of the top probability over [0, 1] (1 falls in the last bin).
+pub fn reliability(confidence: &[f32], correct: &[bool], bins: usize) -> Vec<ReliabilityBin> {
     assert_eq!(confidence.len(), correct.len());
-    let n = confidence.len();
-    if n == 0 || bins == 0 {
-        return 0.0;
-    }
     let mut count = vec![0usize; bins];
     let mut conf = vec![0f64; bins];
     let mut ok = vec![0usize; bins];
@@ -141,9 +149,63 @@ pub fn expected_calibration_error(confidence: &[f32], correct: &[bool], bins: us
         ok[b] += r as usize;
     }
     (0..bins)
-        .filter(|&b| count[b] > 0)
-        .map(|b| (ok[b] as f64 - conf[b]).abs() / n as f64)
+        .map(|b| {
+            let k = count[b].max(1) as f64;
+            ReliabilityBin {
+                lo: b as f64 / bins as f64,
+                hi: (b + 1) as f64 / bins as f64,
+                count: count[b],
+                confidence: conf[b] / k,
+                accuracy: ok[b] as f64 / k,
+            }
+        })
+        .collect()
+}
+
+/// Σ_b (n_b / n) · |accuracy_b − mean confidence_b| over `bins` equal-width bins of [0, 1]
+/// (confidence 1 falls in the last bin). Empty input gives 0.
+pub fn expected_calibration_error(confidence: &[f32], correct: &[bool], bins: usize) -> f64 {
+    let n = confidence.len();
+    if n == 0 || bins == 0 {
+        return 0.0;
+    }
+    reliability(confidence, correct, bins)
+        .iter()
+        .map(|b| b.count as f64 / n as f64 * (b.accuracy - b.confidence).abs())
         .sum()
+}
+
+/// The risk-coverage curve at about `points` evenly spaced coverages: (coverage, error rate
+/// among the most confident predictions up to that coverage), predictions ranked as in [`aurc`].
+pub fn risk_coverage(confidence: &[f32], correct: &[bool], points: usize) -> Vec<[f64; 2]> {
+    assert_eq!(confidence.len(), correct.len());
+    let n = confidence.len();
+    if n == 0 || points == 0 {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| confidence[b].total_cmp(&confidence[a]));
+    let step = n.div_ceil(points).max(1);
+    let mut out = Vec::new();
+    let mut wrong = 0usize;
+    for (i, &j) in order.iter().enumerate() {
+        wrong += (!correct[j]) as usize;
+        let k = i + 1;
+        if k % step == 0 || k == n {
+            out.push([k as f64 / n as f64, wrong as f64 / k as f64]);
+        }
+    }
+    out
+}
+
+/// Confusion counts: `m[t][p]` = predictions of class `p` for queries of class `t`.
+pub fn confusion(truth: &[usize], pred: &[usize], n_classes: usize) -> Vec<Vec<u32>> {
+    assert_eq!(truth.len(), pred.len());
+    let mut m = vec![vec![0u32; n_classes]; n_classes];
+    for (&t, &p) in truth.iter().zip(pred) {
+        m[t][p] += 1;
+    }
+    m
 }
 
 /// Area under the risk-coverage curve: predictions sorted by confidence (highest first), the
@@ -169,6 +231,35 @@ pub fn aurc(confidence: &[f32], correct: &[bool]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reliability_risk_coverage_and_confusion() {
+        let conf = [0.95, 0.9, 0.3, 0.35, 1.0];
+        let ok = [true, false, false, true, true];
+        let r = reliability(&conf, &ok, 10);
+        assert_eq!(r.len(), 10);
+        assert_eq!(r[9].count, 3); // 0.95, 0.9 and 1.0
+        assert!((r[9].accuracy - 2.0 / 3.0).abs() < 1e-12);
+        assert!((r[9].confidence - 0.95).abs() < 1e-6);
+        assert_eq!(r[3].count, 2);
+        assert_eq!(r.iter().map(|b| b.count).sum::<usize>(), 5);
+        // ranked 1.0 ok, 0.95 ok, 0.9 wrong, 0.35 ok, 0.3 wrong
+        let rc = risk_coverage(&conf, &ok, 5);
+        assert_eq!(
+            rc,
+            vec![
+                [0.2, 0.0],
+                [0.4, 0.0],
+                [0.6, 1.0 / 3.0],
+                [0.8, 0.25],
+                [1.0, 0.4]
+            ]
+        );
+        let mean: f64 = rc.iter().map(|p| p[1]).sum::<f64>() / 5.0;
+        assert!((mean - aurc(&conf, &ok)).abs() < 1e-12);
+        let m = confusion(&[0, 0, 1, 2], &[0, 1, 1, 1], 3);
+        assert_eq!(m, vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 1, 0]]);
+    }
 
     #[test]
     fn accuracy_counts_matches() {

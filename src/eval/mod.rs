@@ -11,6 +11,7 @@ pub mod descriptions;
 pub mod episodes;
 pub mod logreg;
 pub mod metrics;
+pub mod plots;
 pub mod protocol;
 
 pub use protocol::{
@@ -144,6 +145,9 @@ pub struct EpisodeScores {
     pub confidence: Vec<f32>,
     /// Whether each of those predictions was right.
     pub correct: Vec<bool>,
+    /// True and predicted class of each of those queries (indices into the pool's classes).
+    pub truth: Vec<usize>,
+    pub predicted: Vec<usize>,
     /// Wall time spent in the method (fit + predict), all episodes.
     pub seconds: f64,
 }
@@ -160,7 +164,19 @@ pub struct MethodResult {
     /// Wall time spent in the method over all episodes (from cached embeddings).
     #[serde(default)]
     pub seconds: f64,
+    /// Reliability diagram over every query ([`metrics::ECE_BINS`] bins).
+    #[serde(default)]
+    pub reliability: Vec<metrics::ReliabilityBin>,
+    /// Risk-coverage curve over every query (about [`RISK_COVERAGE_POINTS`] points).
+    #[serde(default)]
+    pub risk_coverage: Vec<[f64; 2]>,
+    /// Confusion counts over the pool's classes, `[true][predicted]`, every query.
+    #[serde(default)]
+    pub confusion: Vec<Vec<u32>>,
 }
+
+/// Points kept of each risk-coverage curve.
+pub const RISK_COVERAGE_POINTS: usize = 100;
 
 /// Score `methods` on `episodes`; `embeddings[id]` is the embedding of global image `id`.
 /// Every method sees exactly the same support and query sets. Methods that need shots are
@@ -213,6 +229,8 @@ pub fn score_episodes(
             for ((p, &k), &t) in probs.iter().zip(&pred).zip(&truth) {
                 scores.confidence.push(p[k]);
                 scores.correct.push(k == t);
+                scores.truth.push(ep.classes[t]);
+                scores.predicted.push(ep.classes[k]);
             }
             scores.accuracy.push(metrics::accuracy(&truth, &pred));
             scores
@@ -226,13 +244,22 @@ pub fn score_episodes(
 
 impl MethodResult {
     /// Summary of `s`; predictions whose top probability is below `refer_threshold` count as referred.
-    pub fn from_scores(method: &str, s: &EpisodeScores, refer_threshold: f32) -> MethodResult {
+    /// `n_classes` is the number of classes in the pool (for the confusion matrix).
+    pub fn from_scores(
+        method: &str,
+        s: &EpisodeScores,
+        refer_threshold: f32,
+        n_classes: usize,
+    ) -> MethodResult {
         MethodResult {
             method: method.to_string(),
             accuracy: MeanCi::of(&s.accuracy),
             macro_f1: MeanCi::of(&s.macro_f1),
             referral: Referral::of(&s.confidence, &s.correct, refer_threshold),
             seconds: s.seconds,
+            reliability: metrics::reliability(&s.confidence, &s.correct, metrics::ECE_BINS),
+            risk_coverage: metrics::risk_coverage(&s.confidence, &s.correct, RISK_COVERAGE_POINTS),
+            confusion: metrics::confusion(&s.truth, &s.predicted, n_classes),
         }
     }
 }
@@ -292,7 +319,7 @@ mod tests {
         let mut l = LogisticRegression::default();
         let res = score_episodes(&embs, &eps, &mut [&mut p, &mut l], || {}).unwrap();
         for r in &res {
-            let r = MethodResult::from_scores("x", r.as_ref().unwrap(), 0.5);
+            let r = MethodResult::from_scores("x", r.as_ref().unwrap(), 0.5, 4);
             assert_eq!(r.accuracy.mean, 1.0);
             assert_eq!(r.macro_f1.mean, 1.0);
             assert_eq!(r.accuracy.n, 10);
@@ -300,13 +327,20 @@ mod tests {
             assert_eq!(r.referral.predictions, 200);
             assert_eq!(r.referral.overall_accuracy, 1.0);
             assert_eq!(r.referral.aurc, 0.0);
+            // every query on the diagonal, 50 per class (4 ways, 10 episodes x 5 queries)
+            for (t, row) in r.confusion.iter().enumerate() {
+                assert_eq!(row.iter().sum::<u32>(), 50);
+                assert_eq!(row[t], 50);
+            }
+            assert_eq!(r.reliability.iter().map(|b| b.count).sum::<usize>(), 200);
+            assert_eq!(r.risk_coverage.last(), Some(&[1.0, 0.0]));
         }
         assert_eq!(l.not_converged, 0);
 
         let (pool, embs) = toy(4, 20, 3.0);
         let eps = sample_episodes(&pool, &spec).unwrap();
         let res = score_episodes(&embs, &eps, &mut [&mut Prototype::default()], || {}).unwrap();
-        let r = MethodResult::from_scores("p", res[0].as_ref().unwrap(), 0.5);
+        let r = MethodResult::from_scores("p", res[0].as_ref().unwrap(), 0.5, 4);
         assert!(r.accuracy.mean < 0.9 && r.accuracy.mean > 0.25, "{r:?}");
         assert!(r.accuracy.ci95 > 0.0);
         // Pooled over queries, the referral figures agree with the episode accuracies.

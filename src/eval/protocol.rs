@@ -455,7 +455,7 @@ pub fn evaluate(
             .zip(&scores)
             .filter_map(|(l, s)| {
                 s.as_ref()
-                    .map(|s| MethodResult::from_scores(l, s, refer_threshold))
+                    .map(|s| MethodResult::from_scores(l, s, refer_threshold, pool.classes.len()))
             })
             .collect();
         let episode_list = list_episodes.then(|| {
@@ -633,6 +633,23 @@ pub fn run(args: &EvalArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
         report.cache_hits,
         report.images_embedded,
         report.score_seconds
+    );
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "eval".into());
+    let plots = super::plots::write_plots(&report, dir, &stem)?;
+    println!(
+        "plots: {}",
+        plots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }

@@ -17,9 +17,7 @@ pub const MAX_BATCH: usize = 1;
 
 /// The loaded, optimised image encoder.
 pub struct ImageEncoder {
-    /// Symbolic batch `N` (any batch size).
-    plan: Plan,
-    /// The same model optimised for batch 1 (the per-capture path).
+    /// The model optimised for batch 1 (the only one: see [`MAX_BATCH`]).
     plan1: Plan,
     pub preprocess: Preprocess,
     pub embedding_dim: usize,
@@ -34,12 +32,6 @@ impl ImageEncoder {
         let (name, entry) = manifest.image_variant(variant)?;
         let path = manifest.verified_path(&entry.file, &entry.sha256)?;
         let [h, w] = spec.input_size;
-        let shape = [Dim::Sym("N"), Dim::Fixed(3), Dim::Fixed(h), Dim::Fixed(w)];
-        let plan = load_onnx(
-            &path,
-            &[(spec.input.as_str(), f32::datum_type(), &shape)],
-            &[spec.output.as_str()],
-        )?;
         let shape1 = [Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(h), Dim::Fixed(w)];
         let plan1 = load_onnx(
             &path,
@@ -48,7 +40,6 @@ impl ImageEncoder {
         )?;
         log::info!("loaded image encoder {name} ({})", path.display());
         Ok(ImageEncoder {
-            plan,
             plan1,
             preprocess: Preprocess::from_spec(spec),
             embedding_dim: spec.embedding_dim,
@@ -67,21 +58,27 @@ impl ImageEncoder {
         Ok(out)
     }
 
-    /// Embed an already preprocessed `[n, 3, H, W]` tensor (used by parity tests).
+    /// Embed an already preprocessed `[n, 3, H, W]` tensor, one image at a time through the
+    /// batch-1 plan (used by the parity tests and the bench).
     pub fn embed_tensor(&self, data: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let shape = [
-            n,
-            3,
+        let (h, w) = (
             self.preprocess.height as usize,
             self.preprocess.width as usize,
-        ];
-        let input = tensor("image encoder", &shape, data)?;
-        let plan = if n == 1 { &self.plan1 } else { &self.plan };
-        let mut outs = run_f32(plan, "image encoder", tvec![input])?;
-        let (shape, data) = outs.remove(0);
-        rows("image encoder", &shape, data, n, self.embedding_dim)
+        );
+        let per = 3 * h * w;
+        if data.len() != n * per {
+            return Err(crate::error::Error::Inference {
+                model: "image encoder".into(),
+                reason: format!("{} values for {n} images of 3 x {h} x {w}", data.len()),
+            });
+        }
+        let mut out = Vec::with_capacity(n);
+        for img in data.chunks(per) {
+            let input = tensor("image encoder", &[1, 3, h, w], img)?;
+            let mut outs = run_f32(&self.plan1, "image encoder", tvec![input])?;
+            let (shape, data) = outs.remove(0);
+            out.extend(rows("image encoder", &shape, data, 1, self.embedding_dim)?);
+        }
+        Ok(out)
     }
 }

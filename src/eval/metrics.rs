@@ -234,16 +234,16 @@ mod tests {
 
     #[test]
     fn reliability_risk_coverage_and_confusion() {
-        let conf = [0.95, 0.9, 0.3, 0.35, 1.0];
+        let conf = [0.95, 0.92, 0.3, 0.35, 1.0];
         let ok = [true, false, false, true, true];
         let r = reliability(&conf, &ok, 10);
         assert_eq!(r.len(), 10);
-        assert_eq!(r[9].count, 3); // 0.95, 0.9 and 1.0
+        assert_eq!(r[9].count, 3); // 0.95, 0.92 and 1.0
         assert!((r[9].accuracy - 2.0 / 3.0).abs() < 1e-12);
-        assert!((r[9].confidence - 0.95).abs() < 1e-6);
+        assert!((r[9].confidence - 2.87 / 3.0).abs() < 1e-6);
         assert_eq!(r[3].count, 2);
         assert_eq!(r.iter().map(|b| b.count).sum::<usize>(), 5);
-        // ranked 1.0 ok, 0.95 ok, 0.9 wrong, 0.35 ok, 0.3 wrong
+        // ranked 1.0 ok, 0.95 ok, 0.92 wrong, 0.35 ok, 0.3 wrong
         let rc = risk_coverage(&conf, &ok, 5);
         assert_eq!(
             rc,

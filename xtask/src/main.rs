@@ -10,6 +10,7 @@ mod e2e_tests;
 mod flash;
 mod image;
 mod sign;
+mod soak;
 mod tools;
 mod train;
 
@@ -177,6 +178,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Long run of the sim device loop: memory, time per decision and storage, sampled.
+    Soak(soak::SoakArgs),
 }
 
 fn main() {
@@ -383,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
         }
         Cmd::Bench { args } => bench::bench(&root, &args)?,
+        Cmd::Soak(args) => soak::soak(&root, &args)?,
         Cmd::Doctor { board } => doctor(&root, &board)?,
     }
     Ok(())

@@ -2,9 +2,9 @@
 //! record appended after the part the device keeps reads back intact and chained.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use sgps::store::RecordKind;
 use sgps::store::audit::{AUDIT_VERSION, AuditEvent, AuditRecord, scan};
 use sgps::store::record::encode;
-use sgps::store::RecordKind;
 
 fuzz_target!(|data: &[u8]| {
     let (recs, rep) = scan(data);
@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
     };
     kept.extend(encode(RecordKind::Audit, AUDIT_VERSION, &rec).unwrap());
     let (recs2, rep2) = scan(&kept);
-    assert_eq!(recs2.last(), Some(&rec), "the appended record must read back last");
+    assert_eq!(
+        recs2.last(),
+        Some(&rec),
+        "the appended record must read back last"
+    );
     assert_eq!(rep2.torn_tail_bytes, 0);
     assert!(rep2.chain_breaks.len() <= rep.chain_breaks.len() + 1);
 });

@@ -10,7 +10,8 @@ fuzz_target!(|data: &[u8]| {
         let dim = c.weight[0].len();
         let p = c.predict(&vec![0.5; dim]);
         assert_eq!(p.probabilities.len(), c.num_classes());
-        let again = Classifier::from_bytes(&c.to_bytes().unwrap(), Path::new("again.sgpc")).unwrap();
+        let again =
+            Classifier::from_bytes(&c.to_bytes().unwrap(), Path::new("again.sgpc")).unwrap();
         assert_eq!(again.id, c.id);
     }
 });

@@ -318,7 +318,7 @@ pub(crate) mod tests {
     #[test]
     fn round_trip_and_id() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sgps");
+        let path = dir.path().join("c.sgpc");
         let c = sample("enc");
         c.save(&path).unwrap();
         let back = Classifier::load(&path, "ENC").unwrap();
@@ -331,7 +331,7 @@ pub(crate) mod tests {
     #[test]
     fn load_errors_are_specific() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sgps");
+        let path = dir.path().join("c.sgpc");
         let c = sample("enc");
         c.save(&path).unwrap();
         let e = Classifier::load(&path, "other").unwrap_err();

@@ -113,8 +113,8 @@ impl From<ModeArg> for SynthMode {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
-    sgps synth support/ --out lesions.sgps          # support/<class>/*.jpg, optional support/descriptions.json\n  \
-    sgps synth --class ak=a1.jpg,a2.jpg --class df=d1.jpg --describe df=\"firm brown papule\" --out t.sgps")]
+    sgps synth support/ --out lesions.sgpc          # support/<class>/*.jpg, optional support/descriptions.json\n  \
+    sgps synth --class ak=a1.jpg,a2.jpg --class df=d1.jpg --describe df=\"firm brown papule\" --out t.sgpc")]
 pub struct SynthArgs {
     /// Support folder: <DIR>/<class>/*.jpg|png|bmp, optional <DIR>/descriptions.json.
     #[arg(value_name = "DIR", conflicts_with = "class")]
@@ -132,7 +132,7 @@ pub struct SynthArgs {
     #[arg(long, value_enum, default_value_t = ModeArg::ImagesAndText)]
     pub mode: ModeArg,
     /// Output classifier file.
-    #[arg(long, short, default_value = "classifier.sgps")]
+    #[arg(long, short, default_value = "classifier.sgpc")]
     pub out: PathBuf,
 }
 
@@ -443,7 +443,7 @@ mod tests {
             "--mode",
             "text-only",
             "-o",
-            "out.sgps",
+            "out.sgpc",
         ])
         .unwrap();
         assert_eq!(c.models_dir(), PathBuf::from("m"));
@@ -452,14 +452,14 @@ mod tests {
         };
         assert_eq!(s.class, ["a=x.jpg,y.jpg", "b="]);
         assert_eq!(s.mode, ModeArg::TextOnly);
-        assert_eq!(s.out, PathBuf::from("out.sgps"));
+        assert_eq!(s.out, PathBuf::from("out.sgpc"));
         // folder and --class are exclusive; classify needs images
         assert!(parse(&["synth", "dir", "--class", "a=x"]).is_err());
-        assert!(parse(&["classify", "-c", "c.sgps"]).is_err());
+        assert!(parse(&["classify", "-c", "c.sgpc"]).is_err());
         let c = parse(&[
             "classify",
             "-c",
-            "c.sgps",
+            "c.sgpc",
             "a.jpg",
             "b.png",
             "--json",

@@ -250,12 +250,12 @@ fn corrupt_foreign_version_and_foreign_encoder_classifiers_are_refused() {
     ];
     let clf = p.synthesize(&classes, SynthMode::ImagesOnly).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("good.sgps");
+    let good = dir.path().join("good.sgpc");
     clf.save(&good).unwrap();
     assert_eq!(p.load_classifier(&good).unwrap(), clf);
     let bytes = std::fs::read(&good).unwrap();
 
-    let corrupt = dir.path().join("corrupt.sgps");
+    let corrupt = dir.path().join("corrupt.sgpc");
     let mut b = bytes.clone();
     let i = b.len() - 10;
     b[i] ^= 0xFF;
@@ -264,12 +264,12 @@ fn corrupt_foreign_version_and_foreign_encoder_classifiers_are_refused() {
     assert!(matches!(e, Error::ClassifierCorrupt { .. }), "{e}");
     assert!(e.to_string().contains("sgps synth"), "{e}");
 
-    let truncated = dir.path().join("truncated.sgps");
+    let truncated = dir.path().join("truncated.sgpc");
     std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).unwrap();
     let e = p.load_classifier(&truncated).unwrap_err();
     assert!(matches!(e, Error::ClassifierCorrupt { .. }), "{e}");
 
-    let other_version = dir.path().join("v99.sgps");
+    let other_version = dir.path().join("v99.sgpc");
     let mut b = bytes.clone();
     b[8..10].copy_from_slice(&(FORMAT_VERSION + 98).to_le_bytes());
     std::fs::write(&other_version, &b).unwrap();
@@ -278,7 +278,7 @@ fn corrupt_foreign_version_and_foreign_encoder_classifiers_are_refused() {
 
     let mut foreign = clf.clone();
     foreign.encoder_sha256 = "ab".repeat(32);
-    let foreign_path = dir.path().join("foreign.sgps");
+    let foreign_path = dir.path().join("foreign.sgpc");
     foreign.save(&foreign_path).unwrap();
     let e = p.load_classifier(&foreign_path).unwrap_err();
     assert!(matches!(e, Error::ClassifierEncoder { .. }), "{e}");

@@ -58,7 +58,7 @@ fn synthesize_save_load_and_classify_real_isic_images() {
     assert_eq!(clf.encoder_sha256, p.encoder_sha256());
 
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("isic.sgps");
+    let path = dir.path().join("isic.sgpc");
     clf.save(&path).unwrap();
     let back = p.load_classifier(&path).unwrap();
     assert_eq!(back, clf);
@@ -170,7 +170,7 @@ fn cli_synth_then_classify_json_with_a_bad_file_in_the_batch() {
     let data = samples_dir();
     let bin = env!("CARGO_BIN_EXE_sgps");
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("c.sgps");
+    let out = dir.path().join("c.sgpc");
     let mut cmd = common::command(bin);
     cmd.arg("--models").arg(models_dir()).arg("synth");
     let mut queries = Vec::new();
@@ -253,7 +253,7 @@ fn cli_version_and_missing_models_dir() {
         .arg(dir.path())
         .arg("classify")
         .arg("-c")
-        .arg("x.sgps")
+        .arg("x.sgpc")
         .arg("y.jpg")
         .output()
         .unwrap();

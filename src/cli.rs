@@ -87,6 +87,10 @@ pub enum AuditCommand {
         /// Take the storage directory from this board profile instead.
         #[arg(long, value_name = "FILE", conflicts_with = "path")]
         board: Option<PathBuf>,
+        /// A head hash printed by an earlier check: fail unless that record is still in the log
+        /// (shows records removed from the end, which the chain alone cannot).
+        #[arg(long, value_name = "SHA256")]
+        expect_head: Option<String>,
     },
 }
 
@@ -166,7 +170,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `sgps audit verify`.
 pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
-    let AuditCommand::Verify { path, board } = &a.command;
+    let AuditCommand::Verify {
+        path,
+        board,
+        expect_head,
+    } = &a.command;
+    let expect = match expect_head {
+        None => None,
+        Some(h) => Some(
+            hex::decode(h.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--expect-head {h:?}: expected 64 hex digits (a SHA-256)")
+                })?,
+        ),
+    };
     let target = match (path, board) {
         (Some(p), _) => p.clone(),
         (None, Some(b)) => crate::board::BoardProfile::load(b)?.storage_dir,
@@ -177,7 +196,7 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
     } else {
         target
     };
-    let v = crate::store::audit::verify(&log)?;
+    let v = crate::store::audit::verify(&log, expect)?;
     let rep = &v.report;
     let time = |ms: u64| {
         jiff::Timestamp::from_millisecond(ms as i64)
@@ -218,20 +237,34 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
             b.seq, b.offset, b.reason
         );
     }
+    match v.anchor {
+        Some(Some(seq)) => {
+            println!("  the expected head is record #{seq}: nothing before it was removed")
+        }
+        Some(None) => println!(
+            "  EXPECTED HEAD NOT FOUND: no record has that hash (records were removed from the end, or this is another log)"
+        ),
+        None => {}
+    }
     if v.is_intact() {
         println!(
             "  intact: every record checks and links to the one before it; head sha256 {}",
             hex::encode(rep.head_sha256.unwrap_or([0; 32]))
         );
         println!(
-            "  (note the head hash elsewhere, e.g. in an export: a later check against it also shows records removed from the end)"
+            "  (note the head hash elsewhere: a later `sgps audit verify --expect-head <hash>` also shows records removed from the end)"
         );
         Ok(ExitCode::SUCCESS)
     } else {
         println!(
-            "  NOT INTACT: {} damaged, {} chain breaks. Keep this file as it is (copy it off the device) and report it; the device keeps working and appends after the damage",
+            "  NOT INTACT: {} damaged, {} chain breaks{}. Keep this file as it is (copy it off the device) and report it; the device keeps working and appends after the damage",
             rep.damaged.len(),
-            rep.chain_breaks.len()
+            rep.chain_breaks.len(),
+            if matches!(v.anchor, Some(None)) {
+                ", expected head missing"
+            } else {
+                ""
+            }
         );
         Ok(ExitCode::from(1))
     }

@@ -578,15 +578,17 @@ fn gate_passes_real_isic_and_rejects_degraded_versions() {
 /// in which one decision's label was rewritten (with a valid checksum, as someone editing the
 /// file would): the chain breaks at the next record and the command exits with 1.
 fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path) {
-    let verify = |path: &Path| {
+    let verify_with = |path: &Path, extra: &[&str]| {
         let out = common::command(env!("CARGO_BIN_EXE_sgps"))
             .args(["audit", "verify"])
             .arg(path)
+            .args(extra)
             .output()
             .expect("run sgps audit verify");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         (out.status.code(), stdout)
     };
+    let verify = |path: &Path| verify_with(path, &[]);
     let (code, stdout) = verify(storage);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("intact: every record checks"), "{stdout}");
@@ -631,4 +633,44 @@ fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path) {
     );
     let (code, stdout) = verify(&tmp.join("no-such-dir"));
     assert_ne!(code, Some(0), "{stdout}");
+
+    // the head hash noted now finds the last record later; cut the last record off and it does
+    // not (the chain alone cannot show records removed from the end)
+    let head = stdout_head(&verify(storage).1);
+    let (code, stdout) = verify_with(storage, &["--expect-head", &head]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains(&format!(
+        "the expected head is record #{}",
+        records.last().unwrap().seq
+    )));
+    let last_len = store::record::encode(
+        store::RecordKind::Audit,
+        store::audit::AUDIT_VERSION,
+        records.last().unwrap(),
+    )
+    .unwrap()
+    .len();
+    let cut = tmp.join("cut-audit.log");
+    std::fs::write(&cut, &bytes[..bytes.len() - last_len]).unwrap();
+    let (code, stdout) = verify(&cut);
+    assert_eq!(
+        code,
+        Some(0),
+        "without the noted head the cut log looks intact: {stdout}"
+    );
+    let (code, stdout) = verify_with(&cut, &["--expect-head", &head]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("EXPECTED HEAD NOT FOUND"), "{stdout}");
+    let (code, _) = verify_with(storage, &["--expect-head", "abc"]);
+    assert_eq!(code, Some(2));
+}
+
+/// The head hash `sgps audit verify` prints for an intact log.
+fn stdout_head(stdout: &str) -> String {
+    stdout
+        .split("head sha256 ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no head hash in {stdout}"))
+        .to_string()
 }

@@ -176,6 +176,14 @@ fn is_torn_tail(bytes: &[u8], pos: usize, reason: &FrameError) -> bool {
 
 /// Scan a log image, checking every frame and the chain; never fails.
 pub fn scan(bytes: &[u8]) -> (Vec<AuditRecord>, ScanReport) {
+    scan_with(bytes, |_, _| {})
+}
+
+/// [`scan`], calling `each` with every intact record and the SHA-256 of its frame.
+pub fn scan_with(
+    bytes: &[u8],
+    mut each: impl FnMut(&AuditRecord, &[u8; 32]),
+) -> (Vec<AuditRecord>, ScanReport) {
     let mut out: Vec<AuditRecord> = Vec::new();
     let mut rep = ScanReport::default();
     let mut pos = 0usize;
@@ -217,6 +225,7 @@ pub fn scan(bytes: &[u8]) -> (Vec<AuditRecord>, ScanReport) {
                         reason: reason.join("; "),
                     });
                 }
+                each(&r, &frame_hash);
                 prev = Some((frame_hash, r.seq));
                 damage_since_prev = false;
                 out.push(r);
@@ -280,17 +289,23 @@ pub struct Verification {
     pub last: Option<(u64, u64)>,
     /// Intact records per kind of event, in a fixed order.
     pub counts: Vec<(&'static str, usize)>,
+    /// With an expected head hash (noted at an earlier check): the sequence number of the
+    /// record whose frame has that hash, `None` when no record has it (records were removed
+    /// from the end, or it is another log).
+    pub anchor: Option<Option<u64>>,
 }
 
 impl Verification {
-    /// True when every record is intact and the chain links from the first record to the last.
+    /// True when every record is intact, the chain links from the first record to the last,
+    /// and the expected head (if one was given) is in it.
     pub fn is_intact(&self) -> bool {
-        self.report.is_intact()
+        self.report.is_intact() && !matches!(self.anchor, Some(None))
     }
 }
 
-/// Check every record of the log at `path` and its hash chain. A missing file is an error.
-pub fn verify(path: &Path) -> Result<Verification, StoreError> {
+/// Check every record of the log at `path` and its hash chain, and (with `expect_head`) that the
+/// record whose frame hash was noted earlier is still there. A missing file is an error.
+pub fn verify(path: &Path, expect_head: Option<[u8; 32]>) -> Result<Verification, StoreError> {
     let bytes = fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             StoreError::Invalid(format!(
@@ -301,7 +316,12 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
             StoreError::io(path, e)
         }
     })?;
-    let (records, report) = scan(&bytes);
+    let mut anchor = None;
+    let (records, report) = scan_with(&bytes, |r, h| {
+        if expect_head == Some(*h) {
+            anchor = Some(r.seq);
+        }
+    });
     let mut counts = vec![
         ("decision: benign", 0),
         ("decision: refer", 0),
@@ -331,6 +351,7 @@ pub fn verify(path: &Path) -> Result<Verification, StoreError> {
         last: records.last().map(|r| (r.seq, r.time_unix_ms)),
         report,
         counts,
+        anchor: expect_head.map(|_| anchor),
     })
 }
 

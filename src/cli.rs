@@ -191,23 +191,23 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
         (None, Some(b)) => crate::board::BoardProfile::load(b)?.storage_dir,
         (None, None) => anyhow::bail!("give the storage directory, the audit.log or --board FILE"),
     };
-    let log = if target.is_dir() {
-        crate::store::Store::audit_path_in(&target)
-    } else {
-        target
-    };
-    let v = crate::store::audit::verify(&log, expect)?;
+    let v = crate::store::audit::verify(&target, expect)?;
     let rep = &v.report;
     let time = |ms: u64| {
         jiff::Timestamp::from_millisecond(ms as i64)
             .map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
             .unwrap_or_else(|_| format!("{ms} ms"))
     };
-    println!("audit log {}", v.path.display());
+    println!(
+        "audit log {} ({} file{})",
+        v.path.display(),
+        rep.files.len(),
+        if rep.files.len() == 1 { "" } else { "s" }
+    );
     match (v.first, v.last) {
         (Some((s0, t0)), Some((s1, t1))) => println!(
             "  {} records, #{s0} ({}) .. #{s1} ({})",
-            rep.records,
+            v.records,
             time(t0),
             time(t1)
         ),
@@ -216,26 +216,38 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
     for (what, n) in v.counts.iter().filter(|(_, n)| *n > 0) {
         println!("  {n:>8}  {what}");
     }
-    if rep.unchained > 0 {
-        println!(
-            "  {} records of format 1 were written before the hash chain: their checksums are checked, their order is not",
-            rep.unchained
-        );
+    let (mut damaged, mut breaks) = (0, 0);
+    for (file, r) in &rep.files {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        if r.unchained > 0 {
+            println!(
+                "  {name}: {} records of format 1 were written before the hash chain: their checksums are checked, their order is not",
+                r.unchained
+            );
+        }
+        if r.torn_tail_bytes > 0 {
+            println!(
+                "  {name}: torn last append, {} bytes after byte {} (power lost while writing; never acknowledged; the device cuts it at its next start)",
+                r.torn_tail_bytes, r.valid_len
+            );
+        }
+        for d in &r.damaged {
+            println!(
+                "  {name}: DAMAGED record at byte {}: {}",
+                d.offset, d.reason
+            );
+        }
+        for b in &r.chain_breaks {
+            println!(
+                "  {name}: CHAIN BROKEN at record #{} (byte {}): {}",
+                b.seq, b.offset, b.reason
+            );
+        }
+        damaged += r.damaged.len();
+        breaks += r.chain_breaks.len();
     }
-    if rep.torn_tail_bytes > 0 {
-        println!(
-            "  torn last append: {} bytes after byte {} (power lost while writing; never acknowledged; the device cuts it at its next start)",
-            rep.torn_tail_bytes, rep.valid_len
-        );
-    }
-    for d in &rep.damaged {
-        println!("  DAMAGED record at byte {}: {}", d.offset, d.reason);
-    }
-    for b in &rep.chain_breaks {
-        println!(
-            "  CHAIN BROKEN at record #{} (byte {}): {}",
-            b.seq, b.offset, b.reason
-        );
+    for b in &rep.links {
+        println!("  CHAIN BROKEN at record #{}: {}", b.seq, b.reason);
     }
     match v.anchor {
         Some(Some(seq)) => {
@@ -249,7 +261,7 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
     if v.is_intact() {
         println!(
             "  intact: every record checks and links to the one before it; head sha256 {}",
-            hex::encode(rep.head_sha256.unwrap_or([0; 32]))
+            hex::encode(rep.head_sha256().unwrap_or([0; 32]))
         );
         println!(
             "  (note the head hash elsewhere: a later `sgps audit verify --expect-head <hash>` also shows records removed from the end)"
@@ -258,8 +270,8 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!(
             "  NOT INTACT: {} damaged, {} chain breaks{}. Keep this file as it is (copy it off the device) and report it; the device keeps working and appends after the damage",
-            rep.damaged.len(),
-            rep.chain_breaks.len(),
+            damaged,
+            breaks + rep.links.len(),
             if matches!(v.anchor, Some(None)) {
                 ", expected head missing"
             } else {

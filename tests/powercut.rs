@@ -24,6 +24,8 @@ use sgps::store::powercut::{Model, Op, Recorder};
 use sgps::store::{self, ActiveRecord, AuditEvent, ClassRecord, ShotRecord, Store};
 
 const ENCODER: &str = "powercut-test-encoder";
+/// A small audit segment, so that the workload rotates the log several times.
+const SEGMENT: u64 = 1200;
 
 fn class_record(name: &str, v: u64) -> ClassRecord {
     ClassRecord {
@@ -100,6 +102,19 @@ struct Workload {
 }
 
 impl Workload {
+    /// An audit append: its sequence number is the one the log returns (a rotation record
+    /// may come first).
+    fn audit(&mut self, log: &mut store::AuditLog, ev: AuditEvent) {
+        let start = self.rec.len();
+        let seq = log.append(ev.clone()).unwrap();
+        let end = self.rec.len();
+        self.calls.push(Call {
+            start,
+            end,
+            what: What::Audit(seq, ev),
+        });
+    }
+
     fn call<T>(&mut self, what: What, f: impl FnOnce() -> T) -> T {
         let start = self.rec.len();
         let out = f();
@@ -119,7 +134,8 @@ fn run_workload(base: &Path) -> (Vec<Op>, Vec<Call>) {
     };
     let root = base.join("store");
     let st = w.call(What::Other, || Store::open_on(rec.clone(), &root).unwrap());
-    let (mut audit, _) = w.call(What::Other, || st.open_audit().unwrap());
+    let (audit, _) = w.call(What::Other, || st.open_audit().unwrap());
+    let mut audit = audit.with_segment_bytes(SEGMENT);
     for v in 0..9u64 {
         let name = format!("c{}", v % 3);
         let r = class_record(&name, v);
@@ -131,8 +147,7 @@ fn run_workload(base: &Path) -> (Vec<Op>, Vec<Call>) {
             shot: v as u16,
             capture_sha256: [v as u8; 32],
         };
-        let seq = audit.next_seq();
-        w.call(What::Audit(seq, ev.clone()), || audit.append(ev).unwrap());
+        w.audit(&mut audit, ev);
         if v % 3 == 2 {
             let c = classifier(v);
             let file = w.call(What::Other, || st.save_classifier(&c).unwrap());
@@ -152,8 +167,7 @@ fn run_workload(base: &Path) -> (Vec<Op>, Vec<Call>) {
                 classes: vec!["c0".into(), "c1".into(), "c2".into()],
                 shots: vec![1, 1, 1],
             };
-            let seq = audit.next_seq();
-            w.call(What::Audit(seq, ev.clone()), || audit.append(ev).unwrap());
+            w.audit(&mut audit, ev);
         }
         if v == 4 {
             w.call(What::Set("c1".into(), Val::Absent), || {
@@ -163,7 +177,7 @@ fn run_workload(base: &Path) -> (Vec<Op>, Vec<Call>) {
         if v == 5 {
             // a restart: the log is reopened (nothing to cut, nothing written) and goes on
             drop(audit);
-            audit = st.open_audit().unwrap().0;
+            audit = st.open_audit().unwrap().0.with_segment_bytes(SEGMENT);
         }
         let ev = AuditEvent::Decision {
             capture_sha256: [v as u8 ^ 0xff; 32],
@@ -173,8 +187,7 @@ fn run_workload(base: &Path) -> (Vec<Op>, Vec<Call>) {
             label: format!("c{}", v % 3),
             verdict: store::Verdict::Refer,
         };
-        let seq = audit.next_seq();
-        w.call(What::Audit(seq, ev.clone()), || audit.append(ev).unwrap());
+        w.audit(&mut audit, ev);
     }
     (rec.ops(), w.calls)
 }
@@ -188,6 +201,8 @@ struct Stats {
     torn_tails: usize,
     /// States holding the temporary of an interrupted atomic write (removed when reopened).
     temporaries: usize,
+    /// States whose audit log spans rotated segments.
+    rotated_states: usize,
 }
 
 fn scratch_dir() -> tempfile::TempDir {
@@ -218,10 +233,16 @@ fn check_state(dir: &Path, cut: usize, calls: &[Call], stats: &mut Stats) -> Res
         .open_audit()
         .map_err(|e| format!("audit log does not open: {e}"))?;
     stats.torn_tails += (opened.torn_tail_bytes > 0) as usize;
-    let (recs, rep) = store::audit::read_log(&st.audit_path()).map_err(|e| e.to_string())?;
+    let (recs, rep) = store::audit::read_all(&root, |_, _| {}).map_err(|e| e.to_string())?;
     if !rep.is_intact() {
         return Err(format!("audit log not intact after reopening: {rep:?}"));
     }
+    stats.rotated_states += (rep.files.len() > 1) as usize;
+    // the log's own bookkeeping (rotation records) aside
+    let recs: Vec<store::AuditRecord> = recs
+        .into_iter()
+        .filter(|r| !matches!(r.event, AuditEvent::Rotated { .. }))
+        .collect();
     // audit records: every acknowledged one, at most the one in flight, nothing else
     let mut want: BTreeMap<u64, (&AuditEvent, bool)> = BTreeMap::new();
     for c in calls {
@@ -302,9 +323,12 @@ fn check_state(dir: &Path, cut: usize, calls: &[Call], stats: &mut Stats) -> Res
         .append(AuditEvent::Note("after the power cut".into()))
         .map_err(|e| format!("cannot append after the power cut: {e}"))?;
     drop(audit);
-    let (after, rep) = store::audit::read_log(&st.audit_path()).map_err(|e| e.to_string())?;
-    if after.len() != recs.len() + 1 || after.last().map(|r| r.seq) != Some(seq) || !rep.is_intact()
-    {
+    let (after, rep) = store::audit::read_all(&root, |_, _| {}).map_err(|e| e.to_string())?;
+    let kept = after
+        .iter()
+        .filter(|r| !matches!(r.event, AuditEvent::Rotated { .. }))
+        .count();
+    if kept != recs.len() + 1 || after.last().map(|r| r.seq) != Some(seq) || !rep.is_intact() {
         return Err(format!(
             "the record appended after the cut does not read back: {rep:?}"
         ));
@@ -378,7 +402,8 @@ fn every_power_cut_keeps_acknowledged_records_and_the_device_starts() {
     let (stats, errors) = check_recording(&ops, &calls);
     println!(
         "power-cut model: {} store calls, {} operations ({} fsyncs), {} cut points, {} crash states \
-         ({} with a torn audit append, {} with an interrupted atomic write's temporary)",
+         ({} with a torn audit append, {} with an interrupted atomic write's temporary, \
+         {} with rotated audit segments)",
         calls.len(),
         ops.len(),
         syncs,
@@ -386,10 +411,14 @@ fn every_power_cut_keeps_acknowledged_records_and_the_device_starts() {
         stats.states,
         stats.torn_tails,
         stats.temporaries,
+        stats.rotated_states,
     );
     assert!(errors.is_empty(), "{}", errors.join("\n"));
     // the model tried the hard cases, not only clean states
-    assert!(stats.torn_tails > 0 && stats.temporaries > 0, "{stats:?}");
+    assert!(
+        stats.torn_tails > 0 && stats.temporaries > 0 && stats.rotated_states > 0,
+        "{stats:?}"
+    );
 }
 
 #[test]

@@ -24,6 +24,8 @@ use crate::disk::{Disk, RealDisk};
 pub const AUDIT_VERSION: u16 = 2;
 /// Sector size of the power-loss model: unsynced data is lost or kept in units of this.
 pub const SECTOR: usize = 512;
+/// Size at which `audit.log` is rotated into a segment `audit-<first>-<last>.log`.
+pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The verdict shown to the clinician.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +79,12 @@ pub enum AuditEvent {
     },
     /// Free-form event (start-up, tests).
     Note(String),
+    /// First record of `audit.log` after the log before it was rotated into the segment file
+    /// `previous` (whose last record is `previous_last_seq`); chained to that segment's head.
+    Rotated {
+        previous: String,
+        previous_last_seq: u64,
+    },
 }
 
 /// One entry of the log.
@@ -196,8 +204,13 @@ pub fn scan_with(
             Ok((r, n)) => {
                 let frame_hash: [u8; 32] = Sha256::digest(&bytes[pos..pos + n]).into();
                 let mut why = Vec::new();
+                let continues_segment =
+                    prev.is_none() && matches!(r.event, AuditEvent::Rotated { .. });
                 match r.prev_sha256 {
                     None => rep.unchained += 1,
+                    // the first record after a rotation links to the segment before it
+                    // (checked by `read_all`)
+                    Some(_) if continues_segment => {}
                     Some(p) if p != prev.map(|(h, _)| h).unwrap_or([0; 32]) => {
                         why.push(if prev.is_none() {
                             "the log does not start with its first record"
@@ -279,11 +292,124 @@ pub fn read_log(path: &Path) -> Result<(Vec<AuditRecord>, ScanReport), StoreErro
     }
 }
 
+/// The files of the log in `dir`: rotated segments, oldest first, then `audit.log` (if any).
+pub fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let first = n.strip_prefix("audit-")?.strip_suffix(".log")?;
+                    let (a, _) = first.split_once('-')?;
+                    Some((a.parse().ok()?, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    segs.sort();
+    let mut out: Vec<PathBuf> = segs.into_iter().map(|(_, p)| p).collect();
+    let cur = dir.join("audit.log");
+    if cur.exists() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Every file of a log and what its scan found, and how the files link.
+#[derive(Debug, Clone, Default)]
+pub struct LogReport {
+    /// Oldest first.
+    pub files: Vec<(PathBuf, ScanReport)>,
+    /// Files that do not continue the file before them.
+    pub links: Vec<ChainBreak>,
+}
+
+impl LogReport {
+    pub fn is_intact(&self) -> bool {
+        self.links.is_empty() && self.files.iter().all(|(_, r)| r.is_intact())
+    }
+
+    /// SHA-256 of the last intact frame of the newest file that has one.
+    pub fn head_sha256(&self) -> Option<[u8; 32]> {
+        self.files.iter().rev().find_map(|(_, r)| r.head_sha256)
+    }
+}
+
+/// Read a log: a storage directory (every segment and `audit.log`, checking that each file
+/// continues the one before it) or one log file. `each` sees every intact record with its frame
+/// hash.
+pub fn read_all(
+    path: &Path,
+    mut each: impl FnMut(&AuditRecord, &[u8; 32]),
+) -> Result<(Vec<AuditRecord>, LogReport), StoreError> {
+    let files = if path.is_dir() {
+        log_files(path)
+    } else {
+        vec![path.to_owned()]
+    };
+    let mut all: Vec<AuditRecord> = Vec::new();
+    let mut rep = LogReport::default();
+    for f in files {
+        let bytes = fs::read(&f).map_err(|e| StoreError::io(&f, e))?;
+        let (recs, r) = scan_with(&bytes, &mut each);
+        if let Some((prev_file, prev_rep)) = rep.files.last() {
+            let name = |p: &Path| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            let last_seq = all.last().map(|r| r.seq);
+            let why = match recs.first() {
+                None => None,
+                Some(AuditRecord {
+                    event:
+                        AuditEvent::Rotated {
+                            previous,
+                            previous_last_seq,
+                        },
+                    prev_sha256,
+                    seq,
+                    ..
+                }) => {
+                    if *previous != name(prev_file) {
+                        Some(format!("it continues {previous}, not {}", name(prev_file)))
+                    } else if *prev_sha256 != prev_rep.head_sha256
+                        || Some(*previous_last_seq) != last_seq
+                        || *seq != previous_last_seq + 1
+                    {
+                        Some(format!(
+                            "it does not link to the last record of {previous} (changed, removed or reordered)"
+                        ))
+                    } else {
+                        None
+                    }
+                }
+                Some(_) => Some(format!(
+                    "it does not start with a rotation record after {}",
+                    name(prev_file)
+                )),
+            };
+            if let Some(reason) = why {
+                rep.links.push(ChainBreak {
+                    seq: recs[0].seq,
+                    offset: 0,
+                    reason: format!("{}: {reason}", name(&f)),
+                });
+            }
+        }
+        all.extend(recs);
+        rep.files.push((f, r));
+    }
+    Ok((all, rep))
+}
+
 /// What a check of a whole log found (`sgps audit verify`).
 #[derive(Debug, Clone)]
 pub struct Verification {
     pub path: PathBuf,
-    pub report: ScanReport,
+    pub report: LogReport,
+    pub records: usize,
     /// Sequence number and time of the first and the last intact record.
     pub first: Option<(u64, u64)>,
     pub last: Option<(u64, u64)>,
@@ -296,32 +422,32 @@ pub struct Verification {
 }
 
 impl Verification {
-    /// True when every record is intact, the chain links from the first record to the last,
-    /// and the expected head (if one was given) is in it.
+    /// True when every record is intact, the chain links from the first record to the last
+    /// across every file, and the expected head (if one was given) is in it.
     pub fn is_intact(&self) -> bool {
         self.report.is_intact() && !matches!(self.anchor, Some(None))
     }
 }
 
-/// Check every record of the log at `path` and its hash chain, and (with `expect_head`) that the
-/// record whose frame hash was noted earlier is still there. A missing file is an error.
+/// Check every record of the log at `path` (a storage directory or one log file) and its hash
+/// chain, and (with `expect_head`) that the record whose frame hash was noted earlier is still
+/// there.
 pub fn verify(path: &Path, expect_head: Option<[u8; 32]>) -> Result<Verification, StoreError> {
-    let bytes = fs::read(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            StoreError::Invalid(format!(
-                "no audit log at {}: give the device's storage directory (storage_dir in its board profile) or its audit.log",
-                path.display()
-            ))
-        } else {
-            StoreError::io(path, e)
-        }
-    })?;
+    let missing = || {
+        StoreError::Invalid(format!(
+            "no audit log at {}: give the device's storage directory (storage_dir in its board profile) or its audit.log",
+            path.display()
+        ))
+    };
+    if !path.exists() || (path.is_dir() && log_files(path).is_empty()) {
+        return Err(missing());
+    }
     let mut anchor = None;
-    let (records, report) = scan_with(&bytes, |r, h| {
+    let (records, report) = read_all(path, |r, h| {
         if expect_head == Some(*h) {
             anchor = Some(r.seq);
         }
-    });
+    })?;
     let mut counts = vec![
         ("decision: benign", 0),
         ("decision: refer", 0),
@@ -330,6 +456,7 @@ pub fn verify(path: &Path, expect_head: Option<[u8; 32]>) -> Result<Verification
         ("shot enrolled", 0),
         ("classifier synthesized", 0),
         ("note", 0),
+        ("log rotated", 0),
     ];
     for r in &records {
         let i = match &r.event {
@@ -342,11 +469,13 @@ pub fn verify(path: &Path, expect_head: Option<[u8; 32]>) -> Result<Verification
             AuditEvent::Enrolled { .. } => 4,
             AuditEvent::Synthesized { .. } => 5,
             AuditEvent::Note(_) => 6,
+            AuditEvent::Rotated { .. } => 7,
         };
         counts[i].1 += 1;
     }
     Ok(Verification {
         path: path.to_owned(),
+        records: records.len(),
         first: records.first().map(|r| (r.seq, r.time_unix_ms)),
         last: records.last().map(|r| (r.seq, r.time_unix_ms)),
         report,
@@ -363,6 +492,14 @@ pub struct AuditLog {
     _lock: File,
     next_seq: u64,
     head: [u8; 32],
+    /// Rotate before an append would take `audit.log` past this size.
+    segment_bytes: u64,
+    /// Length of `audit.log` and the sequence number of its first record.
+    len: u64,
+    first_seq: Option<u64>,
+    /// After a rotation: the segment (file name, last sequence number) that the next record,
+    /// a [`AuditEvent::Rotated`], must link to.
+    rotated: Option<(String, u64)>,
 }
 
 impl AuditLog {
@@ -425,21 +562,123 @@ impl AuditLog {
                 b.reason
             );
         }
-        let next_seq = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
+        let mut next_seq = records.iter().map(|r| r.seq + 1).max().unwrap_or(0);
+        let mut head = rep.head_sha256.unwrap_or([0; 32]);
+        let mut rotated = None;
+        if records.is_empty() {
+            // power went between a rotation and the first record of the new file: continue
+            // the newest segment's chain
+            let segs: Vec<PathBuf> = log_files(dir)
+                .into_iter()
+                .filter(|p| p.as_path() != path)
+                .collect();
+            if let Some(seg) = segs.last() {
+                let (recs, srep) = read_log(seg)?;
+                if let (Some(last), Some(h)) = (recs.iter().map(|r| r.seq).max(), srep.head_sha256)
+                {
+                    next_seq = last + 1;
+                    head = h;
+                    let name = seg
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
+                    rotated = Some((name, last));
+                }
+            }
+        }
         Ok((
             AuditLog {
                 path: path.to_owned(),
                 disk,
                 _lock: lock,
                 next_seq,
-                head: rep.head_sha256.unwrap_or([0; 32]),
+                head,
+                segment_bytes: SEGMENT_BYTES,
+                len: rep.valid_len,
+                first_seq: records.first().map(|r| r.seq),
+                rotated,
             },
             rep,
         ))
     }
 
-    /// Append one event; returns its sequence number once it is durable.
+    /// Rotate at `bytes` instead of [`SEGMENT_BYTES`] (tests, small cards).
+    pub fn with_segment_bytes(mut self, bytes: u64) -> AuditLog {
+        self.segment_bytes = bytes.max(1);
+        self
+    }
+
+    /// Move `audit.log` to `audit-<first>-<last>.log` and start a new, empty `audit.log` whose
+    /// first record will link to it.
+    fn rotate(&mut self) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (self.first_seq, self.next_seq.checked_sub(1)) else {
+            return Ok(());
+        };
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        let name = format!("audit-{first:012}-{last:012}.log");
+        let seg = dir.join(&name);
+        self.disk
+            .rename(&self.path, &seg)
+            .and_then(|()| self.disk.sync_dir(&dir))
+            .map_err(|e| StoreError::io(&seg, e))?;
+        self.len = 0;
+        self.first_seq = None;
+        self.rotated = Some((name, last));
+        self.create_file()?;
+        log::info!("audit log rotated into {}", seg.display());
+        Ok(())
+    }
+
+    /// Create an empty `audit.log` (durably) and take its lock.
+    fn create_file(&mut self) -> Result<(), StoreError> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        self.disk
+            .write_file(&self.path, b"")
+            .and_then(|()| self.disk.sync_file(&self.path))
+            .and_then(|()| self.disk.sync_dir(&dir))
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        let lock = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        lock.try_lock().map_err(|e| {
+            StoreError::Invalid(format!("cannot lock {}: {e}", self.path.display()))
+        })?;
+        self._lock = lock;
+        Ok(())
+    }
+
+    /// Append one event; returns its sequence number once it is durable. Rotates first when
+    /// the record would take `audit.log` past the segment size.
     pub fn append(&mut self, event: AuditEvent) -> Result<u64, StoreError> {
+        if !self.path.exists() {
+            self.create_file()?;
+        }
+        if self.len > 0 && self.len + 1024 > self.segment_bytes {
+            self.rotate()?;
+        }
+        if let Some((previous, previous_last_seq)) = self.rotated.clone() {
+            self.append_record(AuditEvent::Rotated {
+                previous,
+                previous_last_seq,
+            })?;
+            self.rotated = None;
+        }
+        self.append_record(event)
+    }
+
+    fn append_record(&mut self, event: AuditEvent) -> Result<u64, StoreError> {
         let seq = self.next_seq;
         let rec = AuditRecord {
             seq,
@@ -462,6 +701,8 @@ impl AuditLog {
         }
         self.next_seq += 1;
         self.head = Sha256::digest(&bytes).into();
+        self.len += bytes.len() as u64;
+        self.first_seq.get_or_insert(seq);
         Ok(seq)
     }
 
@@ -744,5 +985,87 @@ mod tests {
         assert_eq!((recs.len(), rep.damaged.len()), (39, 1));
         assert_eq!(rep.chain_breaks.len(), 1);
         assert!(rep.chain_breaks[0].reason.contains("damaged"));
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        log_files(dir)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn rotation_keeps_one_chain_across_segments_and_verify_sees_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open(&p).unwrap();
+        let mut log = log.with_segment_bytes(1500);
+        for i in 0..60 {
+            log.append(note(i)).unwrap();
+        }
+        drop(log);
+        let files = names(dir.path());
+        assert!(files.len() >= 3, "{files:?}");
+        assert_eq!(files.last().unwrap(), "audit.log");
+        let (recs, rep) = read_all(dir.path(), |_, _| {}).unwrap();
+        assert!(rep.is_intact(), "{rep:?}");
+        // sequence numbers run on without a gap; the notes are all there, in order
+        assert!(recs.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        let notes: Vec<&AuditEvent> = recs
+            .iter()
+            .map(|r| &r.event)
+            .filter(|e| !matches!(e, AuditEvent::Rotated { .. }))
+            .collect();
+        assert_eq!(notes.len(), 60);
+        assert_eq!(*notes[59], note(59));
+        for f in &files {
+            assert!(
+                fs::metadata(dir.path().join(f)).unwrap().len() <= 1500,
+                "{f}"
+            );
+        }
+        assert!(verify(dir.path(), None).unwrap().is_intact());
+        // reopen and carry on: the chain still links
+        let (mut log, _) = AuditLog::open(&p).unwrap();
+        log.append(note(60)).unwrap();
+        drop(log);
+        assert!(read_all(dir.path(), |_, _| {}).unwrap().1.is_intact());
+        // a segment removed from the middle breaks the link between the files around it
+        fs::remove_file(dir.path().join(&files[1])).unwrap();
+        let v = verify(dir.path(), None).unwrap();
+        assert!(!v.is_intact());
+        assert_eq!(v.report.links.len(), 1, "{:?}", v.report.links);
+        assert!(
+            v.report.links[0].reason.contains(&files[1]),
+            "{:?}",
+            v.report.links
+        );
+    }
+
+    #[test]
+    fn power_lost_between_rotation_and_the_next_record_continues_the_segment_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let (mut log, _) = AuditLog::open(&p).unwrap();
+        for i in 0..5 {
+            log.append(note(i)).unwrap();
+        }
+        drop(log);
+        // the rename happened; the new audit.log was not created yet
+        fs::rename(&p, dir.path().join("audit-000000000000-000000000004.log")).unwrap();
+        let (mut log, rep) = AuditLog::open(&p).unwrap();
+        assert_eq!(rep.records, 0);
+        assert_eq!(log.append(note(5)).unwrap(), 6, "5 is the rotation record");
+        drop(log);
+        let (recs, rep) = read_all(dir.path(), |_, _| {}).unwrap();
+        assert!(rep.is_intact(), "{rep:?}");
+        assert_eq!(recs.len(), 7);
+        assert!(matches!(
+            &recs[5].event,
+            AuditEvent::Rotated {
+                previous_last_seq: 4,
+                ..
+            }
+        ));
     }
 }

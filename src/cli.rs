@@ -92,6 +92,29 @@ pub enum AuditCommand {
         #[arg(long, value_name = "SHA256")]
         expect_head: Option<String>,
     },
+    /// Copy the whole log (every segment and audit.log) to a directory, e.g. a USB stick, with
+    /// an index of SHA-256 sums; the copied segments may then be deleted by the device when the
+    /// log reaches its size limit (never before).
+    Export {
+        /// The device's storage directory (storage_dir of its board profile).
+        #[arg(value_name = "DIR", required_unless_present = "board")]
+        path: Option<PathBuf>,
+        /// Take the storage directory from this board profile instead.
+        #[arg(long, value_name = "FILE", conflicts_with = "path")]
+        board: Option<PathBuf>,
+        /// Where the copies go.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+}
+
+/// The storage directory (or log file) named by `path` or by the board profile `board`.
+fn audit_target(path: &Option<PathBuf>, board: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match (path, board) {
+        (Some(p), _) => p.clone(),
+        (None, Some(b)) => crate::board::BoardProfile::load(b)?.storage_dir,
+        (None, None) => anyhow::bail!("give the storage directory, the audit.log or --board FILE"),
+    })
 }
 
 /// Which support information the synthesizer uses.
@@ -170,11 +193,43 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `sgps audit verify`.
 pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
-    let AuditCommand::Verify {
-        path,
-        board,
-        expect_head,
-    } = &a.command;
+    let (path, board, expect_head) = match &a.command {
+        AuditCommand::Verify {
+            path,
+            board,
+            expect_head,
+        } => (path, board, expect_head),
+        AuditCommand::Export { path, board, to } => {
+            let dir = audit_target(path, board)?;
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "{} is not a storage directory: give the device's storage_dir (or --board FILE)",
+                    dir.display()
+                );
+            }
+            let x = crate::store::audit::export(&dir, to)?;
+            for (f, sha) in &x.files {
+                println!("{sha}  {}", f.display());
+            }
+            println!(
+                "exported {} records in {} files to {}; index {}; {}",
+                x.verification.records,
+                x.files.len(),
+                to.display(),
+                x.index.display(),
+                if x.verification.is_intact() {
+                    "the log is intact"
+                } else {
+                    "the log is NOT intact: run sgps audit verify"
+                }
+            );
+            return Ok(if x.verification.is_intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+    };
     let expect = match expect_head {
         None => None,
         Some(h) => Some(
@@ -186,11 +241,7 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
                 })?,
         ),
     };
-    let target = match (path, board) {
-        (Some(p), _) => p.clone(),
-        (None, Some(b)) => crate::board::BoardProfile::load(b)?.storage_dir,
-        (None, None) => anyhow::bail!("give the storage directory, the audit.log or --board FILE"),
-    };
+    let target = audit_target(path, board)?;
     let v = crate::store::audit::verify(&target, expect)?;
     let rep = &v.report;
     let time = |ms: u64| {

@@ -663,6 +663,23 @@ fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path) {
     assert!(stdout.contains("EXPECTED HEAD NOT FOUND"), "{stdout}");
     let (code, _) = verify_with(storage, &["--expect-head", "abc"]);
     assert_eq!(code, Some(2));
+
+    // export to a "USB stick": the copy verifies on its own, with the same head
+    let usb = tmp.join("usb");
+    let out = common::command(env!("CARGO_BIN_EXE_sgps"))
+        .args(["audit", "export"])
+        .arg(storage)
+        .arg("--to")
+        .arg(&usb)
+        .output()
+        .expect("run sgps audit export");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("the log is intact"), "{stdout}");
+    let index = std::fs::read_to_string(usb.join("audit-export.txt")).unwrap();
+    assert!(index.contains(&head), "{index}");
+    let (code, stdout) = verify_with(&usb, &["--expect-head", &head]);
+    assert_eq!(code, Some(0), "{stdout}");
 }
 
 /// The head hash `sgps audit verify` prints for an intact log.

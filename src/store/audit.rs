@@ -26,6 +26,11 @@ pub const AUDIT_VERSION: u16 = 2;
 pub const SECTOR: usize = 512;
 /// Size at which `audit.log` is rotated into a segment `audit-<first>-<last>.log`.
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+/// Size the log's files may take together before the oldest *exported* segments are deleted.
+/// Segments never exported are never deleted: past this size the device warns instead.
+pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// Suffix of the marker `sgps audit export` leaves next to each segment it copied.
+pub const EXPORTED_SUFFIX: &str = ".exported";
 
 /// The verdict shown to the clinician.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +320,68 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The marker that says a segment was exported.
+pub fn exported_marker(segment: &Path) -> PathBuf {
+    let mut s = segment.as_os_str().to_owned();
+    s.push(EXPORTED_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// What `sgps audit export` copied.
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// The copies, oldest first, with their SHA-256.
+    pub files: Vec<(PathBuf, String)>,
+    /// The check of the log as exported.
+    pub verification: Verification,
+    /// The index written next to the copies.
+    pub index: PathBuf,
+}
+
+/// Copy every file of the log in the storage directory `dir` to `to` (each written and
+/// fsynced before the next step), write `audit-export.txt` there (SHA-256 per file and the
+/// chain's head), then mark the copied segments exported, so that the device may delete them
+/// when the log reaches its size limit. The current `audit.log` is copied but never marked.
+pub fn export(dir: &Path, to: &Path) -> Result<Export, StoreError> {
+    let verification = verify(dir, None)?;
+    crate::disk::create_dir_all(&RealDisk, to).map_err(|e| StoreError::io(to, e))?;
+    let mut files = Vec::new();
+    let mut index = String::new();
+    for (src, _) in &verification.report.files {
+        let name = src.file_name().unwrap_or_default();
+        let bytes = fs::read(src).map_err(|e| StoreError::io(src, e))?;
+        let dst = to.join(name);
+        crate::atomic_file::write(&dst, &bytes).map_err(|e| StoreError::io(&dst, e))?;
+        let sha = hex::encode(Sha256::digest(&bytes));
+        index.push_str(&format!("{sha}  {}\n", name.to_string_lossy()));
+        files.push((dst, sha));
+    }
+    index.push_str(&format!(
+        "# {} records, head sha256 {}, {}\n",
+        verification.records,
+        hex::encode(verification.report.head_sha256().unwrap_or([0; 32])),
+        if verification.is_intact() {
+            "intact"
+        } else {
+            "NOT INTACT (see sgps audit verify)"
+        }
+    ));
+    let index_path = to.join("audit-export.txt");
+    crate::atomic_file::write(&index_path, index.as_bytes())
+        .map_err(|e| StoreError::io(&index_path, e))?;
+    for (src, _) in &verification.report.files {
+        if src.file_name().is_some_and(|n| n != "audit.log") {
+            let m = exported_marker(src);
+            crate::atomic_file::write(&m, b"").map_err(|e| StoreError::io(&m, e))?;
+        }
+    }
+    Ok(Export {
+        files,
+        verification,
+        index: index_path,
+    })
+}
+
 /// Every file of a log and what its scan found, and how the files link.
 #[derive(Debug, Clone, Default)]
 pub struct LogReport {
@@ -494,6 +561,8 @@ pub struct AuditLog {
     head: [u8; 32],
     /// Rotate before an append would take `audit.log` past this size.
     segment_bytes: u64,
+    /// Delete the oldest exported segments while the files take more than this.
+    max_bytes: u64,
     /// Length of `audit.log` and the sequence number of its first record.
     len: u64,
     first_seq: Option<u64>,
@@ -595,6 +664,7 @@ impl AuditLog {
                 next_seq,
                 head,
                 segment_bytes: SEGMENT_BYTES,
+                max_bytes: MAX_LOG_BYTES,
                 len: rep.valid_len,
                 first_seq: records.first().map(|r| r.seq),
                 rotated,
@@ -607,6 +677,54 @@ impl AuditLog {
     pub fn with_segment_bytes(mut self, bytes: u64) -> AuditLog {
         self.segment_bytes = bytes.max(1);
         self
+    }
+
+    /// Keep the files under `bytes` (deleting exported segments) instead of [`MAX_LOG_BYTES`].
+    pub fn with_max_bytes(mut self, bytes: u64) -> AuditLog {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// Delete the oldest segments that were exported while the log's files take more than the
+    /// limit. A segment not exported stops the deletion: records are never lost unexported.
+    fn prune(&self) -> Result<(), StoreError> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let files = log_files(dir);
+        let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut total: u64 = files.iter().map(|p| size(p)).sum();
+        let mut removed = false;
+        for seg in files.iter().filter(|p| p.as_path() != self.path) {
+            if total <= self.max_bytes {
+                break;
+            }
+            let marker = exported_marker(seg);
+            if !marker.exists() {
+                log::warn!(
+                    "audit log takes {:.1} MiB (limit {:.1} MiB) and {} was never exported: export the log (sgps audit export --to <USB stick>) so that old segments can be deleted",
+                    total as f64 / 1048576.0,
+                    self.max_bytes as f64 / 1048576.0,
+                    seg.display()
+                );
+                break;
+            }
+            total -= size(seg);
+            self.disk
+                .remove_file(seg)
+                .and_then(|()| self.disk.remove_file(&marker))
+                .map_err(|e| StoreError::io(seg, e))?;
+            log::info!("deleted exported audit segment {}", seg.display());
+            removed = true;
+        }
+        if removed {
+            self.disk
+                .sync_dir(dir)
+                .map_err(|e| StoreError::io(dir, e))?;
+        }
+        Ok(())
     }
 
     /// Move `audit.log` to `audit-<first>-<last>.log` and start a new, empty `audit.log` whose
@@ -632,7 +750,7 @@ impl AuditLog {
         self.rotated = Some((name, last));
         self.create_file()?;
         log::info!("audit log rotated into {}", seg.display());
-        Ok(())
+        self.prune()
     }
 
     /// Create an empty `audit.log` (durably) and take its lock.
@@ -1067,5 +1185,62 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn exported_segments_are_deleted_at_the_size_limit_and_unexported_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let total = |d: &Path| -> u64 {
+            log_files(d)
+                .iter()
+                .map(|f| fs::metadata(f).unwrap().len())
+                .sum()
+        };
+        let open = || {
+            let (log, _) = AuditLog::open(&p).unwrap();
+            log.with_segment_bytes(1000).with_max_bytes(3000)
+        };
+        let mut log = open();
+        for i in 0..80 {
+            log.append(note(i)).unwrap();
+        }
+        drop(log);
+        // nothing exported: nothing deleted, past the limit
+        let before = log_files(dir.path()).len();
+        assert!(total(dir.path()) > 3000);
+        let (recs, _) = read_all(dir.path(), |_, _| {}).unwrap();
+        assert_eq!(recs.first().unwrap().seq, 0);
+
+        let usb = tempfile::tempdir().unwrap();
+        let x = export(dir.path(), usb.path()).unwrap();
+        assert!(x.verification.is_intact());
+        assert_eq!(x.files.len(), before);
+        let index = fs::read_to_string(&x.index).unwrap();
+        assert!(
+            index.contains("audit.log") && index.contains("intact"),
+            "{index}"
+        );
+        // the copy verifies on its own
+        assert!(verify(usb.path(), None).unwrap().is_intact());
+
+        // the next rotation deletes exported segments down to the limit
+        let mut log = open();
+        for i in 80..100 {
+            log.append(note(i)).unwrap();
+        }
+        drop(log);
+        let after = log_files(dir.path());
+        assert!(after.len() < before, "{after:?}");
+        assert!(total(dir.path()) <= 3000 + 1000, "{}", total(dir.path()));
+        // what remains still verifies: it starts at a rotation record after the deleted ones
+        let v = verify(dir.path(), None).unwrap();
+        assert!(v.is_intact(), "{:?}", v.report);
+        assert!(v.first.unwrap().0 > 0);
+        let (recs, _) = read_all(dir.path(), |_, _| {}).unwrap();
+        assert_eq!(recs.last().unwrap().event, note(99));
+        // and every record is in the export or still on the device
+        let (old, _) = read_all(usb.path(), |_, _| {}).unwrap();
+        assert!(old.last().unwrap().seq + 1 >= recs.first().unwrap().seq);
     }
 }

@@ -231,20 +231,24 @@ pub struct BuildOptions {
     pub no_camera: bool,
 }
 
-/// Builds the release `sgps` binary for `board` and returns its path.
+/// Cargo profile of board binaries (`[profile.device]` in Cargo.toml: release + fat LTO, one
+/// codegen unit, abort on panic, stripped).
+pub const DEVICE_PROFILE: &str = "device";
+
+/// Builds the `sgps` binary for `board` (profile [`DEVICE_PROFILE`]) and returns its path.
 pub fn build(root: &Path, board: &Board, opts: &BuildOptions) -> Result<PathBuf> {
     tools::ensure("build", cross_requirements(board))?;
     let mut c = Command::new(tools::cargo());
     c.current_dir(root);
     let zig = board.needs_zigbuild();
     c.arg(if zig { "zigbuild" } else { "build" });
-    c.args(["--release", "--package", "sgps", "--bin", "sgps"]);
+    c.args(["--profile", DEVICE_PROFILE, "--package", "sgps", "--bin", "sgps"]);
     if opts.no_camera {
         c.arg("--no-default-features");
     }
     let target_dir = target_dir(root);
     let bin = match board.target.as_deref() {
-        None => target_dir.join("release/sgps"),
+        None => target_dir.join(DEVICE_PROFILE).join("sgps"),
         Some(t) => {
             if zig {
                 let (a, b) = board.glibc.unwrap_or(CROSS_GLIBC);
@@ -254,7 +258,7 @@ pub fn build(root: &Path, board: &Board, opts: &BuildOptions) -> Result<PathBuf>
                 c.args(["--target", t]);
                 c.envs(cross_env());
             }
-            target_dir.join(t).join("release/sgps")
+            target_dir.join(t).join(DEVICE_PROFILE).join("sgps")
         }
     };
     tools::run(&mut c).with_context(|| format!("release build for board {} failed", board.name))?;

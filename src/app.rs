@@ -187,6 +187,8 @@ pub struct Summary {
     pub decisions: Vec<Decision>,
     pub classifier_id: Option<String>,
     pub final_state: Option<State>,
+    /// SHA-256 of the audit log's last record when the loop ended (the chain's head).
+    pub audit_head: Option<[u8; 32]>,
 }
 
 /// The verdict for a prediction under a task.
@@ -667,6 +669,7 @@ impl<'p> Device<'p> {
         }
         log::info!("button input ended in state {:?}", self.state);
         self.summary.final_state = Some(self.state);
+        self.summary.audit_head = Some(self.audit.head_sha256());
         Ok(self.summary)
     }
 }
@@ -882,6 +885,12 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         summary.decisions.len(),
         summary.classifier_id.as_deref().unwrap_or("-")
     );
+    if let Some(h) = summary.audit_head {
+        let h = hex::encode(h);
+        println!(
+            "AUDIT head sha256 {h} (note it: sgps audit verify --expect-head {h} <storage dir> later shows whether records were removed)"
+        );
+    }
     Ok(summary)
 }
 

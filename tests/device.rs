@@ -182,6 +182,12 @@ fn sim_session_matches_plain_pipeline() {
         .lines()
         .find(|l| l.starts_with("SESSION "))
         .expect("SESSION line");
+    let audit_head = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("AUDIT head sha256 "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("AUDIT head line")
+        .to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("-> Synthesize") && stderr.contains("-> Screen"),
@@ -291,7 +297,7 @@ fn sim_session_matches_plain_pipeline() {
         decisions.len(),
         queries.len()
     );
-    audit_verify_sees_tampering(&storage, decisions.len(), tmp.path());
+    audit_verify_sees_tampering(&storage, decisions.len(), tmp.path(), &audit_head);
 
     // restart: the classifier is restored from the store, screening continues without enrollment
     let script2 = tmp.path().join("restart.txt");
@@ -577,7 +583,7 @@ fn gate_passes_real_isic_and_rejects_degraded_versions() {
 /// `sgps audit verify` on the session's log: intact, with its decisions counted; then on a copy
 /// in which one decision's label was rewritten (with a valid checksum, as someone editing the
 /// file would): the chain breaks at the next record and the command exits with 1.
-fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path) {
+fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path, run_head: &str) {
     let verify_with = |path: &Path, extra: &[&str]| {
         let out = common::command(env!("CARGO_BIN_EXE_sgps"))
             .args(["audit", "verify"])
@@ -637,6 +643,10 @@ fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path) {
     // the head hash noted now finds the last record later; cut the last record off and it does
     // not (the chain alone cannot show records removed from the end)
     let head = stdout_head(&verify(storage).1);
+    assert_eq!(
+        head, run_head,
+        "the head `sgps run` printed at the end of the session"
+    );
     let (code, stdout) = verify_with(storage, &["--expect-head", &head]);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains(&format!(

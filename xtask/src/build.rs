@@ -242,7 +242,14 @@ pub fn build(root: &Path, board: &Board, opts: &BuildOptions) -> Result<PathBuf>
     c.current_dir(root);
     let zig = board.needs_zigbuild();
     c.arg(if zig { "zigbuild" } else { "build" });
-    c.args(["--profile", DEVICE_PROFILE, "--package", "sgps", "--bin", "sgps"]);
+    c.args([
+        "--profile",
+        DEVICE_PROFILE,
+        "--package",
+        "sgps",
+        "--bin",
+        "sgps",
+    ]);
     if opts.no_camera {
         c.arg("--no-default-features");
     }

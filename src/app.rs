@@ -242,6 +242,9 @@ impl<'p> Device<'p> {
         let store = Store::open(&profile.storage_dir)
             .with_context(|| format!("opening storage {}", profile.storage_dir.display()))?;
         let (audit, rep) = store.open_audit()?;
+        let audit = audit
+            .with_segment_bytes(profile.audit.segment_kib * 1024)
+            .with_max_bytes(profile.audit.max_mib * 1024 * 1024);
         log::info!(
             "audit log {}: {} records, {} damaged, {} torn bytes cut",
             audit.path().display(),

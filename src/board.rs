@@ -51,6 +51,9 @@ pub struct BoardProfile {
     pub gpio: GpioConfig,
     #[serde(default)]
     pub gate: GateThresholds,
+    /// Audit-log rotation and size limit.
+    #[serde(default)]
+    pub audit: AuditLimits,
     /// Rust target triple of the board (read by `cargo xtask`; "host" for sim).
     #[serde(default)]
     pub target: Option<String>,
@@ -61,6 +64,26 @@ pub struct BoardProfile {
 
 fn default_shots() -> usize {
     5
+}
+
+/// `[audit]`: when the log rotates, and how much the device keeps once segments are exported
+/// (unexported records are never deleted).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditLimits {
+    /// Rotate `audit.log` into a segment at this size.
+    pub segment_kib: u64,
+    /// Delete the oldest exported segments while the log takes more than this.
+    pub max_mib: u64,
+}
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        AuditLimits {
+            segment_kib: crate::store::audit::SEGMENT_BYTES / 1024,
+            max_mib: crate::store::audit::MAX_LOG_BYTES / (1024 * 1024),
+        }
+    }
 }
 
 /// Which camera and how to drive it.
@@ -254,6 +277,9 @@ impl BoardProfile {
                 return Err("gpio lines must be distinct".into());
             }
         }
+        if self.audit.segment_kib < 4 || self.audit.max_mib * 1024 < self.audit.segment_kib {
+            return Err("audit: need segment_kib >= 4 and max_mib * 1024 >= segment_kib".into());
+        }
         let t = self.gpio.timing();
         if t.debounce_ms == 0 || t.long_press_ms <= 2 * t.debounce_ms {
             return Err(
@@ -344,6 +370,15 @@ mod tests {
         assert!(e.contains("favourite_colour"), "{e}");
         let e = BoardProfile::load(Path::new("/nonexistent/board.toml")).unwrap_err();
         assert!(e.to_string().contains("--board"), "{e}");
+        let small =
+            BoardProfile::parse(&format!("{base}\n[audit]\nsegment_kib = 64\nmax_mib = 1\n"))
+                .unwrap();
+        assert_eq!((small.audit.segment_kib, small.audit.max_mib), (64, 1));
+        let e = BoardProfile::parse(&format!(
+            "{base}\n[audit]\nsegment_kib = 4096\nmax_mib = 1\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("max_mib"), "{e}");
     }
 
     #[test]

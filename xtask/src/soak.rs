@@ -30,6 +30,10 @@ pub struct SoakArgs {
     /// Use this sgps binary instead of building one.
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// Rotate the audit log at this size (the board profile's `[audit] segment_kib`), to see
+    /// rotation in a shorter run.
+    #[arg(long)]
+    pub segment_kib: Option<u64>,
 }
 
 /// One sample.
@@ -50,6 +54,22 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// Bytes of the audit log's files (segments and audit.log).
+fn audit_bytes(storage: &Path) -> u64 {
+    fs::read_dir(storage)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("audit") && n.ends_with(".log")
+                })
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn dir_bytes(p: &Path) -> u64 {
@@ -119,6 +139,10 @@ pub fn soak(root: &Path, args: &SoakArgs) -> Result<()> {
             "task_file = \"tasks/isic-novel.toml\"",
             &format!("task_file = {:?}", root.join("board/tasks/isic-novel.toml")),
         );
+    let sim = match args.segment_kib {
+        Some(k) => format!("{sim}\n[audit]\nsegment_kib = {k}\nmax_mib = 64\n"),
+        None => sim,
+    };
     fs::write(&board, sim)?;
 
     println!(
@@ -159,9 +183,7 @@ pub fn soak(root: &Path, args: &SoakArgs) -> Result<()> {
                 ms_per_decision: window.elapsed().as_secs_f64() * 1e3 / args.every as f64,
                 rss_kib: rss_kib(pid).unwrap_or(0),
                 store_bytes: dir_bytes(&storage),
-                audit_bytes: fs::metadata(storage.join("audit.log"))
-                    .map(|m| m.len())
-                    .unwrap_or(0),
+                audit_bytes: audit_bytes(&storage),
             };
             println!(
                 "{:>8} decisions  {:>8.1} s  {:>7.2} ms/decision  RSS {:>6.1} MiB  store {:>8.2} MiB (audit log {:.2} MiB)",
@@ -203,6 +225,29 @@ pub fn soak(root: &Path, args: &SoakArgs) -> Result<()> {
         )?;
     }
     fs::write(&out, csv)?;
+    let segments = fs::read_dir(&storage)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit-"))
+        .count();
+    let verify = Command::new(&bin)
+        .args(["audit", "verify"])
+        .arg(&storage)
+        .output()?;
+    println!(
+        "soak: audit log in {} files, `sgps audit verify`: {}",
+        segments + 1,
+        if verify.status.success() {
+            "intact"
+        } else {
+            "NOT INTACT"
+        }
+    );
+    if !verify.status.success() {
+        bail!(
+            "the audit log after the soak is not intact:\n{}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+    }
     // flat: compare the second sample (after warm-up) with the last
     let (a, b) = (
         &samples[samples.len().min(2) - 1],

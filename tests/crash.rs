@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sgps::classifier::{ClassInfo, Classifier};
-use sgps::store::{self, ActiveRecord, AuditEvent, ClassRecord, ShotRecord, Store};
+use common::fixtures::{ENCODER, class_record, classifier};
+use sgps::classifier::Classifier;
+use sgps::store::{self, ActiveRecord, AuditEvent, Store};
 
 /// Child mode: write records in a loop and acknowledge each durable write on stdout, until
 /// killed. Lines: `audit <seq>`, `class <name> <v>`, `clf <id> <v>`. Versions continue from the
@@ -27,53 +28,6 @@ fn crash_child() {
     if let Some(dir) = std::env::var_os("SGPS_CRASH_CHILD") {
         child_main(PathBuf::from(dir));
     }
-}
-
-const ENCODER: &str = "crash-test-encoder";
-
-/// The content of class record `name` at version `v` (checked by `check_class`).
-fn class_record(name: &str, v: u64) -> ClassRecord {
-    ClassRecord {
-        name: store::label(name).unwrap(),
-        description: Some(format!("{name} v{v}")),
-        urgent: false,
-        encoder_sha256: ENCODER.into(),
-        shots: (0..(v % 7 + 1))
-            .map(|k| ShotRecord {
-                capture_sha256: [(v % 251) as u8; 32],
-                time_unix_ms: v,
-                width: 180,
-                height: 180,
-                quality: sgps::quality::measure(&image::RgbImage::new(4, 4)),
-                embedding: vec![(v * 10 + k) as f32; 256],
-            })
-            .collect(),
-    }
-}
-
-fn classifier(v: u64) -> Classifier {
-    let mut c = Classifier {
-        classes: (0..3)
-            .map(|i| ClassInfo {
-                name: format!("c{i}"),
-                description: None,
-            })
-            .collect(),
-        weight: (0..3).map(|i| vec![(v + i) as f32; 128]).collect(),
-        bias: vec![0.0; 3],
-        scale: 10.0,
-        refer_threshold: 0.5,
-        encoder_sha256: ENCODER.into(),
-        text_encoder_sha256: String::new(),
-        synthesizer_sha256: String::new(),
-        manifest_format: 1,
-        mode: "images".into(),
-        shots: vec![1; 3],
-        created_at_unix: v,
-        id: String::new(),
-    };
-    c.refresh_id();
-    c
 }
 
 fn child_main(dir: PathBuf) -> ! {
@@ -184,7 +138,7 @@ fn verify(dir: &Path, acked: &Acked) {
     }
 
     for (id, v) in &acked.clf {
-        let c = Classifier::load(&st.classifier_path(id), "crash-test-encoder")
+        let c = Classifier::load(&st.classifier_path(id), ENCODER)
             .unwrap_or_else(|e| panic!("acknowledged classifier {id} (v{v}): {e}"));
         assert_eq!(c.weight[1][0], (v + 1) as f32);
     }
@@ -193,7 +147,7 @@ fn verify(dir: &Path, acked: &Acked) {
             .active()
             .expect("active pointer intact")
             .expect("active pointer present");
-        let c = Classifier::load(&st.classifier_dir().join(&a.file), "crash-test-encoder")
+        let c = Classifier::load(&st.classifier_dir().join(&a.file), ENCODER)
             .expect("active classifier loads");
         assert!(
             a.created_unix_ms >= *last_v,

@@ -15,62 +15,19 @@
 //! A control runs the same check on the recording with the file (or directory) fsyncs taken
 //! out and must find violations, so the check can fail.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use sgps::classifier::{ClassInfo, Classifier};
+use common::fixtures::{ENCODER, class_record, classifier};
+use sgps::classifier::Classifier;
 use sgps::store::powercut::{Model, Op, Recorder};
-use sgps::store::{self, ActiveRecord, AuditEvent, ClassRecord, ShotRecord, Store};
+use sgps::store::{self, ActiveRecord, AuditEvent, ClassRecord, Store};
 
-const ENCODER: &str = "powercut-test-encoder";
 /// A small audit segment, so that the workload rotates the log several times.
 const SEGMENT: u64 = 1200;
-
-fn class_record(name: &str, v: u64) -> ClassRecord {
-    ClassRecord {
-        name: store::label(name).unwrap(),
-        description: Some(format!("{name} v{v}")),
-        urgent: v.is_multiple_of(2),
-        encoder_sha256: ENCODER.into(),
-        shots: (0..(v % 4 + 1))
-            .map(|k| ShotRecord {
-                capture_sha256: [(v % 251) as u8; 32],
-                time_unix_ms: v,
-                width: 180,
-                height: 180,
-                quality: sgps::quality::measure(&image::RgbImage::new(4, 4)),
-                // 256 floats: a record spans several 512-byte sectors
-                embedding: vec![(v * 10 + k) as f32; 256],
-            })
-            .collect(),
-    }
-}
-
-fn classifier(v: u64) -> Classifier {
-    let mut c = Classifier {
-        classes: (0..3)
-            .map(|i| ClassInfo {
-                name: format!("c{i}"),
-                description: None,
-            })
-            .collect(),
-        weight: (0..3).map(|i| vec![(v + i) as f32; 128]).collect(),
-        bias: vec![0.0; 3],
-        scale: 10.0,
-        refer_threshold: 0.5,
-        encoder_sha256: ENCODER.into(),
-        text_encoder_sha256: String::new(),
-        synthesizer_sha256: String::new(),
-        manifest_format: 1,
-        mode: "images".into(),
-        shots: vec![1; 3],
-        created_at_unix: v,
-        id: String::new(),
-    };
-    c.refresh_id();
-    c
-}
 
 /// What a keyed object (a class record, the active pointer) holds.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,6 +2,8 @@
 //! pipeline per test binary.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

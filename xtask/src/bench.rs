@@ -8,16 +8,7 @@ use std::process::Command;
 
 /// Builds `sgps` for the host in release mode and runs `sgps bench` with `args`.
 pub fn bench(root: &Path, args: &[String]) -> Result<()> {
-    let host = Board {
-        name: "host".into(),
-        profile: root.join("board/sim.toml"),
-        target: None,
-        qemu_cpu: "max",
-        image_variant: None,
-        text_variant: None,
-        glibc: None,
-    };
-    let bin = build::build(root, &host, &BuildOptions::default())?;
+    let bin = build::build(root, &Board::host(root), &BuildOptions::default())?;
     tools::run(Command::new(bin).arg("bench").args(args).current_dir(root))
         .context("`sgps bench` failed")
 }

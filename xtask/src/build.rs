@@ -50,6 +50,19 @@ impl Board {
         Board::from_toml(name, &profile, &text)
     }
 
+    /// This machine, built natively (for `cargo xtask bench` and `soak`).
+    pub fn host(root: &Path) -> Board {
+        Board {
+            name: "host".into(),
+            profile: root.join("board/sim.toml"),
+            target: None,
+            qemu_cpu: "max",
+            image_variant: None,
+            text_variant: None,
+            glibc: None,
+        }
+    }
+
     /// Parses the parts of a profile that tooling needs. Keys may sit at the top level or in any
     /// table one level down (e.g. `[models] image_variant = "int8"`).
     pub fn from_toml(name: &str, profile: &Path, text: &str) -> Result<Board> {

@@ -89,18 +89,7 @@ pub fn soak(root: &Path, args: &SoakArgs) -> Result<()> {
     }
     let bin = match &args.binary {
         Some(b) => b.clone(),
-        None => {
-            let host = Board {
-                name: "host".into(),
-                profile: root.join("board/sim.toml"),
-                target: None,
-                qemu_cpu: "max",
-                image_variant: None,
-                text_variant: None,
-                glibc: None,
-            };
-            build::build(root, &host, &BuildOptions::default())?
-        }
+        None => build::build(root, &Board::host(root), &BuildOptions::default())?,
     };
     let work = tempfile::Builder::new().prefix("sgps-soak").tempdir()?;
     // frames: every shipped sample image, replayed in a loop

@@ -750,7 +750,11 @@ impl AuditLog {
         self.rotated = Some((name, last));
         self.create_file()?;
         log::info!("audit log rotated into {}", seg.display());
-        self.prune()
+        // the rotation is done; a failed clean-up must not cost the record being appended
+        if let Err(e) = self.prune() {
+            log::warn!("audit log: exported segments not deleted: {e}");
+        }
+        Ok(())
     }
 
     /// Create an empty `audit.log` (durably) and take its lock.

@@ -14,7 +14,10 @@
 //! verdict on the LEDs (green = confident benign, amber = refer, red = confident urgent class),
 //! prints it on the console and appends it to the audit log. Every state change is logged.
 
+mod commands;
+
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -30,6 +33,7 @@ use crate::quality;
 use crate::store::{
     self, ActiveRecord, AuditEvent, AuditLog, ClassRecord, ShotRecord, Store, StoreError, Verdict,
 };
+pub use commands::{Command, LastCapture, ShownClass, ShownDecision, ShownShot, Snapshot, advice};
 
 /// Arguments of `sgps run`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -50,6 +54,10 @@ pub struct RunArgs {
     /// without one, when its enrollment starts.
     #[arg(long)]
     pub console: bool,
+    /// Serve the screen on this address instead of the profile's `[ui] listen`
+    /// (e.g. 127.0.0.1:0 for any free port), or `off`.
+    #[arg(long, value_name = "ADDR|off")]
+    pub ui: Option<String>,
     /// Models directory; overrides the profile (the CLI fills it from the global --models).
     #[arg(skip)]
     pub models_dir: Option<PathBuf>,
@@ -228,7 +236,17 @@ pub struct Device<'p> {
     summary: Summary,
     console: Option<Box<dyn std::io::BufRead>>,
     asked: Vec<bool>,
+    /// SHA-256 of the task file's content this device's task started from.
+    task_source_sha256: [u8; 32],
+    last_capture: Option<LastCapture>,
+    last_decision: Option<ShownDecision>,
+    /// The last error or warning shown to the person.
+    message: Option<String>,
+    thumbs_saved: usize,
 }
+
+/// Thumbnails saved between two prunings of the thumbnail directory.
+const PRUNE_EVERY: usize = 50;
 
 impl<'p> Device<'p> {
     /// Open the store and restore the task's support sets and the active classifier.
@@ -252,6 +270,29 @@ impl<'p> Device<'p> {
             rep.damaged.len(),
             rep.torn_tail_bytes
         );
+        let task_source_sha256 = task.sha256();
+        let task = match store.task() {
+            Ok(Some(r)) if r.source_sha256 == task_source_sha256 => {
+                log::info!(
+                    "task {}: as edited on the device ({} classes)",
+                    r.task.name,
+                    r.task.classes.len()
+                );
+                r.task
+            }
+            Ok(Some(r)) => {
+                log::warn!(
+                    "the task file changed since task {} was edited on the device: the task file wins",
+                    r.task.name
+                );
+                task
+            }
+            Ok(None) => task,
+            Err(e) => {
+                log::warn!("{e}; using the task file");
+                task
+            }
+        };
         let (stored, bad) = store.load_classes();
         for e in bad {
             log::warn!("{e}");
@@ -300,6 +341,11 @@ impl<'p> Device<'p> {
             summary: Summary::default(),
             console: None,
             asked: Vec::new(),
+            task_source_sha256,
+            last_capture: None,
+            last_decision: None,
+            message: None,
+            thumbs_saved: 0,
         };
         dev.asked = vec![false; dev.classes.len()];
         dev.classifier = dev.restore_classifier();
@@ -459,6 +505,7 @@ impl<'p> Device<'p> {
                 // keep running: everything stored before is intact; the operator must free space
                 self.summary.storage_errors += 1;
                 log::error!("{e:#}");
+                self.message = Some(format!("{e:#}"));
                 println!("ERROR {e:#}");
                 self.leds.show(Indication::Amber)?;
                 if self.state == State::Synthesize {
@@ -512,8 +559,38 @@ impl<'p> Device<'p> {
                     capture_sha256: sha,
                     reason: r.to_string(),
                 })?;
+                self.save_thumbnail(&sha, &img);
+                self.last_capture = Some(LastCapture {
+                    capture_sha256: hex::encode(sha),
+                    kind: "rejected",
+                    class: None,
+                    reason: Some(r.message.clone()),
+                    time_unix_ms: store::audit::now_unix_ms(),
+                });
                 self.leds.show(Indication::Amber)?;
                 Ok(None)
+            }
+        }
+    }
+
+    /// Keep a small JPEG of a capture for the screen and reports; a failure is only logged (the
+    /// audit log holds the capture's SHA-256, which is the evidence).
+    fn save_thumbnail(&mut self, sha: &[u8; 32], img: &RgbImage) {
+        if let Err(e) = self.store.save_thumbnail(sha, img) {
+            log::warn!("thumbnail not stored: {e}");
+            return;
+        }
+        self.thumbs_saved += 1;
+        if self.thumbs_saved.is_multiple_of(PRUNE_EVERY) {
+            let keep: Vec<[u8; 32]> = self
+                .classes
+                .iter()
+                .flat_map(|c| c.shots.iter().map(|s| s.capture_sha256))
+                .collect();
+            match self.store.prune_thumbnails(&keep) {
+                Ok(0) => {}
+                Ok(n) => log::info!("deleted the {n} oldest decision thumbnails"),
+                Err(e) => log::warn!("pruning thumbnails: {e}"),
             }
         }
     }
@@ -554,6 +631,15 @@ impl<'p> Device<'p> {
             capture_sha256: sha,
         })?;
         println!("ENROLLED {} shot {shot}", self.task.classes[class].name);
+        self.save_thumbnail(&sha, &img);
+        self.last_capture = Some(LastCapture {
+            capture_sha256: hex::encode(sha),
+            kind: "shot",
+            class: Some(self.task.classes[class].name.clone()),
+            reason: None,
+            time_unix_ms: store::audit::now_unix_ms(),
+        });
+        self.message = None;
         self.leds.show(Indication::Green)?;
         let next = after_shot(class, &self.progress());
         self.set_state(next);
@@ -629,17 +715,45 @@ impl<'p> Device<'p> {
             .remove(0);
         let clf = self.classifier.as_ref().expect("checked above");
         let pred = clf.predict(&emb);
+        let threshold = clf.refer_threshold;
         let v = verdict(&pred, &self.task);
         // audit first: a decision that cannot be recorded is not shown as a result
         let seq = self.audit.append(AuditEvent::Decision {
             capture_sha256: sha,
-            classifier_id: clf_id,
+            classifier_id: clf_id.clone(),
             probabilities: pred.probabilities.clone(),
             top: pred.top as u16,
             label: pred.top_label.clone(),
             verdict: v,
         })?;
         self.leds.show(indication(v))?;
+        self.save_thumbnail(&sha, &img);
+        let now = store::audit::now_unix_ms();
+        self.last_capture = Some(LastCapture {
+            capture_sha256: hex::encode(sha),
+            kind: "decision",
+            class: None,
+            reason: None,
+            time_unix_ms: now,
+        });
+        self.last_decision = Some(ShownDecision {
+            seq,
+            capture_sha256: hex::encode(sha),
+            classifier_id: clf_id,
+            label: pred.top_label.clone(),
+            top: pred.top,
+            confidence: pred.confidence,
+            probabilities: pred.probabilities.clone(),
+            verdict: v.as_str(),
+            refer_reason: pred.refer.then(|| {
+                format!(
+                    "the most likely class, {}, has probability {:.2}, below this classifier's threshold {:.2}: the device is not sure, a specialist should look",
+                    pred.top_label, pred.confidence, threshold
+                )
+            }),
+            time_unix_ms: now,
+        });
+        self.message = None;
         println!(
             "DECISION #{seq} {} p={:.3} verdict={} capture={}",
             pred.top_label,
@@ -675,6 +789,85 @@ impl<'p> Device<'p> {
         self.summary.audit_head = Some(self.audit.head_sha256());
         Ok(self.summary)
     }
+}
+
+/// What the device loop reacts to when buttons and the screen share it.
+pub enum Input {
+    Button(ButtonEvent),
+    /// The button input ended (the end of a sim board's script).
+    ButtonsEnded,
+    /// Reading the buttons failed.
+    ButtonError(crate::gpio::GpioError),
+    /// A request from the screen, answered with the state after it or why it was refused.
+    Request(Command, mpsc::Sender<Result<Snapshot, String>>),
+}
+
+impl Device<'_> {
+    /// Run on merged inputs (buttons read on another thread, screen requests) until the
+    /// channel closes or, with `end_with_buttons`, the button input ends. `publish` sees the
+    /// state after start-up and after every input.
+    pub fn run_inputs(
+        mut self,
+        inputs: mpsc::Receiver<Input>,
+        end_with_buttons: bool,
+        publish: &dyn Fn(&Snapshot),
+    ) -> Result<Summary> {
+        self.audit.append(AuditEvent::Note(format!(
+            "start: board {}, task {}",
+            self.profile.name, self.task.name
+        )))?;
+        publish(&self.snapshot());
+        while let Ok(input) = inputs.recv() {
+            match input {
+                Input::Button(ev) => self.handle(ev)?,
+                Input::ButtonsEnded if end_with_buttons => break,
+                Input::ButtonsEnded => log::info!("button input ended; the screen stays served"),
+                Input::ButtonError(e) => return Err(e.into()),
+                Input::Request(cmd, reply) => {
+                    let press = matches!(cmd, Command::Button(_));
+                    match self.command(cmd) {
+                        Ok(()) => {
+                            let _ = reply.send(Ok(self.snapshot()));
+                        }
+                        // a tap on capture fails as the button does (the service restarts)
+                        Err(e) if press => {
+                            let _ = reply.send(Err(format!("{e:#}")));
+                            return Err(e);
+                        }
+                        Err(e) => {
+                            log::warn!("screen request refused: {e:#}");
+                            let _ = reply.send(Err(format!("{e:#}")));
+                        }
+                    }
+                }
+            }
+            publish(&self.snapshot());
+        }
+        log::info!("device loop ended in state {:?}", self.state);
+        self.summary.final_state = Some(self.state);
+        self.summary.audit_head = Some(self.audit.head_sha256());
+        Ok(self.summary)
+    }
+}
+
+/// Read buttons on their own thread into the device's input channel.
+pub fn forward_buttons(
+    mut buttons: Box<dyn ButtonInput + Send>,
+    tx: mpsc::Sender<Input>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        loop {
+            let msg = match buttons.next_event() {
+                Ok(Some(ev)) => Input::Button(ev),
+                Ok(None) => Input::ButtonsEnded,
+                Err(e) => Input::ButtonError(e),
+            };
+            let last = !matches!(msg, Input::Button(_));
+            if tx.send(msg).is_err() || last {
+                return;
+            }
+        }
+    })
 }
 
 /// True when an error (anywhere in its chain) is a full filesystem.
@@ -760,12 +953,20 @@ pub fn open_camera(profile: &BoardProfile) -> Result<Box<dyn Camera>> {
 pub fn open_gpio(
     profile: &BoardProfile,
     script: Option<&Path>,
-) -> Result<(Box<dyn ButtonInput>, Box<dyn StatusLeds>)> {
+) -> Result<(Box<dyn ButtonInput + Send>, Box<dyn StatusLeds>)> {
     match &profile.gpio {
         GpioConfig::Sim { timing } => {
-            let path = script.ok_or_else(|| {
-                anyhow!("board {} has simulated buttons: pass --script FILE (lines like `press capture`, `long next`, `wait 100`)", profile.name)
-            })?;
+            let Some(path) = script else {
+                if profile.ui.is_some() {
+                    log::info!("board {}: no button script, the screen only", profile.name);
+                    let none = SimButtons::from_script("", "(none)", *timing)?;
+                    return Ok((Box::new(none), Box::new(SimLeds::default())));
+                }
+                bail!(
+                    "board {} has simulated buttons: pass --script FILE (lines like `press capture`, `long next`, `wait 100`)",
+                    profile.name
+                )
+            };
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading button script {}", path.display()))?;
             let b = SimButtons::from_script(&text, &path.display().to_string(), *timing)?;
@@ -872,13 +1073,80 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         },
     )
     .with_context(|| format!("loading models from {}", profile.models_dir.display()))?;
+    let ui = match args.ui.as_deref() {
+        Some("off") => None,
+        Some(addr) => {
+            let mut c = profile.ui.clone().unwrap_or_default();
+            c.listen = addr.to_owned();
+            c.validate().map_err(|e| anyhow!("--ui {addr}: {e}"))?;
+            Some(c)
+        }
+        None => profile.ui.clone(),
+    };
+    if ui.is_none() && matches!(profile.gpio, GpioConfig::Sim { .. }) && args.script.is_none() {
+        bail!(
+            "board {} has simulated buttons and no screen: pass --script FILE (lines like `press capture`, `long next`, `wait 100`) or serve the screen with --ui 127.0.0.1:8080",
+            profile.name
+        );
+    }
+    profile.ui = ui.clone();
     let camera = open_camera(&profile)?;
-    let (mut buttons, leds) = open_gpio(&profile, args.script.as_deref())?;
+    let (buttons, leds) = open_gpio(&profile, args.script.as_deref())?;
+    let info = crate::ui::DeviceInfo {
+        board: profile.name.clone(),
+        sgps_version: env!("CARGO_PKG_VERSION"),
+        models_dir: profile.models_dir.display().to_string(),
+        image_encoder: format!("variant {}", pipeline.image_encoder().variant),
+        image_encoder_sha256: pipeline.encoder_sha256().to_owned(),
+        text_encoder: format!(
+            "variant {}, SHA-256 {}",
+            pipeline.text_encoder().variant,
+            pipeline.text_encoder().sha256
+        ),
+        synthesizer_sha256: pipeline.manifest().synthesizer.sha256.clone(),
+        storage_dir: profile.storage_dir.display().to_string(),
+    };
+    let storage_dir = profile.storage_dir.clone();
     let mut dev = Device::new(profile, task, &pipeline, camera, leds)?;
     if args.console {
         dev = dev.with_console(Box::new(std::io::BufReader::new(std::io::stdin())));
     }
-    let summary = dev.run(buttons.as_mut())?;
+    let summary = match ui {
+        None => {
+            let mut buttons = buttons;
+            dev.run(buttons.as_mut())?
+        }
+        Some(cfg) => {
+            let (tx, rx) = mpsc::channel();
+            let hub = std::sync::Arc::new(crate::ui::Hub::default());
+            hub.publish(&dev.snapshot());
+            let ctx = crate::ui::Context {
+                inputs: tx.clone(),
+                hub: hub.clone(),
+                storage_dir,
+                export_dir: cfg.export_dir.clone(),
+                pairing_token: cfg.pairing_token.clone(),
+                info,
+            };
+            match crate::ui::serve(&cfg, ctx) {
+                Ok(s) => {
+                    println!(
+                        "UI http://{}/ (the clinician's screen; open it in a browser)",
+                        s.addr
+                    );
+                    log::info!("screen served on http://{}/", s.addr);
+                }
+                // the device still works with its buttons; say so loudly
+                Err(e) => {
+                    log::error!("the screen is not served: {e}");
+                    println!("UI unavailable: {e}");
+                }
+            }
+            forward_buttons(buttons, tx);
+            // a scripted session ends with its script; otherwise run until stopped
+            dev.run_inputs(rx, args.script.is_some(), &|s| hub.publish(s))?
+        }
+    };
     println!(
         "SESSION shots={} rejected={} camera_errors={} syntheses={} decisions={} classifier={}",
         summary.shots_enrolled,

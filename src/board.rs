@@ -54,6 +54,9 @@ pub struct BoardProfile {
     /// Audit-log rotation and size limit.
     #[serde(default)]
     pub audit: AuditLimits,
+    /// The screen served by `sgps run` (absent: buttons and LEDs only).
+    #[serde(default)]
+    pub ui: Option<UiConfig>,
     /// Rust target triple of the board (read by `cargo xtask`; "host" for sim).
     #[serde(default)]
     pub target: Option<String>,
@@ -82,6 +85,63 @@ impl Default for AuditLimits {
         AuditLimits {
             segment_kib: crate::store::audit::SEGMENT_BYTES / 1024,
             max_mib: crate::store::audit::MAX_LOG_BYTES / (1024 * 1024),
+        }
+    }
+}
+
+/// `[ui]`: where the clinician's screen is served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UiConfig {
+    /// Address to listen on, e.g. "127.0.0.1:8080" (the kiosk browser on the board). Another
+    /// interface needs `pairing_token`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Required when `listen` is not a loopback address: a browser elsewhere must present it
+    /// (open `http://<board>:<port>/pair?token=<token>` once). At least 16 characters.
+    #[serde(default)]
+    pub pairing_token: Option<String>,
+    /// Where Export writes session reports (the USB stick's mount point).
+    #[serde(default = "default_export_dir")]
+    pub export_dir: PathBuf,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            listen: default_listen(),
+            pairing_token: None,
+            export_dir: default_export_dir(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+fn default_export_dir() -> PathBuf {
+    "/media/usb".into()
+}
+
+impl UiConfig {
+    /// Check the address and the pairing rule.
+    pub fn validate(&self) -> Result<std::net::SocketAddr, String> {
+        let addr: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "ui.listen = {:?} is not an address like \"127.0.0.1:8080\"",
+                self.listen
+            )
+        })?;
+        match &self.pairing_token {
+            None if !addr.ip().is_loopback() => Err(format!(
+                "ui.listen = {:?} is reachable from other machines: set ui.pairing_token (16 or more characters) or listen on 127.0.0.1",
+                self.listen
+            )),
+            Some(t) if t.len() < 16 || !t.chars().all(|c| c.is_ascii_graphic()) => Err(
+                "ui.pairing_token must be 16 or more printable characters without spaces".into(),
+            ),
+            _ => Ok(addr),
         }
     }
 }
@@ -216,6 +276,9 @@ impl BoardProfile {
         self.storage_dir = resolve(base, &self.storage_dir);
         self.models_dir = resolve(base, &self.models_dir);
         self.task_file = resolve(base, &self.task_file);
+        if let Some(ui) = &mut self.ui {
+            ui.export_dir = resolve(base, &ui.export_dir);
+        }
         match &mut self.camera {
             CameraConfig::V4l2 { device, .. } => *device = resolve(base, device),
             CameraConfig::Replay { dir, .. } => *dir = resolve(base, dir),
@@ -277,6 +340,9 @@ impl BoardProfile {
                 return Err("gpio lines must be distinct".into());
             }
         }
+        if let Some(ui) = &self.ui {
+            ui.validate()?;
+        }
         if self.audit.segment_kib < 4 || self.audit.max_mib * 1024 < self.audit.segment_kib {
             return Err("audit: need segment_kib >= 4 and max_mib * 1024 >= segment_kib".into());
         }
@@ -310,22 +376,57 @@ impl TaskFile {
     /// Parse and check the text of a task file.
     pub fn parse(text: &str) -> Result<TaskFile, String> {
         let t: TaskFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        if t.classes.len() < 2 || t.classes.len() > crate::store::MAX_CLASSES {
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// Check the classes: 2..=16 of them, names usable as labels and distinct, descriptions at
+    /// most [`MAX_DESCRIPTION`] bytes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.classes.len() < 2 || self.classes.len() > crate::store::MAX_CLASSES {
             return Err(format!(
                 "a task needs 2..={} classes, this one has {}",
                 crate::store::MAX_CLASSES,
-                t.classes.len()
+                self.classes.len()
             ));
         }
-        for (i, c) in t.classes.iter().enumerate() {
-            crate::store::label(&c.name).map_err(|e| e.to_string())?;
-            if t.classes[..i].iter().any(|o| o.name == c.name) {
+        for (i, c) in self.classes.iter().enumerate() {
+            crate::store::check_class_name(&c.name).map_err(|e| e.to_string())?;
+            if self.classes[..i].iter().any(|o| o.name == c.name) {
                 return Err(format!("class {:?} appears twice", c.name));
             }
+            if let Some(d) = &c.description {
+                check_description(d)?;
+            }
         }
-        Ok(t)
+        Ok(())
+    }
+
+    /// SHA-256 of the task's content (names, descriptions, urgent flags, in order).
+    pub fn sha256(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(serde_json::to_vec(self).expect("a task serializes")).into()
     }
 }
+
+/// Longest clinical description accepted (bytes); the text encoder reads its first 128 tokens.
+pub const MAX_DESCRIPTION: usize = 1000;
+
+/// Check a clinical description: at most [`MAX_DESCRIPTION`] bytes, no control characters.
+pub fn check_description(d: &str) -> Result<(), String> {
+    if d.len() > MAX_DESCRIPTION {
+        return Err(format!(
+            "the description is {} bytes; at most {MAX_DESCRIPTION} are accepted (one or two sentences on colour, shape, scale and structures)",
+            d.len()
+        ));
+    }
+    if d.chars().any(char::is_control) {
+        return Err("the description contains a control character (e.g. a line break); write it on one line".into());
+    }
+    Ok(())
+}
+
+impl TaskFile {}
 
 #[cfg(test)]
 mod tests {

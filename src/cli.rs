@@ -68,6 +68,40 @@ pub enum Command {
     Run(crate::app::RunArgs),
     /// Check a device's audit log: every record's checksum and the hash chain linking them.
     Audit(AuditArgs),
+    /// Write a session report (self-contained HTML + CSV, SHA-256 of every capture) from a
+    /// device's storage directory, as the screen's Export does.
+    Report(ReportArgs),
+    /// Wait until `sgps run` serves the screen of a board profile, then print its URL (used by
+    /// board/sgps-kiosk.service to start the kiosk browser).
+    UiWait(UiWaitArgs),
+}
+
+/// Arguments of `sgps report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The device's storage directory (storage_dir of its board profile).
+    #[arg(value_name = "DIR", required_unless_present = "board")]
+    pub path: Option<PathBuf>,
+    /// Take the storage directory from this board profile instead.
+    #[arg(long, value_name = "FILE", conflicts_with = "path")]
+    pub board: Option<PathBuf>,
+    /// Where the report goes (an existing directory).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// session (since the device last started), today or all.
+    #[arg(long, default_value = "all")]
+    pub scope: String,
+}
+
+/// Arguments of `sgps ui-wait`.
+#[derive(Debug, Args)]
+pub struct UiWaitArgs {
+    /// Board profile with a [ui] section.
+    #[arg(long, value_name = "FILE")]
+    pub board: PathBuf,
+    /// Give up after this many seconds (exit status 1).
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
 }
 
 /// Arguments of `sgps audit`.
@@ -106,6 +140,61 @@ pub enum AuditCommand {
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
     },
+}
+
+/// `sgps report`.
+pub fn report(a: &ReportArgs) -> anyhow::Result<ExitCode> {
+    let dir = audit_target(&a.path, &a.board)?;
+    let scope = crate::report::Scope::parse(&a.scope).map_err(anyhow::Error::msg)?;
+    let board = match &a.board {
+        Some(b) => crate::board::BoardProfile::load(b)?.name,
+        None => "device".to_string(),
+    };
+    let w = crate::report::write(
+        &dir,
+        &a.to,
+        scope,
+        &board,
+        crate::store::audit::now_unix_ms(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "{} records: {} and {}",
+        w.records,
+        w.html.display(),
+        w.csv.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sgps ui-wait`.
+pub fn ui_wait(a: &UiWaitArgs) -> anyhow::Result<ExitCode> {
+    let profile = crate::board::BoardProfile::load(&a.board)?;
+    let ui = profile.ui.ok_or_else(|| {
+        anyhow::anyhow!(
+            "board profile {} has no [ui] section: the device serves no screen",
+            a.board.display()
+        )
+    })?;
+    let mut addr = ui.validate().map_err(anyhow::Error::msg)?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_s);
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok() {
+            println!("http://{addr}/");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "sgps does not serve the screen on {addr} after {} s: check `systemctl status sgps`",
+                a.timeout_s
+            );
+            return Ok(ExitCode::from(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 /// The storage directory (or log file) named by `path` or by the board profile `board`.
@@ -188,6 +277,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(a) => crate::demo::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
         Command::Run(a) => crate::app::run_cli(a, cli.models.as_deref(), &opts),
         Command::Audit(a) => audit(a),
+        Command::Report(a) => report(a),
+        Command::UiWait(a) => ui_wait(a),
     }
 }
 

@@ -17,6 +17,8 @@ pub mod manifest;
 pub mod pipeline;
 pub mod preprocess;
 pub mod quality;
+pub mod report;
 pub mod store;
 pub mod support;
 pub mod synthesizer;
+pub mod ui;

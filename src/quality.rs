@@ -55,7 +55,7 @@ impl Default for GateThresholds {
 }
 
 /// Measurements of one frame.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct QualityMetrics {
     pub laplacian_var: f32,
     pub mean: f32,

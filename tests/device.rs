@@ -95,8 +95,12 @@ fn write_board(dir: &Path, faults: &str) -> PathBuf {
             &format!("task_file = {:?}", board.join("tasks/isic-novel.toml")),
         )
         .replace("faults = []", &format!("faults = {faults}"))
-        .replace("looping = true", "looping = false");
-    assert!(text.contains("faults = [\""), "sim.toml layout changed");
+        .replace("looping = true", "looping = false")
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"");
+    assert!(
+        text.contains("faults = [\"") && text.contains("127.0.0.1:0"),
+        "sim.toml layout changed"
+    );
     let p = dir.join("board.toml");
     std::fs::write(&p, text).unwrap();
     p

@@ -6,6 +6,8 @@
 //!                           support embeddings + capture metadata (re-synthesis never re-captures)
 //!   classifiers/<id>.sgpc   synthesized classifiers ([`Store::save_classifier`])
 //!   active.rec              which classifier is in use
+//!   task.rec                the task as edited on the device (UI), with the task file it came from
+//!   thumbs/<sha256>.jpg     small JPEG of each accepted capture (shots kept; decisions bounded)
 //!   audit.log               append-only audit log (see [`audit`])
 //! ```
 //! Every record carries magic, kind, format version, length and CRC32 ([`record`]); every
@@ -33,6 +35,12 @@ pub use record::{FrameError, RecordKind};
 pub const CLASS_VERSION: u16 = 1;
 /// Format version of the active-classifier pointer.
 pub const ACTIVE_VERSION: u16 = 1;
+/// Format version of the device task record.
+pub const TASK_VERSION: u16 = 1;
+/// Longest side of a stored thumbnail (pixels).
+pub const THUMB_SIDE: u32 = 192;
+/// Thumbnails kept beyond those of support shots (oldest decision thumbnails go first).
+pub const MAX_THUMBS: usize = 2000;
 /// Longest class name stored (bytes).
 pub const MAX_LABEL: usize = 64;
 /// Most classes in one task (matches the synthesizer's limit in the manifest contract).
@@ -116,6 +124,38 @@ pub struct ActiveRecord {
     pub created_unix_ms: u64,
 }
 
+/// The task as it stands on the device: the task file, plus what was edited on the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// SHA-256 of the task file's content this task started from; a different task file
+    /// (re-provisioned device) replaces the edited task.
+    pub source_sha256: [u8; 32],
+    pub task: crate::board::TaskFile,
+}
+
+/// Check a class name typed by a person: 1..=64 bytes, no path separators, no control
+/// characters, not `.`/`..`, no leading or trailing space.
+pub fn check_class_name(name: &str) -> Result<(), StoreError> {
+    let bad = |why: &str| {
+        Err(StoreError::Invalid(format!(
+            "class name {name:?} {why}; use letters, digits, spaces, '-' or '_'"
+        )))
+    };
+    if name.trim().is_empty() {
+        return bad("is empty");
+    }
+    if name.trim() != name {
+        return bad("starts or ends with a space");
+    }
+    if name.contains(['/', '\\']) || name == "." || name == ".." {
+        return bad("contains a path separator");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("contains a control character");
+    }
+    label(name).map(|_| ())
+}
+
 /// Make a bounded label; fails with a clear message when the name is too long.
 pub fn label(name: &str) -> Result<Label, StoreError> {
     Label::try_from(name).map_err(|_| {
@@ -144,6 +184,7 @@ impl Store {
             root.to_owned(),
             root.join("classes"),
             root.join("classifiers"),
+            root.join("thumbs"),
         ];
         for d in &dirs {
             disk::create_dir_all(&*disk, d).map_err(|e| StoreError::io(d, e))?;
@@ -291,6 +332,80 @@ impl Store {
         )
     }
 
+    /// Store the device's task (atomic replace).
+    pub fn save_task(&self, rec: &TaskRecord) -> Result<(), StoreError> {
+        record::write_record(
+            &*self.disk,
+            &self.root.join("task.rec"),
+            RecordKind::Task,
+            TASK_VERSION,
+            rec,
+        )
+    }
+
+    /// The device's task; `Ok(None)` when it was never edited on the device.
+    pub fn task(&self) -> Result<Option<TaskRecord>, StoreError> {
+        let p = self.root.join("task.rec");
+        if !p.exists() {
+            return Ok(None);
+        }
+        record::read_record(&p, RecordKind::Task, TASK_VERSION).map(Some)
+    }
+
+    fn thumb_path(&self, sha: &[u8; 32]) -> PathBuf {
+        thumbnail_path(&self.root, sha)
+    }
+
+    /// Store a small JPEG of a capture (for the UI and reports). Not a record of evidence: the
+    /// audit log holds the capture's SHA-256; a lost thumbnail only shows as missing.
+    pub fn save_thumbnail(&self, sha: &[u8; 32], img: &image::RgbImage) -> Result<(), StoreError> {
+        let path = self.thumb_path(sha);
+        if path.exists() {
+            return Ok(());
+        }
+        let small = image::imageops::thumbnail(
+            img,
+            THUMB_SIDE.min(img.width()).max(1),
+            (THUMB_SIDE * img.height() / img.width().max(1)).clamp(1, THUMB_SIDE),
+        );
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 80)
+            .encode_image(&small)
+            .map_err(|e| StoreError::Encode(format!("thumbnail: {e}")))?;
+        crate::atomic_file::write_on(&*self.disk, &path, &bytes)
+            .map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// The stored thumbnail of a capture, if any.
+    pub fn thumbnail(&self, sha: &[u8; 32]) -> Option<Vec<u8>> {
+        fs::read(self.thumb_path(sha)).ok()
+    }
+
+    /// Delete the oldest thumbnails beyond [`MAX_THUMBS`], never one in `keep` (support shots).
+    /// Returns how many were deleted.
+    pub fn prune_thumbnails(&self, keep: &[[u8; 32]]) -> Result<usize, StoreError> {
+        let dir = self.root.join("thumbs");
+        let keep: std::collections::HashSet<String> = keep
+            .iter()
+            .map(|s| format!("{}.jpg", hex::encode(s)))
+            .collect();
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&dir)
+            .map_err(|e| StoreError::io(&dir, e))?
+            .flatten()
+            .filter(|e| !keep.contains(&*e.file_name().to_string_lossy()))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if files.len() <= MAX_THUMBS {
+            return Ok(0);
+        }
+        files.sort();
+        let n = files.len() - MAX_THUMBS;
+        for (_, p) in &files[..n] {
+            self.disk.remove_file(p).map_err(|e| StoreError::io(p, e))?;
+        }
+        Ok(n)
+    }
+
     /// The active classifier pointer; `Ok(None)` when none was synthesized yet.
     pub fn active(&self) -> Result<Option<ActiveRecord>, StoreError> {
         let p = self.root.join("active.rec");
@@ -299,6 +414,13 @@ impl Store {
         }
         record::read_record(&p, RecordKind::Active, ACTIVE_VERSION).map(Some)
     }
+}
+
+/// Where the thumbnail of a capture lives in the storage directory `root` (read by the screen
+/// and reports without opening the store).
+pub fn thumbnail_path(root: &Path, sha: &[u8; 32]) -> PathBuf {
+    root.join("thumbs")
+        .join(format!("{}.jpg", hex::encode(sha)))
 }
 
 /// File name of a class record: the name with unsafe characters replaced, plus a short hash of

@@ -33,6 +33,8 @@ pub enum RecordKind {
     Active = 2,
     /// One audit-log entry.
     Audit = 3,
+    /// The device's task as edited on the device (classes, descriptions, urgent flags).
+    Task = 4,
     /// Records written by tests and the crash-test helper.
     Test = 0xF0,
 }

@@ -2,7 +2,7 @@
 //!
 //! Bundle layout (`sgps-<version>-<board>/`):
 //! `bin/sgps`, `models/` (manifest, tokenizer, the board's encoder variants, synthesizer),
-//! `board/<board>.toml`, `board/tasks/*.toml`, `sgps.service`, `install.sh`, `VERSION`, `BOARD`, `release.pub.pem`,
+//! `board/<board>.toml`, `board/tasks/*.toml`, `sgps.service`, `sgps-kiosk.service`, `install.sh`, `VERSION`, `BOARD`, `release.pub.pem`,
 //! `SHA256SUMS` (every other file) and `SHA256SUMS.sig` (ed25519 over `SHA256SUMS`).
 
 use crate::build::Board;
@@ -94,6 +94,11 @@ pub fn make_bundle(i: &DistInputs) -> Result<DistOutput> {
         );
     }
     copy(i.unit, &dir.join("sgps.service"))?;
+    // the kiosk screen's unit lives next to it (board/sgps-kiosk.service)
+    let kiosk = i.unit.with_file_name("sgps-kiosk.service");
+    if kiosk.is_file() {
+        copy(&kiosk, &dir.join("sgps-kiosk.service"))?;
+    }
     fs::write(dir.join("install.sh"), INSTALL_SH)?;
     fs::set_permissions(dir.join("install.sh"), fs::Permissions::from_mode(0o755))?;
     fs::write(dir.join("VERSION"), format!("{}\n", i.version))?;

@@ -365,6 +365,15 @@ fn install_script(
         "/etc/systemd/system/sgps.service",
         0o644,
     );
+    let kiosk = bundle.join("sgps-kiosk.service");
+    if kiosk.is_file() {
+        write(
+            &mut s,
+            &kiosk,
+            "/etc/systemd/system/sgps-kiosk.service",
+            0o644,
+        );
+    }
     write(&mut s, trusted_key, "/etc/sgps/release.pub.pem", 0o644);
     let board = fs::read_to_string(bundle.join("BOARD"))?.trim().to_string();
     mkdir(&mut s, "/etc/sgps/tasks");
@@ -403,10 +412,14 @@ fn install_script(
         .and_then(|w| w.split_whitespace().next())
         .unwrap_or("multi-user.target")
         .to_string();
-    for (unit, wanted) in [
+    let mut units = vec![
         ("sgps.service", wanted.as_str()),
         ("sgps-setup.service", "multi-user.target"),
-    ] {
+    ];
+    if kiosk.is_file() {
+        units.push(("sgps-kiosk.service", "graphical.target"));
+    }
+    for (unit, wanted) in units {
         let wants = format!("/etc/systemd/system/{wanted}.wants");
         mkdir(&mut s, &wants);
         s.push_str(&format!(

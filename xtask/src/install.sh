@@ -124,22 +124,36 @@ ensure_user() {
         say "created system user sgps"
     fi
     usermod -a -G video,gpio sgps
+    if ! id sgps-kiosk >/dev/null 2>&1; then
+        useradd --system --user-group --home-dir /var/lib/sgps-kiosk --create-home \
+            --shell /usr/sbin/nologin sgps-kiosk
+        say "created system user sgps-kiosk (the screen's browser)"
+    fi
+    usermod -a -G video,render,input sgps-kiosk 2>/dev/null || usermod -a -G video,input sgps-kiosk
 }
 
 install_unit() {
-    src="$1/$UNIT"
     mkdir -p "$UNIT_DIR"
-    cp "$src" "$UNIT_DIR/$UNIT"
-    if [ -n "$ROOT" ]; then
-        # No systemd to ask: create the symlink `systemctl enable` would create.
-        wanted=$(sed -n 's/^WantedBy=//p' "$src" | head -n 1)
-        wanted=${wanted:-multi-user.target}
-        mkdir -p "$UNIT_DIR/$wanted.wants"
-        ln -sfn "/etc/systemd/system/$UNIT" "$UNIT_DIR/$wanted.wants/$UNIT"
-    fi
+    for unit in $UNIT sgps-kiosk.service; do
+        src="$1/$unit"
+        [ -f "$src" ] || continue
+        cp "$src" "$UNIT_DIR/$unit"
+        if [ -n "$ROOT" ]; then
+            # No systemd to ask: create the symlink `systemctl enable` would create.
+            wanted=$(sed -n 's/^WantedBy=//p' "$src" | head -n 1)
+            wanted=${wanted:-multi-user.target}
+            mkdir -p "$UNIT_DIR/$wanted.wants"
+            ln -sfn "/etc/systemd/system/$unit" "$UNIT_DIR/$wanted.wants/$unit"
+        fi
+    done
     sysctl daemon-reload
     sysctl enable "$UNIT"
     sysctl restart "$UNIT"
+    if [ -f "$1/sgps-kiosk.service" ]; then
+        # the screen: starts only where cage is installed (apt install cage chromium)
+        sysctl enable sgps-kiosk.service
+        if [ -x "$ROOT/usr/bin/cage" ]; then sysctl restart sgps-kiosk.service; else say "no /usr/bin/cage: the kiosk screen starts once 'apt install cage chromium' is done"; fi
+    fi
 }
 
 do_install() {

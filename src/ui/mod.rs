@@ -1,0 +1,649 @@
+//! The clinician's screen, served by `sgps run` itself: a small HTTP server (tiny_http, one
+//! thread per connection) in front of the device loop. Every request that changes something
+//! becomes a [`Command`] on the device's input channel, the same channel the buttons feed, and
+//! every change is pushed to all open screens as a server-sent event — so a tap and a button
+//! press do the same thing and each screen sees the other's effect at once. Assets are compiled
+//! into the binary (`assets/`); nothing is loaded from elsewhere.
+//!
+//! Loopback only by default. A profile that listens on another interface must set a pairing
+//! token, which remote browsers present once (`/pair?token=…` sets a cookie) or as a bearer
+//! token; requests from the board itself (the kiosk) need none.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use tiny_http::{Header, Method, Request, Response};
+
+use crate::app::{Command, Input, Snapshot};
+use crate::board::UiConfig;
+use crate::gpio::{Button, ButtonEvent, Press};
+use crate::report;
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const APP_CSS: &str = include_str!("assets/app.css");
+
+/// Largest request body accepted (bytes); descriptions are at most 1000.
+pub const MAX_BODY: usize = 16 * 1024;
+/// Longest request target accepted.
+pub const MAX_URL: usize = 2048;
+/// Connections served at once; more get 503.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a request waits for the device (a synthesis on a slow board takes seconds).
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Rows the history screen gets at most.
+const HISTORY_ROWS: usize = 500;
+
+/// The latest state, shared with the event streams.
+#[derive(Default)]
+pub struct Hub {
+    latest: Mutex<(u64, String)>,
+    changed: Condvar,
+}
+
+impl Hub {
+    /// Record a new state and wake the event streams.
+    pub fn publish(&self, snap: &Snapshot) {
+        let json = serde_json::to_string(snap).expect("a snapshot serializes");
+        let mut l = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if l.1 != json {
+            l.0 += 1;
+            l.1 = json;
+            self.changed.notify_all();
+        }
+    }
+
+    fn latest(&self) -> (u64, String) {
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Wait until a state newer than `seen` is published (or `timeout` passes).
+    fn wait_newer(&self, seen: u64, timeout: Duration) -> Option<(u64, String)> {
+        let l = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let (l, _) = self
+            .changed
+            .wait_timeout_while(l, timeout, |l| l.0 <= seen)
+            .unwrap_or_else(|p| p.into_inner());
+        (l.0 > seen).then(|| l.clone())
+    }
+}
+
+/// Facts for the Device screen that do not change while running.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub board: String,
+    pub sgps_version: &'static str,
+    pub models_dir: String,
+    pub image_encoder: String,
+    pub image_encoder_sha256: String,
+    pub text_encoder: String,
+    pub synthesizer_sha256: String,
+    pub storage_dir: String,
+}
+
+/// What the server needs.
+pub struct Context {
+    pub inputs: mpsc::Sender<Input>,
+    pub hub: Arc<Hub>,
+    pub storage_dir: PathBuf,
+    pub export_dir: PathBuf,
+    pub pairing_token: Option<String>,
+    pub info: DeviceInfo,
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+}
+
+/// Bind and serve on a background thread.
+pub fn serve(cfg: &UiConfig, ctx: Context) -> Result<Server, String> {
+    let addr = cfg.validate()?;
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| format!("cannot listen on {addr}: {e} (is another sgps running?)"))?;
+    let addr = server
+        .server_addr()
+        .to_ip()
+        .ok_or("the screen's listener has no IP address")?;
+    let ctx = Arc::new(ctx);
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("ui".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    let _ = req.respond(error(503, "too many open connections; try again"));
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let (ctx, active) = (ctx.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("ui-conn".into())
+                    .spawn(move || {
+                        handle(req, &ctx);
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    log::error!("screen: cannot start a connection thread: {e}");
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the screen's thread: {e}"))?;
+    Ok(Server { addr })
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header")
+}
+
+type Resp = Response<std::io::Cursor<Vec<u8>>>;
+
+fn with_common(r: Resp) -> Resp {
+    r.with_header(header("Cache-Control", "no-store"))
+        .with_header(header("X-Content-Type-Options", "nosniff"))
+        .with_header(header("X-Frame-Options", "DENY"))
+        .with_header(header(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'",
+        ))
+}
+
+fn error(status: u16, msg: &str) -> Resp {
+    json_resp(status, &json!({ "error": msg }))
+}
+
+fn json_resp(status: u16, v: &serde_json::Value) -> Resp {
+    with_common(
+        Response::from_data(serde_json::to_vec(v).expect("json"))
+            .with_status_code(status)
+            .with_header(header("Content-Type", "application/json")),
+    )
+}
+
+fn asset(body: &'static str, ctype: &str) -> Resp {
+    with_common(
+        Response::from_data(body.as_bytes().to_vec()).with_header(header("Content-Type", ctype)),
+    )
+}
+
+fn header_value<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Constant-time comparison of a presented token.
+fn token_matches(given: &str, want: &str) -> bool {
+    given.len() == want.len()
+        && given
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Loopback peers (the kiosk) are trusted; others must present the pairing token.
+fn authorized(req: &Request, token: Option<&str>) -> bool {
+    if req.remote_addr().is_some_and(|a| a.ip().is_loopback()) {
+        return true;
+    }
+    let Some(want) = token else {
+        return false;
+    };
+    let bearer = header_value(req, "Authorization").and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = header_value(req, "Cookie").and_then(|c| {
+        c.split(';')
+            .find_map(|kv| kv.trim().strip_prefix("sgps_token="))
+    });
+    bearer.or(cookie).is_some_and(|g| token_matches(g, want))
+}
+
+fn query(url: &str) -> Vec<(String, String)> {
+    url.split_once('?')
+        .map(|(_, q)| {
+            q.split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hexv = |c: u8| (c as char).to_digit(16);
+                match (hexv(b[i + 1]), hexv(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Read a JSON body of at most [`MAX_BODY`] bytes.
+fn body<T: for<'de> Deserialize<'de>>(req: &mut Request) -> Result<T, Resp> {
+    let ctype = header_value(req, "Content-Type").unwrap_or("");
+    if !ctype.starts_with("application/json") {
+        return Err(error(
+            415,
+            "send the request body as JSON (Content-Type: application/json)",
+        ));
+    }
+    if req.body_length().is_some_and(|n| n > MAX_BODY) {
+        return Err(error(
+            413,
+            &format!("request body over {MAX_BODY} bytes; a description is at most 1000"),
+        ));
+    }
+    let mut buf = Vec::new();
+    if let Err(e) = req
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut buf)
+    {
+        return Err(error(400, &format!("reading the request body: {e}")));
+    }
+    if buf.len() > MAX_BODY {
+        return Err(error(
+            413,
+            &format!("request body over {MAX_BODY} bytes; a description is at most 1000"),
+        ));
+    }
+    serde_json::from_slice(&buf).map_err(|e| error(400, &format!("malformed request: {e}")))
+}
+
+/// Send a command to the device and wait for the state after it.
+fn device(ctx: &Context, cmd: Command) -> Resp {
+    let (tx, rx) = mpsc::channel();
+    if ctx.inputs.send(Input::Request(cmd, tx)).is_err() {
+        return error(503, "the device loop has stopped; restart sgps");
+    }
+    match rx.recv_timeout(DEVICE_TIMEOUT) {
+        Ok(Ok(snap)) => json_resp(200, &serde_json::to_value(snap).expect("json")),
+        Ok(Err(msg)) => error(409, &msg),
+        Err(_) => error(504, "the device did not answer in time; look at the device"),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ButtonReq {
+    button: String,
+    #[serde(default)]
+    press: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassReq {
+    class: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddReq {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    urgent: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateReq {
+    class: usize,
+    #[serde(default)]
+    name: Option<String>,
+    /// "" removes the description.
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    urgent: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShotReq {
+    class: usize,
+    capture_sha256: String,
+    #[serde(default)]
+    retake: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportReq {
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+fn sha_from_hex(s: &str) -> Option<[u8; 32]> {
+    let mut sha = [0u8; 32];
+    hex::decode_to_slice(s, &mut sha).ok()?;
+    Some(sha)
+}
+
+fn handle(mut req: Request, ctx: &Context) {
+    if req.url().len() > MAX_URL {
+        let _ = req.respond(error(414, "request target too long"));
+        return;
+    }
+    let method = req.method().clone();
+    let url = req.url().to_owned();
+    let path = url.split('?').next().unwrap_or("").to_owned();
+    log::debug!("screen: {method} {path}");
+    if method == Method::Get && path == "/pair" {
+        let q = query(&url);
+        let given = q
+            .iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.as_str());
+        let ok = match (&ctx.pairing_token, given) {
+            (Some(want), Some(g)) => token_matches(g, want),
+            _ => false,
+        };
+        let r = if ok {
+            with_common(
+                Response::from_string("paired")
+                    .with_status_code(303)
+                    .with_header(header("Location", "/"))
+                    .with_header(header(
+                        "Set-Cookie",
+                        &format!(
+                            "sgps_token={}; HttpOnly; SameSite=Strict; Path=/",
+                            ctx.pairing_token.as_deref().unwrap_or("")
+                        ),
+                    )),
+            )
+        } else {
+            error(
+                403,
+                "wrong or missing pairing token; the token is in the board profile ([ui] pairing_token)",
+            )
+        };
+        let _ = req.respond(r);
+        return;
+    }
+    if !authorized(&req, ctx.pairing_token.as_deref()) {
+        let _ = req.respond(error(
+            401,
+            "this screen is paired: open /pair?token=<the board's pairing token> first",
+        ));
+        return;
+    }
+    if method == Method::Post {
+        // a page from another origin must not drive the device (the kiosk's own page sends
+        // its origin, or none)
+        let host = header_value(&req, "Host").unwrap_or("");
+        if let Some(origin) = header_value(&req, "Origin")
+            && origin != format!("http://{host}")
+        {
+            let _ = req.respond(error(403, "cross-origin request refused"));
+            return;
+        }
+    }
+    if method == Method::Get && path == "/api/events" {
+        events(req, ctx);
+        return;
+    }
+    let resp = route(&method, &path, &url, &mut req, ctx);
+    let _ = req.respond(resp);
+}
+
+fn route(method: &Method, path: &str, url: &str, req: &mut Request, ctx: &Context) -> Resp {
+    match (method, path) {
+        (Method::Get, "/") | (Method::Get, "/index.html") => {
+            asset(INDEX_HTML, "text/html; charset=utf-8")
+        }
+        (Method::Get, "/app.js") => asset(APP_JS, "text/javascript; charset=utf-8"),
+        (Method::Get, "/app.css") => asset(APP_CSS, "text/css; charset=utf-8"),
+        (Method::Get, "/api/state") => {
+            let (_, s) = ctx.hub.latest();
+            if s.is_empty() {
+                return error(503, "the device is starting; try again in a moment");
+            }
+            with_common(
+                Response::from_data(s.into_bytes())
+                    .with_header(header("Content-Type", "application/json")),
+            )
+        }
+        (Method::Get, "/api/device") => device_info(ctx),
+        (Method::Get, "/api/history") => history(url, ctx),
+        (Method::Get, p) if p.starts_with("/api/thumb/") => {
+            let name = &p["/api/thumb/".len()..];
+            let Some(sha) = name.strip_suffix(".jpg").and_then(sha_from_hex) else {
+                return error(400, "thumbnail names are <64 hex digits>.jpg");
+            };
+            match std::fs::read(crate::store::thumbnail_path(&ctx.storage_dir, &sha)) {
+                Ok(b) => with_common(
+                    Response::from_data(b).with_header(header("Content-Type", "image/jpeg")),
+                ),
+                Err(_) => error(404, "no thumbnail kept for this capture"),
+            }
+        }
+        (Method::Post, "/api/button") => match body::<ButtonReq>(req) {
+            Ok(b) => {
+                let button = match Button::parse(&b.button) {
+                    Some(b) => b,
+                    None => return error(400, "button must be \"capture\" or \"next\""),
+                };
+                let press = match b.press.as_deref().unwrap_or("short") {
+                    "short" => Press::Short,
+                    "long" => Press::Long,
+                    _ => return error(400, "press must be \"short\" or \"long\""),
+                };
+                device(ctx, Command::Button(ButtonEvent { button, press }))
+            }
+            Err(r) => r,
+        },
+        (Method::Post, "/api/enroll") => match body::<ClassReq>(req) {
+            Ok(b) => device(ctx, Command::EnrollClass(b.class)),
+            Err(r) => r,
+        },
+        (Method::Post, "/api/class") => match body::<AddReq>(req) {
+            Ok(b) => device(
+                ctx,
+                Command::AddClass {
+                    name: b.name,
+                    description: b.description,
+                    urgent: b.urgent,
+                },
+            ),
+            Err(r) => r,
+        },
+        (Method::Post, "/api/class/update") => match body::<UpdateReq>(req) {
+            Ok(b) => device(
+                ctx,
+                Command::UpdateClass {
+                    class: b.class,
+                    name: b.name,
+                    description: b.description.map(|d| Some(d).filter(|d| !d.is_empty())),
+                    urgent: b.urgent,
+                },
+            ),
+            Err(r) => r,
+        },
+        (Method::Post, "/api/shot/remove") => match body::<ShotReq>(req) {
+            Ok(b) => match sha_from_hex(&b.capture_sha256) {
+                Some(sha) => device(
+                    ctx,
+                    Command::RemoveShot {
+                        class: b.class,
+                        capture_sha256: sha,
+                        retake: b.retake,
+                    },
+                ),
+                None => error(400, "capture_sha256 must be 64 hex digits"),
+            },
+            Err(r) => r,
+        },
+        (Method::Post, "/api/export") => match body::<ExportReq>(req) {
+            Ok(b) => export(ctx, b.scope.as_deref().unwrap_or("session")),
+            Err(r) => r,
+        },
+        (_, "/" | "/app.js" | "/app.css" | "/api/state" | "/api/device" | "/api/history")
+        | (_, "/api/button" | "/api/enroll" | "/api/class" | "/api/class/update")
+        | (_, "/api/shot/remove" | "/api/export") => error(405, "method not allowed"),
+        _ => error(404, &format!("no such page or request: {path}")),
+    }
+}
+
+fn device_info(ctx: &Context) -> Resp {
+    let mut v = serde_json::to_value(&ctx.info).expect("json");
+    let now = crate::store::audit::now_unix_ms();
+    v["time_utc"] = json!(report::time(now));
+    v["time_unix_ms"] = json!(now);
+    if let Some((free, total)) = free_space(&ctx.storage_dir) {
+        v["storage_free_bytes"] = json!(free);
+        v["storage_total_bytes"] = json!(total);
+    }
+    v["export_dir"] = json!(ctx.export_dir.display().to_string());
+    v["export_dir_present"] = json!(ctx.export_dir.is_dir());
+    json_resp(200, &v)
+}
+
+/// Free and total bytes of the filesystem holding `dir`.
+#[cfg(target_os = "linux")]
+pub fn free_space(dir: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let f = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * f, st.f_blocks as u64 * f))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn free_space(_dir: &std::path::Path) -> Option<(u64, u64)> {
+    None
+}
+
+fn history(url: &str, ctx: &Context) -> Resp {
+    let q = query(url);
+    let get = |k: &str| {
+        q.iter()
+            .find(|(kk, v)| kk == k && !v.is_empty())
+            .map(|(_, v)| v.clone())
+    };
+    let filter = report::Filter {
+        verdict: get("verdict"),
+        class: get("class"),
+        day: get("day"),
+        captures_only: true,
+    };
+    let (rows, head) = match report::read_rows(&ctx.storage_dir) {
+        Ok(r) => r,
+        Err(e) => return error(500, &format!("reading the audit log: {e}")),
+    };
+    let kept: Vec<&report::Row> = rows.iter().rev().filter(|r| filter.keep(r)).collect();
+    let total = kept.len();
+    let days: std::collections::BTreeSet<String> =
+        rows.iter().map(|r| report::day(r.time_unix_ms)).collect();
+    json_resp(
+        200,
+        &json!({
+            "rows": kept.into_iter().take(HISTORY_ROWS).collect::<Vec<_>>(),
+            "total": total,
+            "days": days.into_iter().rev().collect::<Vec<_>>(),
+            "audit_head": head.map(hex::encode),
+        }),
+    )
+}
+
+fn export(ctx: &Context, scope: &str) -> Resp {
+    let scope = match report::Scope::parse(scope) {
+        Ok(s) => s,
+        Err(e) => return error(400, &e),
+    };
+    match report::write(
+        &ctx.storage_dir,
+        &ctx.export_dir,
+        scope,
+        &ctx.info.board,
+        crate::store::audit::now_unix_ms(),
+    ) {
+        Ok(w) => json_resp(200, &serde_json::to_value(w).expect("json")),
+        Err(e) => error(409, &e),
+    }
+}
+
+/// Server-sent events: the state now, then after every change (a comment every 15 s keeps
+/// the connection alive and notices a closed screen).
+fn events(req: Request, ctx: &Context) {
+    let mut w = req.into_writer();
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n";
+    if w.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let (mut seen, first) = ctx.hub.latest();
+    if w.write_all(format!("data: {first}\n\n").as_bytes())
+        .is_err()
+        || w.flush().is_err()
+    {
+        return;
+    }
+    loop {
+        let msg = match ctx.hub.wait_newer(seen, Duration::from_secs(15)) {
+            Some((n, s)) => {
+                seen = n;
+                format!("data: {s}\n\n")
+            }
+            None => ": keep-alive\n\n".to_string(),
+        };
+        if w.write_all(msg.as_bytes()).is_err() || w.flush().is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode() {
+        assert_eq!(
+            query("/api/history?verdict=refer&class=a%2Fb+c&day="),
+            vec![
+                ("verdict".into(), "refer".into()),
+                ("class".into(), "a/b c".into()),
+                ("day".into(), "".into())
+            ]
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%é%"), "%é%");
+        assert!(token_matches("abc", "abc") && !token_matches("abd", "abc"));
+        assert!(!token_matches("ab", "abc"));
+    }
+}

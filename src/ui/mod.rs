@@ -247,36 +247,26 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Read a JSON body of at most [`MAX_BODY`] bytes.
-fn body<T: for<'de> Deserialize<'de>>(req: &mut Request) -> Result<T, Resp> {
-    let ctype = header_value(req, "Content-Type").unwrap_or("");
-    if !ctype.starts_with("application/json") {
-        return Err(error(
-            415,
-            "send the request body as JSON (Content-Type: application/json)",
-        ));
-    }
-    if req.body_length().is_some_and(|n| n > MAX_BODY) {
-        return Err(error(
+/// Read a request body of at most [`MAX_BODY`] bytes.
+fn read_body(req: &mut Request) -> Result<Vec<u8>, Refusal> {
+    let too_big = || {
+        Refusal::new(
             413,
-            &format!("request body over {MAX_BODY} bytes; a description is at most 1000"),
-        ));
+            format!("request body over {MAX_BODY} bytes; a description is at most 1000"),
+        )
+    };
+    if req.body_length().is_some_and(|n| n > MAX_BODY) {
+        return Err(too_big());
     }
     let mut buf = Vec::new();
-    if let Err(e) = req
-        .as_reader()
+    req.as_reader()
         .take(MAX_BODY as u64 + 1)
         .read_to_end(&mut buf)
-    {
-        return Err(error(400, &format!("reading the request body: {e}")));
-    }
+        .map_err(|e| Refusal::new(400, format!("reading the request body: {e}")))?;
     if buf.len() > MAX_BODY {
-        return Err(error(
-            413,
-            &format!("request body over {MAX_BODY} bytes; a description is at most 1000"),
-        ));
+        return Err(too_big());
     }
-    serde_json::from_slice(&buf).map_err(|e| error(400, &format!("malformed request: {e}")))
+    Ok(buf)
 }
 
 /// Send a command to the device and wait for the state after it.
@@ -352,10 +342,6 @@ fn sha_from_hex(s: &str) -> Option<[u8; 32]> {
 }
 
 fn handle(mut req: Request, ctx: &Context) {
-    if req.url().len() > MAX_URL {
-        let _ = req.respond(error(414, "request target too long"));
-        return;
-    }
     let method = req.method().clone();
     let url = req.url().to_owned();
     let path = url.split('?').next().unwrap_or("").to_owned();
@@ -410,22 +396,202 @@ fn handle(mut req: Request, ctx: &Context) {
             return;
         }
     }
-    if method == Method::Get && path == "/api/events" {
-        events(req, ctx);
-        return;
+    let body = if method == Method::Post {
+        match read_body(&mut req) {
+            Ok(b) => b,
+            Err(r) => {
+                let _ = req.respond(error(r.status, &r.message));
+                return;
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let ctype = header_value(&req, "Content-Type").map(str::to_owned);
+    match parse_request(method.as_str(), &url, ctype.as_deref(), &body) {
+        Ok(Route::Events) => events(req, ctx),
+        Ok(route) => {
+            let _ = req.respond(execute(route, ctx));
+        }
+        Err(r) => {
+            let _ = req.respond(error(r.status, &r.message));
+        }
     }
-    let resp = route(&method, &path, &url, &mut req, ctx);
-    let _ = req.respond(resp);
 }
 
-fn route(method: &Method, path: &str, url: &str, req: &mut Request, ctx: &Context) -> Resp {
-    match (method, path) {
-        (Method::Get, "/") | (Method::Get, "/index.html") => {
-            asset(INDEX_HTML, "text/html; charset=utf-8")
+/// A request the screen understood.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Index,
+    Script,
+    Style,
+    State,
+    Events,
+    DeviceInfo,
+    History(report::Filter),
+    Thumbnail([u8; 32]),
+    Command(Command),
+    Export(report::Scope),
+}
+
+/// Why a request was refused: an HTTP status and a message for the person.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub status: u16,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: u16, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
         }
-        (Method::Get, "/app.js") => asset(APP_JS, "text/javascript; charset=utf-8"),
-        (Method::Get, "/app.css") => asset(APP_CSS, "text/css; charset=utf-8"),
-        (Method::Get, "/api/state") => {
+    }
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<T, Refusal> {
+    if !content_type.unwrap_or("").starts_with("application/json") {
+        return Err(Refusal::new(
+            415,
+            "send the request body as JSON (Content-Type: application/json)",
+        ));
+    }
+    if body.len() > MAX_BODY {
+        return Err(Refusal::new(
+            413,
+            format!("request body over {MAX_BODY} bytes"),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| Refusal::new(400, format!("malformed request: {e}")))
+}
+
+/// Paths the screen serves (another method on one of them is 405, not 404).
+const KNOWN: [&str; 14] = [
+    "/",
+    "/index.html",
+    "/app.js",
+    "/app.css",
+    "/api/state",
+    "/api/events",
+    "/api/device",
+    "/api/history",
+    "/api/button",
+    "/api/enroll",
+    "/api/class",
+    "/api/class/update",
+    "/api/shot/remove",
+    "/api/export",
+];
+
+/// Understand a request (method, target, content type, body) without acting on it. Pure, so
+/// that it can be fuzzed (`tests/fuzz`, target `ui_request`).
+pub fn parse_request(
+    method: &str,
+    url: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Route, Refusal> {
+    if url.len() > MAX_URL {
+        return Err(Refusal::new(414, "request target too long"));
+    }
+    let path = url.split('?').next().unwrap_or("");
+    let cmd = |c: Command| Ok(Route::Command(c));
+    match (method, path) {
+        ("GET", "/" | "/index.html") => Ok(Route::Index),
+        ("GET", "/app.js") => Ok(Route::Script),
+        ("GET", "/app.css") => Ok(Route::Style),
+        ("GET", "/api/state") => Ok(Route::State),
+        ("GET", "/api/events") => Ok(Route::Events),
+        ("GET", "/api/device") => Ok(Route::DeviceInfo),
+        ("GET", "/api/history") => {
+            let q = query(url);
+            let get = |k: &str| {
+                q.iter()
+                    .find(|(kk, v)| kk == k && !v.is_empty())
+                    .map(|(_, v)| v.clone())
+            };
+            Ok(Route::History(report::Filter {
+                verdict: get("verdict"),
+                class: get("class"),
+                day: get("day"),
+                captures_only: true,
+            }))
+        }
+        ("GET", p) if p.starts_with("/api/thumb/") => p["/api/thumb/".len()..]
+            .strip_suffix(".jpg")
+            .and_then(sha_from_hex)
+            .map(Route::Thumbnail)
+            .ok_or_else(|| Refusal::new(400, "thumbnail names are <64 hex digits>.jpg")),
+        ("POST", "/api/button") => {
+            let b: ButtonReq = json_body(content_type, body)?;
+            let button = Button::parse(&b.button)
+                .ok_or_else(|| Refusal::new(400, "button must be \"capture\" or \"next\""))?;
+            let press = match b.press.as_deref().unwrap_or("short") {
+                "short" => Press::Short,
+                "long" => Press::Long,
+                _ => return Err(Refusal::new(400, "press must be \"short\" or \"long\"")),
+            };
+            cmd(Command::Button(ButtonEvent { button, press }))
+        }
+        ("POST", "/api/enroll") => {
+            let b: ClassReq = json_body(content_type, body)?;
+            cmd(Command::EnrollClass(b.class))
+        }
+        ("POST", "/api/class") => {
+            let b: AddReq = json_body(content_type, body)?;
+            cmd(Command::AddClass {
+                name: b.name,
+                description: b.description,
+                urgent: b.urgent,
+            })
+        }
+        ("POST", "/api/class/update") => {
+            let b: UpdateReq = json_body(content_type, body)?;
+            cmd(Command::UpdateClass {
+                class: b.class,
+                name: b.name,
+                description: b.description.map(|d| Some(d).filter(|d| !d.is_empty())),
+                urgent: b.urgent,
+            })
+        }
+        ("POST", "/api/shot/remove") => {
+            let b: ShotReq = json_body(content_type, body)?;
+            let sha = sha_from_hex(&b.capture_sha256)
+                .ok_or_else(|| Refusal::new(400, "capture_sha256 must be 64 hex digits"))?;
+            cmd(Command::RemoveShot {
+                class: b.class,
+                capture_sha256: sha,
+                retake: b.retake,
+            })
+        }
+        ("POST", "/api/export") => {
+            let b: ExportReq = json_body(content_type, body)?;
+            report::Scope::parse(b.scope.as_deref().unwrap_or("session"))
+                .map(Route::Export)
+                .map_err(|e| Refusal::new(400, e))
+        }
+        (_, p) if KNOWN.contains(&p) => Err(Refusal::new(405, "method not allowed")),
+        (_, p) => Err(Refusal::new(
+            404,
+            format!(
+                "no such page or request: {}",
+                p.chars().take(200).collect::<String>()
+            ),
+        )),
+    }
+}
+
+/// Act on an understood request.
+fn execute(route: Route, ctx: &Context) -> Resp {
+    match route {
+        Route::Index => asset(INDEX_HTML, "text/html; charset=utf-8"),
+        Route::Script => asset(APP_JS, "text/javascript; charset=utf-8"),
+        Route::Style => asset(APP_CSS, "text/css; charset=utf-8"),
+        Route::State => {
             let (_, s) = ctx.hub.latest();
             if s.is_empty() {
                 return error(503, "the device is starting; try again in a moment");
@@ -435,13 +601,10 @@ fn route(method: &Method, path: &str, url: &str, req: &mut Request, ctx: &Contex
                     .with_header(header("Content-Type", "application/json")),
             )
         }
-        (Method::Get, "/api/device") => device_info(ctx),
-        (Method::Get, "/api/history") => history(url, ctx),
-        (Method::Get, p) if p.starts_with("/api/thumb/") => {
-            let name = &p["/api/thumb/".len()..];
-            let Some(sha) = name.strip_suffix(".jpg").and_then(sha_from_hex) else {
-                return error(400, "thumbnail names are <64 hex digits>.jpg");
-            };
+        Route::Events => error(500, "event streams are served separately"),
+        Route::DeviceInfo => device_info(ctx),
+        Route::History(f) => history(&f, ctx),
+        Route::Thumbnail(sha) => {
             match std::fs::read(crate::store::thumbnail_path(&ctx.storage_dir, &sha)) {
                 Ok(b) => with_common(
                     Response::from_data(b).with_header(header("Content-Type", "image/jpeg")),
@@ -449,70 +612,8 @@ fn route(method: &Method, path: &str, url: &str, req: &mut Request, ctx: &Contex
                 Err(_) => error(404, "no thumbnail kept for this capture"),
             }
         }
-        (Method::Post, "/api/button") => match body::<ButtonReq>(req) {
-            Ok(b) => {
-                let button = match Button::parse(&b.button) {
-                    Some(b) => b,
-                    None => return error(400, "button must be \"capture\" or \"next\""),
-                };
-                let press = match b.press.as_deref().unwrap_or("short") {
-                    "short" => Press::Short,
-                    "long" => Press::Long,
-                    _ => return error(400, "press must be \"short\" or \"long\""),
-                };
-                device(ctx, Command::Button(ButtonEvent { button, press }))
-            }
-            Err(r) => r,
-        },
-        (Method::Post, "/api/enroll") => match body::<ClassReq>(req) {
-            Ok(b) => device(ctx, Command::EnrollClass(b.class)),
-            Err(r) => r,
-        },
-        (Method::Post, "/api/class") => match body::<AddReq>(req) {
-            Ok(b) => device(
-                ctx,
-                Command::AddClass {
-                    name: b.name,
-                    description: b.description,
-                    urgent: b.urgent,
-                },
-            ),
-            Err(r) => r,
-        },
-        (Method::Post, "/api/class/update") => match body::<UpdateReq>(req) {
-            Ok(b) => device(
-                ctx,
-                Command::UpdateClass {
-                    class: b.class,
-                    name: b.name,
-                    description: b.description.map(|d| Some(d).filter(|d| !d.is_empty())),
-                    urgent: b.urgent,
-                },
-            ),
-            Err(r) => r,
-        },
-        (Method::Post, "/api/shot/remove") => match body::<ShotReq>(req) {
-            Ok(b) => match sha_from_hex(&b.capture_sha256) {
-                Some(sha) => device(
-                    ctx,
-                    Command::RemoveShot {
-                        class: b.class,
-                        capture_sha256: sha,
-                        retake: b.retake,
-                    },
-                ),
-                None => error(400, "capture_sha256 must be 64 hex digits"),
-            },
-            Err(r) => r,
-        },
-        (Method::Post, "/api/export") => match body::<ExportReq>(req) {
-            Ok(b) => export(ctx, b.scope.as_deref().unwrap_or("session")),
-            Err(r) => r,
-        },
-        (_, "/" | "/app.js" | "/app.css" | "/api/state" | "/api/device" | "/api/history")
-        | (_, "/api/button" | "/api/enroll" | "/api/class" | "/api/class/update")
-        | (_, "/api/shot/remove" | "/api/export") => error(405, "method not allowed"),
-        _ => error(404, &format!("no such page or request: {path}")),
+        Route::Command(c) => device(ctx, c),
+        Route::Export(scope) => export(ctx, scope),
     }
 }
 
@@ -549,19 +650,7 @@ pub fn free_space(_dir: &std::path::Path) -> Option<(u64, u64)> {
     None
 }
 
-fn history(url: &str, ctx: &Context) -> Resp {
-    let q = query(url);
-    let get = |k: &str| {
-        q.iter()
-            .find(|(kk, v)| kk == k && !v.is_empty())
-            .map(|(_, v)| v.clone())
-    };
-    let filter = report::Filter {
-        verdict: get("verdict"),
-        class: get("class"),
-        day: get("day"),
-        captures_only: true,
-    };
+fn history(filter: &report::Filter, ctx: &Context) -> Resp {
     let (rows, head) = match report::read_rows(&ctx.storage_dir) {
         Ok(r) => r,
         Err(e) => return error(500, &format!("reading the audit log: {e}")),
@@ -581,11 +670,7 @@ fn history(url: &str, ctx: &Context) -> Resp {
     )
 }
 
-fn export(ctx: &Context, scope: &str) -> Resp {
-    let scope = match report::Scope::parse(scope) {
-        Ok(s) => s,
-        Err(e) => return error(400, &e),
-    };
+fn export(ctx: &Context, scope: report::Scope) -> Resp {
     match report::write(
         &ctx.storage_dir,
         &ctx.export_dir,
@@ -645,5 +730,68 @@ mod tests {
         assert_eq!(percent_decode("%é%"), "%é%");
         assert!(token_matches("abc", "abc") && !token_matches("abd", "abc"));
         assert!(!token_matches("ab", "abc"));
+    }
+
+    #[test]
+    fn requests_parse_or_are_refused_with_a_status() {
+        let json = Some("application/json");
+        assert_eq!(parse_request("GET", "/", None, b""), Ok(Route::Index));
+        assert_eq!(
+            parse_request(
+                "POST",
+                "/api/button",
+                json,
+                br#"{"button":"next","press":"long"}"#
+            ),
+            Ok(Route::Command(Command::Button(ButtonEvent {
+                button: Button::Next,
+                press: Press::Long
+            })))
+        );
+        assert_eq!(
+            parse_request(
+                "POST",
+                "/api/class/update",
+                json,
+                br#"{"class":2,"description":""}"#
+            ),
+            Ok(Route::Command(Command::UpdateClass {
+                class: 2,
+                name: None,
+                description: Some(None),
+                urgent: None
+            }))
+        );
+        let status = |m: &str, u: &str, c: Option<&str>, b: &[u8]| {
+            parse_request(m, u, c, b)
+                .map(|_| 200)
+                .unwrap_or_else(|r| r.status)
+        };
+        assert_eq!(
+            status("POST", "/api/button", None, br#"{"button":"next"}"#),
+            415
+        );
+        assert_eq!(
+            status("POST", "/api/button", json, br#"{"button":"next","x":1}"#),
+            400
+        );
+        assert_eq!(status("POST", "/api/enroll", json, b"{"), 400);
+        assert_eq!(status("POST", "/api/enroll", json, br#"{"class":-1}"#), 400);
+        assert_eq!(status("GET", "/api/button", None, b""), 405);
+        assert_eq!(status("DELETE", "/api/state", None, b""), 405);
+        assert_eq!(status("GET", "/../../etc/passwd", None, b""), 404);
+        assert_eq!(status("GET", "/api/thumb/../../audit.log", None, b""), 400);
+        assert_eq!(
+            status("GET", &format!("/{}", "a".repeat(3000)), None, b""),
+            414
+        );
+        assert_eq!(
+            status("POST", "/api/export", json, br#"{"scope":"everything"}"#),
+            400
+        );
+        assert_eq!(
+            status("POST", "/api/export", json, &vec![b' '; MAX_BODY + 1]),
+            413
+        );
     }
 }

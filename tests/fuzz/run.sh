@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 secs=${1:-600}; shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(classifier store_record audit_log image board_profile task_file manifest tokenizer button_script)
+  targets=(classifier store_record audit_log image board_profile task_file manifest tokenizer button_script ui_request)
 fi
 cargo +nightly fuzz build -O --fuzz-dir . >/dev/null
 mkdir -p logs

@@ -63,6 +63,11 @@ fn fixture() -> Fixture {
         "[Unit]\nDescription=sgps\n[Service]\nExecStart=/opt/sgps/current/bin/sgps run\n[Install]\nWantedBy=multi-user.target\n",
     )
     .unwrap();
+    fs::write(
+        p.join("board/sgps-kiosk.service"),
+        "[Unit]\nDescription=kiosk\n[Service]\nExecStart=/usr/bin/cage\n[Install]\nWantedBy=graphical.target\n",
+    )
+    .unwrap();
     let board = Board::load(p, "rpi5").unwrap();
     Fixture {
         dir,
@@ -156,6 +161,7 @@ fn dist_bundle_layout_checksums_and_signature() {
             "models/text_encoder.int8.onnx",
             "models/tokenizer.json",
             "release.pub.pem",
+            "sgps-kiosk.service",
             "sgps.service",
         ],
         "the board's int8 variant only, no fp32 encoder"
@@ -252,6 +258,11 @@ fn deploy_to_local_root_installs_and_rolls_back() {
     assert_eq!(
         link(&root.join("etc/systemd/system/multi-user.target.wants/sgps.service")),
         "/etc/systemd/system/sgps.service"
+    );
+    // the screen's kiosk unit travels with the bundle and is enabled
+    assert_eq!(
+        link(&root.join("etc/systemd/system/graphical.target.wants/sgps-kiosk.service")),
+        "/etc/systemd/system/sgps-kiosk.service"
     );
     assert!(root.join("etc/sgps/release.pub.pem").is_file());
     assert!(!root.join("tmp/sgps-deploy").exists(), "staging cleaned up");
@@ -455,6 +466,10 @@ fn image_bakes_bundle_into_a_disk_image_and_reads_back() {
         (
             "/etc/systemd/system/multi-user.target.wants/sgps-setup.service",
             "/etc/systemd/system/sgps-setup.service",
+        ),
+        (
+            "/etc/systemd/system/graphical.target.wants/sgps-kiosk.service",
+            "/etc/systemd/system/sgps-kiosk.service",
         ),
     ] {
         assert_eq!(

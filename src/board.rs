@@ -285,7 +285,8 @@ impl BoardProfile {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Check values TOML cannot (ranges, distinct lines, formats, the screen's address).
+    pub fn validate(&self) -> Result<(), String> {
         if !(1..=20).contains(&self.shots_per_class) {
             return Err(format!(
                 "shots_per_class = {} must be within 1..=20",

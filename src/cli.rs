@@ -74,6 +74,43 @@ pub enum Command {
     /// Wait until `sgps run` serves the screen of a board profile, then print its URL (used by
     /// board/sgps-kiosk.service to start the kiosk browser).
     UiWait(UiWaitArgs),
+    /// Capture frames from a camera (a board profile's, or a V4L2 device) and check each with
+    /// the quality gate: to try a camera on a new board, or to save sample frames.
+    Capture(CaptureArgs),
+}
+
+/// Arguments of `sgps capture`.
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Use the camera and gate of this board profile.
+    #[arg(long, value_name = "FILE", conflicts_with = "device")]
+    pub board: Option<PathBuf>,
+    /// A V4L2 capture device instead, e.g. /dev/video0.
+    #[arg(long, value_name = "DEV", required_unless_present = "board")]
+    pub device: Option<PathBuf>,
+    /// Pixel format for --device: mjpeg, yuyv or auto.
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    #[arg(long, default_value_t = 640)]
+    pub width: u32,
+    #[arg(long, default_value_t = 480)]
+    pub height: u32,
+    /// Per-frame time-out for --device.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Frames to capture.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Pause between frames.
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
+    /// Attempts per frame on transient errors (time-out, disconnected, corrupt), as the device
+    /// loop makes per button press.
+    #[arg(long, default_value_t = 4)]
+    pub attempts: usize,
+    /// Save each frame as PNG here.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `sgps report`.
@@ -166,6 +203,96 @@ pub fn report(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// `sgps capture`: one line per frame (`FRAME`, `RETRY`, `FAILED`); exit status 1 when a frame
+/// could not be captured.
+pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
+    use crate::board::{BoardProfile, CameraConfig};
+    let (camera, gate) = match (&a.board, &a.device) {
+        (Some(b), _) => {
+            let p = BoardProfile::load(b)?;
+            (crate::app::open_camera(&p)?, p.gate)
+        }
+        (None, Some(dev)) => {
+            let cfg = CameraConfig::V4l2 {
+                device: dev.clone(),
+                format: a.format.clone(),
+                width: a.width,
+                height: a.height,
+                timeout_ms: a.timeout_ms,
+            };
+            let p = BoardProfile {
+                camera: cfg,
+                ..BoardProfile::parse(SIM_PROFILE_FOR_CAPTURE).map_err(anyhow::Error::msg)?
+            };
+            p.validate().map_err(anyhow::Error::msg)?;
+            (crate::app::open_camera(&p)?, p.gate)
+        }
+        (None, None) => anyhow::bail!("pass --board FILE or --device /dev/videoN"),
+    };
+    let mut camera = camera;
+    if let Some(d) = &a.out {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut failed = 0;
+    for i in 1..=a.count {
+        if i > 1 && a.interval_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(a.interval_ms));
+        }
+        let mut got = None;
+        for attempt in 1..=a.attempts.max(1) {
+            let t = std::time::Instant::now();
+            match camera.capture() {
+                Ok(img) => {
+                    got = Some((img, t.elapsed()));
+                    break;
+                }
+                Err(e) if e.is_transient() && attempt < a.attempts => {
+                    println!("RETRY {i} attempt {attempt}: {e}");
+                }
+                Err(e) => {
+                    println!("FAILED {i}: {e}");
+                    break;
+                }
+            }
+        }
+        let Some((img, took)) = got else {
+            failed += 1;
+            continue;
+        };
+        let sha = crate::store::capture_sha256(&img);
+        let verdict = match crate::quality::check(&img, &gate) {
+            Ok(_) => "gate=ok".to_string(),
+            Err(r) => format!("gate=rejected ({}: {})", r.reason.as_str(), r.message),
+        };
+        println!(
+            "FRAME {i} {}x{} {:.0} ms sha256={} {verdict}",
+            img.width(),
+            img.height(),
+            took.as_secs_f64() * 1000.0,
+            hex::encode(&sha[..8])
+        );
+        if let Some(d) = &a.out {
+            let p = d.join(format!("frame-{i:03}.png"));
+            img.save(&p)
+                .map_err(|e| anyhow::anyhow!("saving {}: {e}", p.display()))?;
+        }
+    }
+    println!(
+        "CAPTURE {} of {} frames from {}",
+        a.count - failed,
+        a.count,
+        camera.describe()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// A profile whose camera `sgps capture --device` replaces (gate thresholds at their defaults).
+const SIM_PROFILE_FOR_CAPTURE: &str = "name = \"capture\"\nstorage_dir = \"/nonexistent\"\nmodels_dir = \"/nonexistent\"\ntask_file = \"/nonexistent\"\n[camera]\nkind = \"replay\"\ndir = \"/nonexistent\"\n[gpio]\nkind = \"sim\"\n";
 
 /// `sgps ui-wait`.
 pub fn ui_wait(a: &UiWaitArgs) -> anyhow::Result<ExitCode> {
@@ -279,6 +406,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(a) => audit(a),
         Command::Report(a) => report(a),
         Command::UiWait(a) => ui_wait(a),
+        Command::Capture(a) => capture(a),
     }
 }
 

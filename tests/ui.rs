@@ -593,10 +593,24 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
     // a class renamed on the Task screen (typed as on a USB keyboard): the task and the
     // classifier follow, and it survives a restart
     d.click("[data-tab=task]");
-    d.type_into(
-        "form[data-class=vascular_lesion] input[name=name]",
-        "vascular lesion (angioma)",
+    // clear the field as with a USB keyboard, then type on the on-screen keyboard
+    d.type_into("form[data-class=vascular_lesion] input[name=name]", "");
+    d.click("form[data-class=vascular_lesion] input[name=name]");
+    d.click("#kbd-toggle");
+    for c in "vascular lesion (angioma)".chars() {
+        let key = if c == ' ' {
+            "space".to_string()
+        } else {
+            c.to_string()
+        };
+        d.click(&format!("#kbd button[data-key=\"{key}\"]"));
+    }
+    assert_eq!(
+        d.js("return document.querySelector('form[data-class=vascular_lesion] input[name=name]').value"),
+        json!("vascular lesion (angioma)")
     );
+    d.screenshot(&shots.join("task-keyboard.png"));
+    d.click("#kbd button[data-key=done]");
     d.click("form[data-class=vascular_lesion] button[type=submit]");
     d.wait_for(
         "return document.querySelector('form[data-class=\"vascular lesion (angioma)\"]') !== null",
@@ -626,9 +640,15 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
     assert_eq!(after["state"], "screen");
     println!(
         "screenshots: {}",
-        ["enroll-rejected", "task", "screen-decision", "history"]
-            .map(|n| shots.join(format!("{n}.png")).display().to_string())
-            .join(", ")
+        [
+            "enroll-rejected",
+            "task",
+            "task-keyboard",
+            "screen-decision",
+            "history"
+        ]
+        .map(|n| shots.join(format!("{n}.png")).display().to_string())
+        .join(", ")
     );
 }
 

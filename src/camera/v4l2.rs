@@ -38,6 +38,15 @@ impl PixelFormat {
         }
     }
 
+    /// How people write the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            PixelFormat::Mjpeg => "MJPEG",
+            PixelFormat::Yuyv => "YUYV",
+            PixelFormat::Auto => "MJPEG or YUYV",
+        }
+    }
+
     fn candidates(self) -> &'static [&'static [u8; 4]] {
         match self {
             PixelFormat::Mjpeg => &[b"MJPG"],
@@ -166,10 +175,17 @@ impl V4l2Camera {
             }
         }
         let (fourcc, pix) = chosen.ok_or_else(|| {
+            let shown: Vec<String> = offered.iter().take(12).map(fourcc_name).collect();
+            let more = offered.len().saturating_sub(shown.len());
             config(format!(
-                "camera offers {:?}, none of the requested {:?}; set camera.format in the board profile",
-                offered.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect::<Vec<_>>(),
-                self.format
+                "the camera does not offer {} (it offers {}{}); sgps reads MJPEG and YUYV: set camera.format to one it offers, or \"auto\"",
+                self.format.name(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
             ))
         })?;
         if (pix.width, pix.height) != (self.width, self.height) {
@@ -200,6 +216,20 @@ impl V4l2Camera {
 }
 
 /// The pixel formats the capture node offers (VIDIOC_ENUM_FMT until EINVAL).
+/// A fourcc for people: printable characters, `?` for others, `-BE` for the big-endian flag.
+pub fn fourcc_name(f: &[u8; 4]) -> String {
+    let be = f[3] & 0x80 != 0;
+    let mut b = *f;
+    b[3] &= 0x7f;
+    let s: String = b
+        .iter()
+        .map(|&c| if c.is_ascii_graphic() { c as char } else { '?' })
+        .collect::<String>()
+        .trim_end_matches('?')
+        .to_string();
+    if be { format!("{s}-BE") } else { s }
+}
+
 fn enum_formats(fd: i32) -> io::Result<Vec<[u8; 4]>> {
     let mut out = Vec::new();
     for index in 0..64 {
@@ -470,6 +500,14 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, stride: u32) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fourccs_are_named_for_people() {
+        assert_eq!(fourcc_name(b"YUYV"), "YUYV");
+        assert_eq!(fourcc_name(b"Y10 "), "Y10");
+        assert_eq!(fourcc_name(b"Y16\xa0"), "Y16-BE");
+        assert_eq!(fourcc_name(&[0xff, b'A', 0, 0]), "?A");
+    }
 
     #[test]
     fn yuyv_grey_white_black() {

@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod deploy;
 mod dist;
+mod drivers;
 #[cfg(test)]
 mod e2e_tests;
 mod flash;
@@ -180,6 +181,8 @@ enum Cmd {
     },
     /// Long run of the sim device loop: memory, time per decision and storage, sampled.
     Soak(soak::SoakArgs),
+    /// The camera code against the kernel's virtual V4L2 camera (vivid) in a qemu VM.
+    Drivers(drivers::DriversArgs),
 }
 
 fn main() {
@@ -387,6 +390,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { args } => bench::bench(&root, &args)?,
         Cmd::Soak(args) => soak::soak(&root, &args)?,
+        Cmd::Drivers(args) => drivers::drivers(&root, &args)?,
         Cmd::Doctor { board } => doctor(&root, &board)?,
     }
     Ok(())

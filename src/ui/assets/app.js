@@ -253,6 +253,62 @@ async function loadDevice() {
   $("export-dir").textContent = d.export_dir + (d.export_dir_present ? "" : " — not present: insert the USB stick");
 }
 
+// On-screen keyboard for the touch kiosk (a USB keyboard works too): opens when a text field is
+// focused on a touch screen, or with the ⌨ button; keys type into the focused field.
+let kbdTarget = null;
+let kbdShift = false;
+const KEYS = ["1234567890", "qwertyuiop", "asdfghjkl-", "zxcvbnm(),.;"];
+
+function kbdOpen(open) {
+  $("kbd").hidden = !open;
+  document.body.classList.toggle("kbd-open", open);
+  $("kbd-toggle").classList.toggle("active", open);
+  if (open) kbdRender();
+}
+
+function kbdType(text) {
+  const t = kbdTarget;
+  if (!t || !document.body.contains(t)) return;
+  const a = t.selectionStart ?? t.value.length, b = t.selectionEnd ?? t.value.length;
+  if (text === "\b") {
+    const from = a === b ? Math.max(0, a - 1) : a;
+    t.value = t.value.slice(0, from) + t.value.slice(b);
+    t.setSelectionRange(from, from);
+  } else {
+    if (t.maxLength > 0 && t.value.length - (b - a) + text.length > t.maxLength) return;
+    t.value = t.value.slice(0, a) + text + t.value.slice(b);
+    t.setSelectionRange(a + text.length, a + text.length);
+  }
+  t.focus();
+}
+
+function kbdRender() {
+  const k = $("kbd");
+  k.replaceChildren();
+  const key = (label, fn, cls = "") => {
+    const b = el("button", { type: "button", class: cls, "data-key": label, text: label });
+    // mousedown: keep the focus in the text field
+    b.addEventListener("mousedown", (e) => e.preventDefault());
+    b.addEventListener("click", fn);
+    return b;
+  };
+  for (const row of KEYS) {
+    const r = el("div", { class: "krow" });
+    for (const c of row) {
+      const ch = kbdShift ? c.toUpperCase() : c;
+      r.append(key(ch, () => { kbdType(ch); if (kbdShift) { kbdShift = false; kbdRender(); } }));
+    }
+    k.append(r);
+  }
+  const last = el("div", { class: "krow" });
+  last.append(
+    key("⇧", () => { kbdShift = !kbdShift; kbdRender(); }, "wide" + (kbdShift ? " on" : "")),
+    key("space", () => kbdType(" "), "space"),
+    key("⌫", () => kbdType("\b"), "wide"),
+    key("done", () => kbdOpen(false), "wide"));
+  k.append(last);
+}
+
 function connect() {
   const es = new EventSource("/api/events");
   es.onmessage = (ev) => { $("conn").textContent = ""; $("conn").className = ""; render(JSON.parse(ev.data)); };
@@ -283,6 +339,13 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const b of document.querySelectorAll("#export button")) b.addEventListener("click", async () => {
     const r = await post("/api/export", { scope: b.dataset.scope });
     if (r) $("export-result").textContent = "Written: " + r.html + " and " + r.csv + " (" + r.records + " records).";
+  });
+  $("kbd-toggle").addEventListener("click", () => kbdOpen($("kbd").hidden));
+  document.addEventListener("focusin", (e) => {
+    if (e.target.matches("input:not([type=checkbox]), textarea")) {
+      kbdTarget = e.target;
+      if (window.matchMedia("(pointer: coarse)").matches) kbdOpen(true);
+    }
   });
   selectTab("screen", false);
   connect();

@@ -77,6 +77,27 @@ pub enum Command {
     /// Capture frames from a camera (a board profile's, or a V4L2 device) and check each with
     /// the quality gate: to try a camera on a new board, or to save sample frames.
     Capture(CaptureArgs),
+    /// Check a board's buttons and LEDs: lights each LED in turn, then prints every button
+    /// event and shows it on the LEDs (capture: green short, red long; next: amber short, off
+    /// long).
+    GpioCheck(GpioCheckArgs),
+}
+
+/// Arguments of `sgps gpio-check`.
+#[derive(Debug, Args)]
+pub struct GpioCheckArgs {
+    /// Board profile (its [gpio] section).
+    #[arg(long, value_name = "FILE")]
+    pub board: PathBuf,
+    /// Stop after this many button events.
+    #[arg(long, default_value_t = 4)]
+    pub events: usize,
+    /// Stop after this many seconds without all events (exit status 1).
+    #[arg(long, default_value_t = 60)]
+    pub timeout_s: u64,
+    /// How long each LED stays lit in the LED test.
+    #[arg(long, default_value_t = 500)]
+    pub led_ms: u64,
 }
 
 /// Arguments of `sgps capture`.
@@ -291,6 +312,56 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `sgps gpio-check`.
+pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
+    use crate::gpio::{Button, Indication, Press};
+    let p = crate::board::BoardProfile::load(&a.board)?;
+    let (buttons, mut leds) = crate::app::open_gpio(&p, None)?;
+    for ind in [
+        Indication::Green,
+        Indication::Amber,
+        Indication::Red,
+        Indication::Off,
+    ] {
+        leds.show(ind)?;
+        println!("LED {ind:?}");
+        std::thread::sleep(std::time::Duration::from_millis(a.led_ms));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    crate::app::forward_buttons(buttons, tx);
+    println!("READY press the buttons ({} events)", a.events);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_s);
+    let mut seen = 0;
+    while seen < a.events {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(crate::app::Input::Button(ev)) => {
+                seen += 1;
+                let ind = match (ev.button, ev.press) {
+                    (Button::Capture, Press::Short) => Indication::Green,
+                    (Button::Capture, Press::Long) => Indication::Red,
+                    (Button::Next, Press::Short) => Indication::Amber,
+                    (Button::Next, Press::Long) => Indication::Off,
+                };
+                leds.show(ind)?;
+                println!(
+                    "BUTTON {} {} -> LED {ind:?}",
+                    format!("{:?}", ev.button).to_lowercase(),
+                    format!("{:?}", ev.press).to_lowercase()
+                );
+            }
+            Ok(crate::app::Input::ButtonError(e)) => return Err(e.into()),
+            Ok(_) => break,
+            Err(_) => {
+                println!("TIMEOUT {seen} of {} events in {} s", a.events, a.timeout_s);
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    println!("GPIO {seen} events");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A profile whose camera `sgps capture --device` replaces (gate thresholds at their defaults).
 const SIM_PROFILE_FOR_CAPTURE: &str = "name = \"capture\"\nstorage_dir = \"/nonexistent\"\nmodels_dir = \"/nonexistent\"\ntask_file = \"/nonexistent\"\n[camera]\nkind = \"replay\"\ndir = \"/nonexistent\"\n[gpio]\nkind = \"sim\"\n";
 
@@ -407,6 +478,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report(a) => report(a),
         Command::UiWait(a) => ui_wait(a),
         Command::Capture(a) => capture(a),
+        Command::GpioCheck(a) => gpio_check(a),
     }
 }
 

@@ -8,8 +8,12 @@
 //! removed and re-added while capturing (driver unbound, module unloaded and loaded again). Each
 //! check prints `CHECK <name> ok|FAILED`; the command fails unless every check passes.
 //!
-//! GPIO is not covered: Debian's kernels (bookworm 6.1 and bookworm-backports 6.12) are built
-//! without `gpio-sim` and `gpio-mockup`.
+//! GPIO: Debian's kernels are built without `gpio-sim` (and without the interrupt simulator it
+//! needs), so the command builds it as an out-of-tree module from the same release's
+//! `linux-source` and `linux-headers` packages (irq_sim.c compiled into the module). In the VM a
+//! simulated chip stands in for the board's header: `sgps gpio-check` runs the real character-
+//! device path while the script drives the button lines from the simulator side (a glitch
+//! shorter than the debounce, short and long presses) and reads the LED lines back.
 
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeSet;
@@ -73,27 +77,74 @@ wait
 check replug_frames_before_and_after test $rc = 0
 check replug_saw_disconnect has "is disconnected"
 check replug_all_frames has "CAPTURE 40 of 40"
+
+# GPIO: a simulated chip, buttons active low on lines 1 (capture) and 2 (next), LEDs on 3-5;
+# a 0-length glitch (below the 20 ms debounce) must not count; four presses must
+load_gpio_sim
+mount -t configfs none /sys/kernel/config
+g=/sys/kernel/config/gpio-sim/sgps
+mkdir $g $g/bank0
+echo 8 > $g/bank0/num_lines
+echo 1 > $g/live
+chip=$(cat $g/bank0/chip_name)
+sim=/sys/devices/platform/$(cat $g/dev_name)/$chip
+check gpio_chip test -e /dev/$chip
+pull() { echo pull-$2 > $sim/sim_gpio$1/pull; }
+leds() { echo "$(cat $sim/sim_gpio3/value)$(cat $sim/sim_gpio4/value)$(cat $sim/sim_gpio5/value)"; }
+pull 1 up; pull 2 up
+sed "s/gpiochip0/$chip/" /vm-board.toml > /tmp/board.toml
+$SGPS gpio-check --board /tmp/board.toml --events 4 --timeout-s 120 --led-ms 400 > /tmp/g 2>&1 &
+pid=$!
+i=0; while ! grep -q READY /tmp/g && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+check gpio_led_test_ran grep -q "LED Off" /tmp/g
+check gpio_leds_off test "$(leds)" = 000
+pull 1 down; pull 1 up
+sleep 0.5
+pull 1 down; sleep 0.2; pull 1 up; sleep 1
+check gpio_short_capture_green test "$(leds)" = 100
+pull 1 down; sleep 1.5; pull 1 up; sleep 1
+check gpio_long_capture_red test "$(leds)" = 001
+pull 2 down; sleep 0.2; pull 2 up; sleep 1
+check gpio_short_next_amber test "$(leds)" = 010
+pull 2 down; sleep 1.5; pull 2 up
+wait $pid
+rc=$?
+cat /tmp/g
+check gpio_exit test $rc = 0
+gpio_events() { grep -q "BUTTON capture short" /tmp/g && grep -q "BUTTON capture long" /tmp/g && grep -q "BUTTON next short" /tmp/g && grep -q "BUTTON next long" /tmp/g && grep -q "GPIO 4 events" /tmp/g; }
+check gpio_events_debounced gpio_events
 echo "CHECKS DONE"
 "#;
 
-fn kernel_deb(root: &Path, args: &DriversArgs) -> Result<PathBuf> {
-    if let Some(p) = &args.kernel_deb {
-        return Ok(p.clone());
-    }
-    let dir = root.join("target/drivers");
-    fs::create_dir_all(&dir)?;
-    let existing = |dir: &Path| -> Option<PathBuf> {
+/// A package file in `dir` whose name starts with `prefix`, downloaded with apt-get if absent.
+fn package(dir: &Path, pkg: &str) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let find = || -> Option<PathBuf> {
         fs::read_dir(dir)
             .ok()?
             .flatten()
             .map(|e| e.path())
             .find(|p| {
                 let n = p.file_name().unwrap_or_default().to_string_lossy();
-                n.starts_with("linux-image-") && n.ends_with("_amd64.deb")
+                n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb")
             })
     };
-    if let Some(p) = existing(&dir) {
+    if let Some(p) = find() {
         return Ok(p);
+    }
+    log::info!("downloading {pkg} into {}", dir.display());
+    tools::run(
+        Command::new("apt-get")
+            .arg("download")
+            .arg(pkg)
+            .current_dir(dir),
+    )?;
+    find().with_context(|| format!("apt-get download left no {pkg} package"))
+}
+
+fn kernel_deb(root: &Path, args: &DriversArgs) -> Result<PathBuf> {
+    if let Some(p) = &args.kernel_deb {
+        return Ok(p.clone());
     }
     let deps = tools::output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
     let pkg = deps
@@ -101,14 +152,78 @@ fn kernel_deb(root: &Path, args: &DriversArgs) -> Result<PathBuf> {
         .find_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
         .map(|v| format!("linux-image-{v}"))
         .context("apt-cache does not name the kernel package behind linux-image-amd64")?;
-    log::info!("downloading {pkg} (about 70 MB) into {}", dir.display());
-    tools::run(
-        Command::new("apt-get")
-            .arg("download")
-            .arg(&pkg)
-            .current_dir(&dir),
+    package(&root.join("target/drivers"), &pkg)
+}
+
+/// Build `gpio-sim.ko` for kernel `version` (e.g. 6.1.0-57-amd64) from the release's
+/// `linux-source` and `linux-headers` packages; `irq_sim.c` is compiled into the module because
+/// Debian's kernels do not have it built in.
+fn build_gpio_sim(root: &Path, version: &str) -> Result<PathBuf> {
+    let dl = root.join("target/drivers");
+    let out = dl.join(format!("gpio-sim-{version}"));
+    let ko = out.join("gpio-sim.ko");
+    if ko.is_file() {
+        return Ok(ko);
+    }
+    let abi = version.trim_end_matches("-amd64");
+    let series: String = version.split('.').take(2).collect::<Vec<_>>().join(".");
+    let tree = dl.join("headers");
+    let _ = fs::remove_dir_all(&tree);
+    for pkg in [
+        format!("linux-headers-{version}"),
+        format!("linux-headers-{abi}-common"),
+        format!("linux-kbuild-{series}"),
+    ] {
+        let deb = package(&dl, &pkg)?;
+        tools::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    }
+    let src = package(&dl, &format!("linux-source-{series}"))?;
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out)?;
+    // the two source files from the source tarball inside the package
+    let top = format!("linux-source-{series}");
+    let script = format!(
+        "dpkg-deb --fsys-tarfile {deb} | tar -xO ./usr/src/{top}.tar.xz | tar -xJ -C {out} --strip-components=3 {top}/drivers/gpio/gpio-sim.c {top}/drivers/gpio/gpiolib.h {top}/kernel/irq/irq_sim.c",
+        deb = tools::shell_quote(&src.to_string_lossy()),
+        out = tools::shell_quote(&out.to_string_lossy()),
+    );
+    let _ = Command::new("sh").arg("-c").arg(&script).status();
+    for f in ["gpio-sim.c", "gpiolib.h", "irq_sim.c"] {
+        if !out.join(f).is_file() {
+            bail!("{f} not found in {}", src.display());
+        }
+    }
+    fs::rename(out.join("gpio-sim.c"), out.join("gpio-sim-core.c"))?;
+    // irq_to_desc is not exported to modules; generic_handle_irq does the same lookup
+    let irq = fs::read_to_string(out.join("irq_sim.c"))?;
+    let patched = irq.replace(
+        "handle_simple_irq(irq_to_desc(irqnum));",
+        "generic_handle_irq(irqnum);",
+    );
+    if patched == irq {
+        bail!(
+            "irq_sim.c of this kernel differs from what the build expects; update build_gpio_sim"
+        );
+    }
+    fs::write(out.join("irq_sim.c"), patched)?;
+    fs::write(
+        out.join("Kbuild"),
+        "obj-m := gpio-sim.o\ngpio-sim-y := gpio-sim-core.o irq_sim.o\n",
     )?;
-    existing(&dir).context("apt-get download left no kernel package")
+    let kdir = tree
+        .join("usr/src")
+        .join(format!("linux-headers-{version}"));
+    tools::run(
+        Command::new("make")
+            .arg("-C")
+            .arg(&kdir)
+            .arg(format!("M={}", out.display()))
+            .arg("modules"),
+    )?;
+    if !ko.is_file() {
+        bail!("building gpio-sim.ko failed; see the output above");
+    }
+    Ok(ko)
 }
 
 /// `depends=` of a kernel module, read from its `.modinfo` strings.
@@ -241,11 +356,35 @@ impl Cpio {
     }
 }
 
+/// The board profile `sgps gpio-check` reads in the VM (chip name replaced at run time).
+const VM_BOARD: &str = r#"name = "vm"
+storage_dir = "/tmp/store"
+models_dir = "/nonexistent"
+task_file = "/nonexistent"
+[camera]
+kind = "v4l2"
+device = "/dev/video0"
+width = 640
+height = 480
+[gpio]
+kind = "cdev"
+chip = "/dev/gpiochip0"
+capture_line = 1
+next_line = 2
+green_line = 3
+amber_line = 4
+red_line = 5
+buttons_active_low = true
+leds_active_low = false
+timing = { debounce_ms = 20, long_press_ms = 800 }
+"#;
+
 fn build_initramfs(
     sgps: &Path,
     busybox: &Path,
     kernel_root: &Path,
     version: &str,
+    gpio_sim: &Path,
 ) -> Result<Vec<u8>> {
     let mut c = Cpio {
         out: Vec::new(),
@@ -278,7 +417,7 @@ fn build_initramfs(
     c.file("bin/busybox", 0o755, &fs::read(busybox)?);
     for applet in [
         "sh", "mount", "insmod", "rmmod", "sleep", "echo", "cat", "grep", "test", "poweroff",
-        "mkdir", "ls", "[",
+        "mkdir", "ls", "[", "sed",
     ] {
         c.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -304,7 +443,19 @@ fn build_initramfs(
         };
         load.push_str(&format!("  insmod /{name}{args} 2>/dev/null\n"));
     }
+    load.push_str("}\nload_gpio_sim() {\n");
+    let mut gpio_mods = module_order(&modules, "configfs")?;
+    gpio_mods.push(gpio_sim.to_owned());
+    for (i, m) in gpio_mods.iter().enumerate() {
+        let name = format!(
+            "mod/gpio-{i:02}-{}",
+            m.file_name().unwrap().to_string_lossy()
+        );
+        c.file(&name, 0o644, &fs::read(m)?);
+        load.push_str(&format!("  insmod /{name} 2>/dev/null\n"));
+    }
     load.push_str("}\n");
+    c.file("vm-board.toml", 0o644, VM_BOARD.as_bytes());
     let init = format!(
         "#!/bin/sh\nexport PATH=/bin SGPS=/bin/sgps\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n{load}{CHECKS}poweroff -f\n"
     );
@@ -322,6 +473,8 @@ pub fn drivers(root: &Path, args: &DriversArgs) -> Result<()> {
             tools::need_tool("busybox", "apt-get install busybox-static"),
             tools::need_tool("dpkg-deb", "apt-get install dpkg"),
             tools::need_tool("ldd", "apt-get install libc-bin"),
+            tools::need_tool("make", "apt-get install make gcc"),
+            tools::need_tool("xz", "apt-get install xz-utils"),
         ]
         .into_iter()
         .flatten()
@@ -351,8 +504,12 @@ pub fn drivers(root: &Path, args: &DriversArgs) -> Result<()> {
         Some(b) => b.clone(),
         None => build::build(root, &Board::host(root), &BuildOptions::default())?,
     };
+    let gpio_sim = build_gpio_sim(root, &version)?;
     let initrd = work.join("initramfs.cpio");
-    fs::write(&initrd, build_initramfs(&bin, &busybox, &work, &version)?)?;
+    fs::write(
+        &initrd,
+        build_initramfs(&bin, &busybox, &work, &version, &gpio_sim)?,
+    )?;
     // KVM only when asked: nested KVM on cloud machines often cannot run this guest
     let kvm = std::env::var("SGPS_VM_KVM").is_ok_and(|v| v == "1");
     let mut cmd = Command::new(qemu);

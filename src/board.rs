@@ -463,6 +463,65 @@ mod tests {
     }
 
     #[test]
+    fn the_screen_listens_on_loopback_unless_paired() {
+        let base = std::fs::read_to_string(board_dir().join("sim.toml")).unwrap();
+        let sim = BoardProfile::parse(&base).unwrap();
+        let ui = sim.ui.expect("the sim board serves the screen");
+        assert!(ui.validate().unwrap().ip().is_loopback());
+        let open = base.replace("listen = \"127.0.0.1:8080\"", "listen = \"0.0.0.0:8080\"");
+        let e = BoardProfile::parse(&open).unwrap_err();
+        assert!(e.contains("pairing_token"), "{e}");
+        let weak = open.replace("[ui]\n", "[ui]\npairing_token = \"short\"\n");
+        assert!(
+            BoardProfile::parse(&weak)
+                .unwrap_err()
+                .contains("16 or more")
+        );
+        let paired = open.replace(
+            "[ui]\n",
+            "[ui]\npairing_token = \"correct-horse-battery-staple\"\n",
+        );
+        assert!(
+            !BoardProfile::parse(&paired)
+                .unwrap()
+                .ui
+                .unwrap()
+                .validate()
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
+        let e = BoardProfile::parse(&base.replace("127.0.0.1:8080", "localhost:http")).unwrap_err();
+        assert!(e.contains("not an address"), "{e}");
+        // every shipped board keeps the screen on loopback
+        for b in ["rpi4", "rpi5", "jetson-orin-nano"] {
+            let p = BoardProfile::load(&board_dir().join(format!("{b}.toml"))).unwrap();
+            assert!(p.ui.unwrap().validate().unwrap().ip().is_loopback(), "{b}");
+        }
+    }
+
+    #[test]
+    fn task_names_and_descriptions_are_checked() {
+        let ok = "name = \"t\"\n[[classes]]\nname = \"a\"\n[[classes]]\nname = \"b c\"\n";
+        assert!(TaskFile::parse(ok).is_ok());
+        for (bad, why) in [
+            ("a/b", "path separator"),
+            ("..", "path separator"),
+            (" a", "space"),
+            ("a\tb", "control character"),
+        ] {
+            let t = ok.replace("\"b c\"", &format!("{bad:?}"));
+            let e = TaskFile::parse(&t).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let long = ok.replace(
+            "name = \"a\"\n",
+            &format!("name = \"a\"\ndescription = \"{}\"\n", "x".repeat(1001)),
+        );
+        assert!(TaskFile::parse(&long).unwrap_err().contains("at most 1000"));
+    }
+
+    #[test]
     fn bad_profiles_are_explained() {
         let base = std::fs::read_to_string(board_dir().join("sim.toml")).unwrap();
         let e = BoardProfile::parse(&base.replace("shots_per_class = 5", "shots_per_class = 0"))

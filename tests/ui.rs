@@ -62,6 +62,13 @@ struct Driver {
 
 impl Driver {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (ok, v) = self.call_status(method, path, body);
+        assert!(ok, "webdriver {method} {path}: {v}");
+        v
+    }
+
+    /// (success, value) of a WebDriver call.
+    fn call_status(&self, method: &str, path: &str, body: Option<Value>) -> (bool, Value) {
         let url = format!("{}{path}", self.base);
         let mut resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
@@ -71,11 +78,7 @@ impl Driver {
         .unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"));
         let status = resp.status();
         let v: Value = resp.body_mut().read_json().unwrap();
-        assert!(
-            status.is_success(),
-            "webdriver {method} {path}: {status} {v}"
-        );
-        v["value"].clone()
+        (status.is_success(), v["value"].clone())
     }
 
     fn start(port: u16) -> (Driver, String) {
@@ -134,7 +137,8 @@ impl Driver {
 
     fn click(&self, css: &str) {
         let id = self.find(css);
-        self.call("POST", &format!("/element/{id}/click"), None);
+        let v = self.call_status("POST", &format!("/element/{id}/click"), None);
+        assert!(v.0, "clicking {css}: {}", v.1);
     }
 
     fn type_into(&self, css: &str, text: &str) {

@@ -76,6 +76,8 @@ pub struct ShownShot {
     pub time_unix_ms: u64,
     /// Cosine similarity to the mean of the class's shots (how consistent it is).
     pub consistency: Option<f32>,
+    /// The shot the support-set advice names as differing from the others.
+    pub outlier: bool,
 }
 
 /// One class as shown.
@@ -136,6 +138,26 @@ const OUTLIER_COSINE: f32 = 0.75;
 /// Two class means closer than this are called easily confused.
 const CONFUSABLE_COSINE: f32 = 0.95;
 
+/// The shot of a class (3 or more shots) that stands out: its cosine to the class mean is
+/// below [`OUTLIER_COSINE`] and 0.1 below the median of the others'. Returns (index, cosine).
+pub fn outlier(embs: &[&[f32]]) -> Option<(usize, f32)> {
+    if embs.len() < 3 {
+        return None;
+    }
+    let m = mean(embs)?;
+    let cos: Vec<f32> = embs.iter().map(|e| cosine(e, &m)).collect();
+    let (worst, &low) = cos.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1))?;
+    let mut rest: Vec<f32> = cos
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != worst)
+        .map(|(_, &c)| c)
+        .collect();
+    rest.sort_by(f32::total_cmp);
+    let median = rest[rest.len() / 2];
+    (low < OUTLIER_COSINE && low < median - 0.1).then_some((worst, low))
+}
+
 /// Support-set advice for classes (task order): missing shots, inconsistent shots, classes the
 /// encoder sees as alike.
 pub fn advice(classes: &[ClassRecord], per_class: usize) -> Vec<String> {
@@ -151,23 +173,14 @@ pub fn advice(classes: &[ClassRecord], per_class: usize) -> Vec<String> {
                 per_class - c.shots.len()
             ));
         }
-        let m = mean(&embs);
-        if let Some(m) = &m
-            && embs.len() >= 3
-        {
-            let (worst, cos) = embs
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (i, cosine(e, m)))
-                .fold((0, f32::MAX), |a, b| if b.1 < a.1 { b } else { a });
-            if cos < OUTLIER_COSINE {
-                out.push(format!(
-                    "{}: shot {} differs from the others (similarity {cos:.2}); remove it or add more typical shots",
-                    c.name,
-                    worst + 1
-                ));
-            }
+        if let Some((worst, cos)) = outlier(&embs) {
+            out.push(format!(
+                "{}: shot {} differs from the others (similarity {cos:.2}); remove it or add more typical shots",
+                c.name,
+                worst + 1
+            ));
         }
+        let m = mean(&embs);
         means.push(m);
     }
     for i in 0..classes.len() {
@@ -196,6 +209,7 @@ impl Device<'_> {
             .map(|(r, t)| {
                 let embs: Vec<&[f32]> = r.shots.iter().map(|s| s.embedding.as_slice()).collect();
                 let m = if embs.len() >= 2 { mean(&embs) } else { None };
+                let odd = outlier(&embs).map(|(i, _)| i);
                 ShownClass {
                     name: t.name.clone(),
                     description: r.description.clone(),
@@ -203,10 +217,12 @@ impl Device<'_> {
                     shots: r
                         .shots
                         .iter()
-                        .map(|s| ShownShot {
+                        .enumerate()
+                        .map(|(k, s)| ShownShot {
                             capture_sha256: hex::encode(s.capture_sha256),
                             time_unix_ms: s.time_unix_ms,
                             consistency: m.as_ref().map(|m| cosine(&s.embedding, m)),
+                            outlier: odd == Some(k),
                         })
                         .collect(),
                 }

@@ -182,7 +182,7 @@ function renderTask(s) {
     urgent.checked = c.urgent;
     const shots = el("div", { class: "shots" });
     c.shots.forEach((sh, k) => {
-      shots.append(el("div", { class: "shot" + (sh.consistency !== null && sh.consistency < 0.75 ? " outlier" : "") },
+      shots.append(el("div", { class: "shot" + (sh.outlier ? " outlier" : "") },
         el("img", { src: thumb(sh.capture_sha256), alt: "shot " + (k + 1) }),
         el("button", { class: "small", type: "button", text: "remove",
           onclick: () => post("/api/shot/remove", { class: i, capture_sha256: sh.capture_sha256 }) })));

@@ -71,7 +71,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Synthesize a classifier for 4 unseen skin-lesion classes and classify held-out images.
     Demo(crate::demo::DemoArgs),
-    /// Run the device loop (camera, buttons, LEDs) of a board profile; sim boards take --script.
+    /// Run the device loop (camera, buttons, LEDs, the screen) of a board profile; sim boards
+    /// take --script, or serve the screen only.
     Run(crate::app::RunArgs),
     /// Check a device's audit log: every record's checksum and the hash chain linking them.
     Audit(AuditArgs),

@@ -1,0 +1,276 @@
+//! The log's files: reading every segment, export, verification.
+
+#[allow(unused_imports)]
+use super::*;
+use std::fs::{self};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::super::StoreError;
+use crate::disk::RealDisk;
+
+/// Read a whole log (missing file = empty log).
+pub fn read_log(path: &Path) -> Result<(Vec<AuditRecord>, ScanReport), StoreError> {
+    match fs::read(path) {
+        Ok(b) => Ok(scan(&b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok((Vec::new(), ScanReport::default()))
+        }
+        Err(e) => Err(StoreError::io(path, e)),
+    }
+}
+
+/// The files of the log in `dir`: rotated segments, oldest first, then `audit.log` (if any).
+pub fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let first = n.strip_prefix("audit-")?.strip_suffix(".log")?;
+                    let (a, _) = first.split_once('-')?;
+                    Some((a.parse().ok()?, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    segs.sort();
+    let mut out: Vec<PathBuf> = segs.into_iter().map(|(_, p)| p).collect();
+    let cur = dir.join("audit.log");
+    if cur.exists() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The marker that says a segment was exported.
+pub fn exported_marker(segment: &Path) -> PathBuf {
+    let mut s = segment.as_os_str().to_owned();
+    s.push(EXPORTED_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// What `sgps audit export` copied.
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// The copies, oldest first, with their SHA-256.
+    pub files: Vec<(PathBuf, String)>,
+    /// The check of the log as exported.
+    pub verification: Verification,
+    /// The index written next to the copies.
+    pub index: PathBuf,
+}
+
+/// Copy every file of the log in the storage directory `dir` to `to` (each written and
+/// fsynced before the next step), write `audit-export.txt` there (SHA-256 per file and the
+/// chain's head), then mark the copied segments exported, so that the device may delete them
+/// when the log reaches its size limit. The current `audit.log` is copied but never marked.
+pub fn export(dir: &Path, to: &Path) -> Result<Export, StoreError> {
+    let verification = verify(dir, None)?;
+    crate::disk::create_dir_all(&RealDisk, to).map_err(|e| StoreError::io(to, e))?;
+    let mut files = Vec::new();
+    let mut index = String::new();
+    for (src, _) in &verification.report.files {
+        let name = src.file_name().unwrap_or_default();
+        let bytes = fs::read(src).map_err(|e| StoreError::io(src, e))?;
+        let dst = to.join(name);
+        crate::atomic_file::write(&dst, &bytes).map_err(|e| StoreError::io(&dst, e))?;
+        let sha = hex::encode(Sha256::digest(&bytes));
+        index.push_str(&format!("{sha}  {}\n", name.to_string_lossy()));
+        files.push((dst, sha));
+    }
+    index.push_str(&format!(
+        "# {} records, head sha256 {}, {}\n",
+        verification.records,
+        hex::encode(verification.report.head_sha256().unwrap_or([0; 32])),
+        if verification.is_intact() {
+            "intact"
+        } else {
+            "NOT INTACT (see sgps audit verify)"
+        }
+    ));
+    let index_path = to.join("audit-export.txt");
+    crate::atomic_file::write(&index_path, index.as_bytes())
+        .map_err(|e| StoreError::io(&index_path, e))?;
+    for (src, _) in &verification.report.files {
+        if src.file_name().is_some_and(|n| n != "audit.log") {
+            let m = exported_marker(src);
+            crate::atomic_file::write(&m, b"").map_err(|e| StoreError::io(&m, e))?;
+        }
+    }
+    Ok(Export {
+        files,
+        verification,
+        index: index_path,
+    })
+}
+
+/// Every file of a log and what its scan found, and how the files link.
+#[derive(Debug, Clone, Default)]
+pub struct LogReport {
+    /// Oldest first.
+    pub files: Vec<(PathBuf, ScanReport)>,
+    /// Files that do not continue the file before them.
+    pub links: Vec<ChainBreak>,
+}
+
+impl LogReport {
+    pub fn is_intact(&self) -> bool {
+        self.links.is_empty() && self.files.iter().all(|(_, r)| r.is_intact())
+    }
+
+    /// SHA-256 of the last intact frame of the newest file that has one.
+    pub fn head_sha256(&self) -> Option<[u8; 32]> {
+        self.files.iter().rev().find_map(|(_, r)| r.head_sha256)
+    }
+}
+
+/// Read a log: a storage directory (every segment and `audit.log`, checking that each file
+/// continues the one before it) or one log file. `each` sees every intact record with its frame
+/// hash.
+pub fn read_all(
+    path: &Path,
+    mut each: impl FnMut(&AuditRecord, &[u8; 32]),
+) -> Result<(Vec<AuditRecord>, LogReport), StoreError> {
+    let files = if path.is_dir() {
+        log_files(path)
+    } else {
+        vec![path.to_owned()]
+    };
+    let mut all: Vec<AuditRecord> = Vec::new();
+    let mut rep = LogReport::default();
+    for f in files {
+        let bytes = fs::read(&f).map_err(|e| StoreError::io(&f, e))?;
+        let (recs, r) = scan_with(&bytes, &mut each);
+        if let Some((prev_file, prev_rep)) = rep.files.last() {
+            let name = |p: &Path| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            let last_seq = all.last().map(|r| r.seq);
+            let why = match recs.first() {
+                None => None,
+                Some(AuditRecord {
+                    event:
+                        AuditEvent::Rotated {
+                            previous,
+                            previous_last_seq,
+                        },
+                    prev_sha256,
+                    seq,
+                    ..
+                }) => {
+                    if *previous != name(prev_file) {
+                        Some(format!("it continues {previous}, not {}", name(prev_file)))
+                    } else if *prev_sha256 != prev_rep.head_sha256
+                        || Some(*previous_last_seq) != last_seq
+                        || *seq != previous_last_seq + 1
+                    {
+                        Some(format!(
+                            "it does not link to the last record of {previous} (changed, removed or reordered)"
+                        ))
+                    } else {
+                        None
+                    }
+                }
+                Some(_) => Some(format!(
+                    "it does not start with a rotation record after {}",
+                    name(prev_file)
+                )),
+            };
+            if let Some(reason) = why {
+                rep.links.push(ChainBreak {
+                    seq: recs[0].seq,
+                    offset: 0,
+                    reason: format!("{}: {reason}", name(&f)),
+                });
+            }
+        }
+        all.extend(recs);
+        rep.files.push((f, r));
+    }
+    Ok((all, rep))
+}
+
+/// What a check of a whole log found (`sgps audit verify`).
+#[derive(Debug, Clone)]
+pub struct Verification {
+    pub path: PathBuf,
+    pub report: LogReport,
+    pub records: usize,
+    /// Sequence number and time of the first and the last intact record.
+    pub first: Option<(u64, u64)>,
+    pub last: Option<(u64, u64)>,
+    /// Intact records per kind of event, in a fixed order.
+    pub counts: Vec<(&'static str, usize)>,
+    /// With an expected head hash (noted at an earlier check): the sequence number of the
+    /// record whose frame has that hash, `None` when no record has it (records were removed
+    /// from the end, or it is another log).
+    pub anchor: Option<Option<u64>>,
+}
+
+impl Verification {
+    /// True when every record is intact, the chain links from the first record to the last
+    /// across every file, and the expected head (if one was given) is in it.
+    pub fn is_intact(&self) -> bool {
+        self.report.is_intact() && !matches!(self.anchor, Some(None))
+    }
+}
+
+/// Check every record of the log at `path` (a storage directory or one log file) and its hash
+/// chain, and (with `expect_head`) that the record whose frame hash was noted earlier is still
+/// there.
+pub fn verify(path: &Path, expect_head: Option<[u8; 32]>) -> Result<Verification, StoreError> {
+    let missing = || {
+        StoreError::Invalid(format!(
+            "no audit log at {}: give the device's storage directory (storage_dir in its board profile) or its audit.log",
+            path.display()
+        ))
+    };
+    if !path.exists() || (path.is_dir() && log_files(path).is_empty()) {
+        return Err(missing());
+    }
+    let mut anchor = None;
+    let (records, report) = read_all(path, |r, h| {
+        if expect_head == Some(*h) {
+            anchor = Some(r.seq);
+        }
+    })?;
+    let mut counts = vec![
+        ("decision: benign", 0),
+        ("decision: refer", 0),
+        ("decision: urgent", 0),
+        ("capture rejected", 0),
+        ("shot enrolled", 0),
+        ("classifier synthesized", 0),
+        ("note", 0),
+        ("log rotated", 0),
+    ];
+    for r in &records {
+        let i = match &r.event {
+            AuditEvent::Decision { verdict, .. } => match verdict {
+                Verdict::Benign => 0,
+                Verdict::Refer => 1,
+                Verdict::Urgent => 2,
+            },
+            AuditEvent::Rejected { .. } => 3,
+            AuditEvent::Enrolled { .. } => 4,
+            AuditEvent::Synthesized { .. } => 5,
+            AuditEvent::Note(_) => 6,
+            AuditEvent::Rotated { .. } => 7,
+        };
+        counts[i].1 += 1;
+    }
+    Ok(Verification {
+        path: path.to_owned(),
+        records: records.len(),
+        first: records.first().map(|r| (r.seq, r.time_unix_ms)),
+        last: records.last().map(|r| (r.seq, r.time_unix_ms)),
+        report,
+        counts,
+        anchor: expect_head.map(|_| anchor),
+    })
+}

@@ -7,6 +7,7 @@
 //! accuracy at the shipped threshold, ECE, area under the risk-coverage curve) ([`metrics`]).
 
 pub mod cache;
+pub mod data;
 pub mod descriptions;
 pub mod episodes;
 pub mod logreg;

@@ -149,12 +149,8 @@ impl AuditLog {
     /// Delete the oldest segments that were exported while the log's files take more than the
     /// limit. A segment not exported stops the deletion: records are never lost unexported.
     fn prune(&self) -> Result<(), StoreError> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let files = log_files(dir);
+        let dir = self.dir();
+        let files = log_files(&dir);
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let mut total: u64 = files.iter().map(|p| size(p)).sum();
         let mut removed = false;
@@ -182,7 +178,7 @@ impl AuditLog {
         }
         if removed {
             self.disk
-                .sync_dir(dir)
+                .sync_dir(&dir)
                 .map_err(|e| StoreError::io(dir, e))?;
         }
         Ok(())
@@ -194,12 +190,7 @@ impl AuditLog {
         let (Some(first), Some(last)) = (self.first_seq, self.next_seq.checked_sub(1)) else {
             return Ok(());
         };
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_owned();
+        let dir = self.dir();
         let name = format!("audit-{first:012}-{last:012}.log");
         let seg = dir.join(&name);
         self.disk
@@ -218,14 +209,18 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Create an empty `audit.log` (durably) and take its lock.
-    fn create_file(&mut self) -> Result<(), StoreError> {
-        let dir = self
-            .path
+    /// The directory holding the log.
+    fn dir(&self) -> PathBuf {
+        self.path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
-            .to_owned();
+            .to_owned()
+    }
+
+    /// Create an empty `audit.log` (durably) and take its lock.
+    fn create_file(&mut self) -> Result<(), StoreError> {
+        let dir = self.dir();
         self.disk
             .write_file(&self.path, b"")
             .and_then(|()| self.disk.sync_file(&self.path))

@@ -374,7 +374,7 @@ impl<'p> Device<'p> {
                 .iter()
                 .flat_map(|c| c.shots.iter().map(|s| s.capture_sha256))
                 .collect();
-            match self.store.prune_thumbnails(&keep) {
+            match self.store.prune_thumbnails(&keep, store::MAX_THUMBS) {
                 Ok(0) => {}
                 Ok(n) => log::info!("deleted the {n} oldest decision thumbnails"),
                 Err(e) => log::warn!("pruning thumbnails: {e}"),

@@ -381,9 +381,9 @@ impl Store {
         fs::read(self.thumb_path(sha)).ok()
     }
 
-    /// Delete the oldest thumbnails beyond [`MAX_THUMBS`], never one in `keep` (support shots).
-    /// Returns how many were deleted.
-    pub fn prune_thumbnails(&self, keep: &[[u8; 32]]) -> Result<usize, StoreError> {
+    /// Delete the oldest thumbnails beyond `max` (the device uses [`MAX_THUMBS`]), never one in
+    /// `keep` (support shots). Returns how many were deleted.
+    pub fn prune_thumbnails(&self, keep: &[[u8; 32]], max: usize) -> Result<usize, StoreError> {
         let dir = self.root.join("thumbs");
         let keep: std::collections::HashSet<String> = keep
             .iter()
@@ -395,11 +395,11 @@ impl Store {
             .filter(|e| !keep.contains(&*e.file_name().to_string_lossy()))
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
-        if files.len() <= MAX_THUMBS {
+        if files.len() <= max {
             return Ok(0);
         }
         files.sort();
-        let n = files.len() - MAX_THUMBS;
+        let n = files.len() - max;
         for (_, p) in &files[..n] {
             self.disk.remove_file(p).map_err(|e| StoreError::io(p, e))?;
         }
@@ -513,6 +513,37 @@ mod tests {
         assert_eq!(ok.len(), 1);
         assert_eq!(bad.len(), 1);
         assert!(bad[0].to_string().contains("corrupt"), "{}", bad[0]);
+    }
+
+    #[test]
+    fn thumbnails_are_small_bounded_and_keep_support_shots() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let img = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([x as u8, y as u8, 90]));
+        let shas: Vec<[u8; 32]> = (0..6u8).map(|i| [i; 32]).collect();
+        for (i, sha) in shas.iter().enumerate() {
+            store.save_thumbnail(sha, &img).unwrap();
+            // distinct modification times, oldest first
+            let t =
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+            std::fs::File::options()
+                .write(true)
+                .open(thumbnail_path(d.path(), sha))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        let jpeg = store.thumbnail(&shas[0]).unwrap();
+        let small = image::load_from_memory(&jpeg).unwrap();
+        assert_eq!(
+            (small.width(), small.height()),
+            (THUMB_SIDE, THUMB_SIDE * 480 / 640)
+        );
+        // keep the oldest (a support shot) and 3 more: the 2 oldest others go
+        assert_eq!(store.prune_thumbnails(&shas[..1], 3).unwrap(), 2);
+        let left: Vec<bool> = shas.iter().map(|s| store.thumbnail(s).is_some()).collect();
+        assert_eq!(left, [true, false, false, true, true, true]);
+        assert_eq!(store.prune_thumbnails(&shas[..1], 3).unwrap(), 0);
     }
 
     #[test]

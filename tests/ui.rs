@@ -469,15 +469,17 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
         let v = d.wait_for(
             &format!(
                 "const t = document.getElementById('top-class'); if (t.dataset.seq === undefined || document.querySelectorAll('#bars .bar').length === 0) return null; \
+                 const img = document.getElementById('screen-img'); \
                  const r = {{seq: Number(t.dataset.seq), label: t.textContent, verdict: document.getElementById('verdict').dataset.verdict, \
-                 bars: [...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.class, Number(b.dataset.p)])}}; \
-                 return window.__seen{i}_ = (r.seq > {prev} ? JSON.stringify(r) : null);",
+                 bars: [...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.class, Number(b.dataset.p)]), \
+                 img: img.getAttribute('src'), shown: img.complete && img.naturalWidth > 0}}; \
+                 return (r.seq > {prev} && r.shown ? JSON.stringify(r) : null);",
                 prev = shown
                     .last()
                     .map(|v: &Value| v["seq"].as_u64().unwrap())
                     .unwrap_or(0)
             ),
-            "a decision on the page",
+            "a decision on the page, with its capture shown",
         );
         let v: Value = serde_json::from_str(v.as_str().unwrap()).unwrap();
         if i == 0 {
@@ -532,6 +534,11 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
         assert_eq!(page["seq"].as_u64().unwrap(), log.0);
         assert_eq!(page["label"].as_str().unwrap(), log.3);
         assert_eq!(page["verdict"].as_str().unwrap(), log.4.as_str());
+        // the capture shown is this decision's (its thumbnail, named by the capture's SHA-256)
+        assert_eq!(
+            page["img"].as_str().unwrap(),
+            format!("/api/thumb/{}.jpg", hex::encode(log.1))
+        );
         let bars = page["bars"].as_array().unwrap();
         assert_eq!(bars.len(), task.classes.len());
         for ((bar, p), c) in bars.iter().zip(log.2.iter()).zip(&task.classes) {

@@ -122,25 +122,7 @@ fn sim_session_matches_plain_pipeline() {
         task.classes.iter().map(|c| pick(&c.name, &gate)).collect();
 
     // replay directory: enrollment frames (class order), one dark frame (rejected), queries
-    let frames = tmp.path().join("frames");
-    std::fs::create_dir(&frames).unwrap();
-    // a dark capture during enrollment of class 1: rejected by the gate, not enrolled
-    let img = sgps::image_io::load_rgb(&picks[1].0[0]).unwrap();
-    let dark = image::RgbImage::from_fn(img.width(), img.height(), |x, y| {
-        let p = img.get_pixel(x, y).0;
-        image::Rgb([p[0] / 10, p[1] / 10, p[2] / 10])
-    });
-    let dark_path = tmp.path().join("dark.png");
-    dark.save(&dark_path).unwrap();
-    let queries: Vec<PathBuf> = picks.iter().flat_map(|(_, q)| q.clone()).collect();
-    let mut order: Vec<PathBuf> = picks[0].0.clone();
-    order.push(dark_path);
-    order.extend(picks[1..].iter().flat_map(|(s, _)| s.clone()));
-    order.extend(queries.iter().cloned());
-    for (i, p) in order.iter().enumerate() {
-        let ext = p.extension().unwrap().to_str().unwrap();
-        link(p, &frames.join(format!("{i:03}.{ext}")));
-    }
+    let (frames, queries) = common::session_frames(tmp.path(), &picks);
 
     let presses = 4 * K + 1 + queries.len();
     let mut script = String::from("# enroll 4 classes x K shots (+1 rejected), then screen\n");

@@ -291,24 +291,8 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
     let picks: Vec<_> = task.classes.iter().map(|c| pick(&c.name)).collect();
 
     // replay frames: class 0's shots, a dark frame (rejected), the other shots, the queries
-    let frames = tmp.path().join("frames");
-    std::fs::create_dir(&frames).unwrap();
-    let img = sgps::image_io::load_rgb(&picks[1].0[0]).unwrap();
-    let dark = image::RgbImage::from_fn(img.width(), img.height(), |x, y| {
-        let p = img.get_pixel(x, y).0;
-        image::Rgb([p[0] / 10, p[1] / 10, p[2] / 10])
-    });
-    let dark_path = tmp.path().join("dark.png");
-    dark.save(&dark_path).unwrap();
-    let queries: Vec<PathBuf> = picks.iter().flat_map(|(_, q)| q.clone()).collect();
-    let mut order: Vec<PathBuf> = picks[0].0.clone();
-    order.push(dark_path);
-    order.extend(picks[1..].iter().flat_map(|(s, _)| s.clone()));
-    order.extend(queries.iter().cloned());
-    for (i, p) in order.iter().enumerate() {
-        let ext = p.extension().unwrap().to_str().unwrap();
-        std::os::unix::fs::symlink(p, frames.join(format!("{i:03}.{ext}"))).unwrap();
-    }
+    // replay directory: enrollment frames (class order), one dark frame (rejected), queries
+    let (frames, queries) = common::session_frames(tmp.path(), &picks);
     let storage = tmp.path().join("store");
     let usb = tmp.path().join("usb");
     std::fs::create_dir(&usb).unwrap();

@@ -99,3 +99,32 @@ pub fn slowdown() -> u32 {
         _ => 1,
     }
 }
+
+/// A replay directory for a sim-board session in `dir/frames`: class 0's support images, then a
+/// dark copy of class 1's first (rejected by the quality gate, not enrolled), then the other
+/// classes' support images, then the queries; files are numbered symlinks. Returns the
+/// directory and the queries in order.
+pub fn session_frames(
+    dir: &Path,
+    picks: &[(Vec<PathBuf>, Vec<PathBuf>)],
+) -> (PathBuf, Vec<PathBuf>) {
+    let frames = dir.join("frames");
+    std::fs::create_dir(&frames).unwrap();
+    let img = sgps::image_io::load_rgb(&picks[1].0[0]).unwrap();
+    let dark = image::RgbImage::from_fn(img.width(), img.height(), |x, y| {
+        let p = img.get_pixel(x, y).0;
+        image::Rgb([p[0] / 10, p[1] / 10, p[2] / 10])
+    });
+    let dark_path = dir.join("dark.png");
+    dark.save(&dark_path).unwrap();
+    let queries: Vec<PathBuf> = picks.iter().flat_map(|(_, q)| q.clone()).collect();
+    let mut order: Vec<PathBuf> = picks[0].0.clone();
+    order.push(dark_path);
+    order.extend(picks[1..].iter().flat_map(|(s, _)| s.clone()));
+    order.extend(queries.iter().cloned());
+    for (i, p) in order.iter().enumerate() {
+        let ext = p.extension().unwrap().to_str().unwrap();
+        std::os::unix::fs::symlink(p, frames.join(format!("{i:03}.{ext}"))).unwrap();
+    }
+    (frames, queries)
+}

@@ -3,9 +3,9 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// Build the camera a profile describes.
-pub fn open_camera(profile: &BoardProfile) -> Result<Box<dyn Camera>> {
-    match &profile.camera {
+/// Build the camera a profile's `[camera]` section describes.
+pub fn open_camera(camera: &CameraConfig) -> Result<Box<dyn Camera>> {
+    match camera {
         CameraConfig::Replay {
             dir,
             looping,

@@ -114,7 +114,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         );
     }
     profile.ui = ui.clone();
-    let camera = open_camera(&profile)?;
+    let camera = open_camera(&profile.camera)?;
     let (buttons, leds) = open_gpio(&profile, args.script.as_deref())?;
     let info = crate::ui::DeviceInfo {
         board: profile.name.clone(),

@@ -118,7 +118,7 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
     let (camera, gate) = match (&a.board, &a.device) {
         (Some(b), _) => {
             let p = BoardProfile::load(b)?;
-            (crate::app::open_camera(&p)?, p.gate)
+            (crate::app::open_camera(&p.camera)?, p.gate)
         }
         (None, Some(dev)) => {
             let cfg = CameraConfig::V4l2 {
@@ -128,12 +128,10 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
                 height: a.height,
                 timeout_ms: a.timeout_ms,
             };
-            let p = BoardProfile {
-                camera: cfg,
-                ..BoardProfile::parse(SIM_PROFILE_FOR_CAPTURE).map_err(anyhow::Error::msg)?
-            };
-            p.validate().map_err(anyhow::Error::msg)?;
-            (crate::app::open_camera(&p)?, p.gate)
+            (
+                crate::app::open_camera(&cfg)?,
+                crate::quality::GateThresholds::default(),
+            )
         }
         (None, None) => anyhow::bail!("pass --board FILE or --device /dev/videoN"),
     };
@@ -247,9 +245,6 @@ pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
     println!("GPIO {seen} events");
     Ok(ExitCode::SUCCESS)
 }
-
-/// A profile whose camera `sgps capture --device` replaces (gate thresholds at their defaults).
-const SIM_PROFILE_FOR_CAPTURE: &str = "name = \"capture\"\nstorage_dir = \"/nonexistent\"\nmodels_dir = \"/nonexistent\"\ntask_file = \"/nonexistent\"\n[camera]\nkind = \"replay\"\ndir = \"/nonexistent\"\n[gpio]\nkind = \"sim\"\n";
 
 /// `sgps ui-wait`.
 pub fn ui_wait(a: &UiWaitArgs) -> anyhow::Result<ExitCode> {

@@ -1,54 +1,19 @@
-//! `sgps bench`: latency and memory of the runtime, and the same ONNX files under onnxruntime.
-//!
-//! In one invocation: per-capture latency (decode + preprocess + image encoder + head, and each
-//! part) for every image-encoder variant in the manifest, text-encoding latency, synthesis latency
-//! for a 4-way 5-shot task from cached embeddings and from raw captures, peak RSS (VmHWM), and
-//! onnxruntime (Python) on the same model files, same inputs and same thread count, with the
-//! tract / onnxruntime ratio. Every figure is the median and p90 of `--reps` timed runs after
-//! `--warmup` untimed ones.
+//! Measurement for `sgps bench` (the command itself is the binary's `cli/bench.rs`): timings
+//! as median and p90 of repeated runs, peak memory from `/proc`, and the onnxruntime side run by
+//! a Python script on the same model files and inputs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Args;
 use serde::Serialize;
-use serde_json::{Value, json};
-
-use crate::eval::descriptions;
-use crate::eval::episodes::{EpisodeSpec, ImagePool, sample_episodes};
-use crate::eval::{ISIC_NOVEL, missing_data_message, resolve_data_dir};
-use crate::image_io;
-use crate::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
+use serde_json::Value;
 
 /// Environment variable naming the Python interpreter that has onnxruntime.
 pub const PYTHON_ENV: &str = "SGPS_PYTHON";
 /// The onnxruntime side, run with `python - SPEC.json`.
 pub const ORT_SCRIPT: &str = include_str!("../scripts/bench_onnxruntime.py");
-
-/// `sgps bench`: latency, memory and the tract / onnxruntime ratio.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Data directory (captures are taken from <DATA>/isic/<novel class>/). Default: $SGPS_DATA, else ../shared/data.
-    #[arg(long, value_name = "DIR")]
-    pub data: Option<PathBuf>,
-    /// Timed repetitions per measurement.
-    #[arg(long, default_value_t = 20, value_name = "N")]
-    pub reps: usize,
-    /// Untimed warm-up runs per measurement.
-    #[arg(long, default_value_t = 3, value_name = "N")]
-    pub warmup: usize,
-    /// Python with onnxruntime (default: $SGPS_PYTHON, else models/train/.venv/bin/python, else python3).
-    #[arg(long, value_name = "PYTHON")]
-    pub python: Option<PathBuf>,
-    /// Skip the onnxruntime comparison.
-    #[arg(long)]
-    pub no_ort: bool,
-    /// Also write the figures as JSON.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
-}
 
 /// Median and p90 (nearest rank) of timings in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -112,32 +77,8 @@ pub fn proc_status_kib(field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[derive(Debug, Serialize)]
-struct Row {
-    what: String,
-    tract: Timing,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    onnxruntime: Option<Timing>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ort_key: Option<String>,
-}
-
-fn python_for(args: &BenchArgs, models: &Path) -> PathBuf {
-    if let Some(p) = &args.python {
-        return p.clone();
-    }
-    if let Some(p) = std::env::var_os(PYTHON_ENV).filter(|v| !v.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let venv = models.join("train/.venv/bin/python");
-    if venv.is_file() {
-        return venv;
-    }
-    PathBuf::from("python3")
-}
-
 /// Run the onnxruntime script on `spec`; Err carries a message saying how to fix it.
-fn run_ort(python: &Path, spec: &Value) -> anyhow::Result<Value> {
+pub fn run_ort(python: &Path, spec: &Value) -> anyhow::Result<Value> {
     let dir = std::env::temp_dir().join(format!("sgps-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let spec_path = dir.join("spec.json");
@@ -183,7 +124,8 @@ fn run_ort(python: &Path, spec: &Value) -> anyhow::Result<Value> {
     Ok(v)
 }
 
-fn ort_timing(v: &Value, key: &str) -> Option<Timing> {
+/// The median / p90 of one model in the onnxruntime script's output.
+pub fn ort_timing(v: &Value, key: &str) -> Option<Timing> {
     let r = v.get("results")?.get(key)?;
     Some(Timing {
         median_ms: r.get("median_ms")?.as_f64()?,
@@ -192,7 +134,8 @@ fn ort_timing(v: &Value, key: &str) -> Option<Timing> {
     })
 }
 
-fn machine() -> String {
+/// CPU model, cores available and architecture, for the report header.
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -206,321 +149,6 @@ fn machine() -> String {
         .map(|n| n.get())
         .unwrap_or(1);
     format!("{cpu}, {cores} cores available, {}", std::env::consts::ARCH)
-}
-
-/// `sgps bench`.
-pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result<()> {
-    anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
-    let data = resolve_data_dir(args.data.as_deref());
-    if !data.is_dir() {
-        anyhow::bail!(missing_data_message(&data, "bench"));
-    }
-    let threads = opts.threads.unwrap_or(1).max(1);
-    let (w, r) = (args.warmup, args.reps);
-
-    let t = Instant::now();
-    let base = Pipeline::load(models, opts)
-        .with_context(|| format!("loading the models from {}", models.display()))?;
-    let load_ms = t.elapsed().as_secs_f64() * 1e3;
-    let manifest = base.manifest().clone();
-
-    // A 4-way 5-shot task + one query capture from the novel classes.
-    let classes: Vec<String> = ISIC_NOVEL.iter().map(|s| s.to_string()).collect();
-    let pool = ImagePool::open(&data, &classes)?;
-    let spec = EpisodeSpec {
-        ways: 4,
-        shots: 5,
-        queries: 1,
-        episodes: 1,
-        seed: 0,
-    };
-    let ep = sample_episodes(&pool, &spec)?.remove(0);
-    let support_paths: Vec<Vec<PathBuf>> = ep
-        .support
-        .iter()
-        .map(|s| s.iter().map(|&i| pool.path(i)).collect())
-        .collect();
-    let all_support: Vec<PathBuf> = support_paths.iter().flatten().cloned().collect();
-    let capture = pool.path(ep.queries[0][0]);
-    let keys: Vec<(String, String)> = pool
-        .classes
-        .iter()
-        .map(|c| (c.rel.clone(), c.name.clone()))
-        .collect();
-    let descs = descriptions::resolve(&keys, None, &manifest.dir.join("train/descriptions.json"))?;
-    let texts: Vec<String> = descs
-        .iter()
-        .map(|d| d.text.clone().unwrap_or_else(|| d.class.clone()))
-        .collect();
-    let text_refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
-
-    let mut rows: Vec<Row> = Vec::new();
-    let mut ort_models: Vec<Value> = Vec::new();
-    let tensor_shape = |n: usize| {
-        let [h, wd] = manifest.image_encoder.input_size;
-        vec![n, 3, h, wd]
-    };
-
-    // Per-capture latency for every image-encoder variant.
-    let mut variants: Vec<String> = manifest.image_encoder.variants.keys().cloned().collect();
-    variants.sort();
-    for variant in &variants {
-        let own;
-        let p: &Pipeline = if base.image_encoder().variant == *variant {
-            &base
-        } else {
-            let mut o = opts.clone();
-            o.image_variant = Some(variant.clone());
-            own = Pipeline::load(models, &o)
-                .with_context(|| format!("loading image-encoder variant {variant}"))?;
-            &own
-        };
-        let enc = p.image_encoder();
-        let support = embed_classes(p, &pool, &ep, &support_paths, &descs)?;
-        let clf = p.synthesize(&support, SynthMode::ImagesAndText)?;
-        let img = image_io::load_rgb(&capture)?;
-        let tensor = enc.preprocess.batch(std::slice::from_ref(&img));
-        let emb = enc.embed_tensor(&tensor, 1)?.remove(0);
-        rows.push(Row {
-            what: format!("capture [{variant}]: decode"),
-            tract: measure(w, r, || Ok(image_io::load_rgb(&capture)?))?,
-            onnxruntime: None,
-            ort_key: None,
-        });
-        rows.push(Row {
-            what: format!("capture [{variant}]: preprocess"),
-            tract: measure(w, r, || {
-                Ok(enc.preprocess.batch(std::slice::from_ref(&img)))
-            })?,
-            onnxruntime: None,
-            ort_key: None,
-        });
-        let key = format!("image_encoder_{variant}");
-        rows.push(Row {
-            what: format!("capture [{variant}]: image encoder (model)"),
-            tract: measure(w, r, || Ok(enc.embed_tensor(&tensor, 1)?))?,
-            onnxruntime: None,
-            ort_key: Some(key.clone()),
-        });
-        ort_models.push(json!({
-            "name": key,
-            "path": manifest.dir.join(&manifest.image_encoder.variants[variant].file),
-            "inputs": {manifest.image_encoder.input.clone(): {"dtype": "float32", "shape": tensor_shape(1), "data": tensor}},
-        }));
-        rows.push(Row {
-            what: format!("capture [{variant}]: head"),
-            tract: measure(w, r, || Ok(clf.predict(&emb)))?,
-            onnxruntime: None,
-            ort_key: None,
-        });
-        rows.push(Row {
-            what: format!("capture [{variant}]: end to end"),
-            tract: measure(w, r, || {
-                let e = p.embed_image_file(&capture)?;
-                Ok(clf.predict(&e))
-            })?,
-            onnxruntime: None,
-            ort_key: None,
-        });
-    }
-
-    // Text encoding (default text variant), one description.
-    let text = &text_refs[0];
-    let toks = base.text_encoder().tokenize(&[text])?;
-    rows.push(Row {
-        what: format!("text: tokenize ({} tokens)", toks.seq),
-        tract: measure(w, r, || Ok(base.text_encoder().tokenize(&[text])?))?,
-        onnxruntime: None,
-        ort_key: None,
-    });
-    rows.push(Row {
-        what: "text: tokenize + encoder".into(),
-        tract: measure(w, r, || Ok(base.embed_texts(&[text])?))?,
-        onnxruntime: None,
-        ort_key: Some("text_encoder".into()),
-    });
-    let ts = &manifest.text_encoder;
-    let mut text_inputs = serde_json::Map::new();
-    let shape = [toks.n, toks.seq];
-    text_inputs.insert(
-        ts.inputs.input_ids.clone(),
-        json!({"dtype": "int64", "shape": shape, "data": toks.input_ids}),
-    );
-    text_inputs.insert(
-        ts.inputs.attention_mask.clone(),
-        json!({"dtype": "int64", "shape": shape, "data": toks.attention_mask}),
-    );
-    if let Some(tt) = &ts.inputs.token_type_ids {
-        text_inputs.insert(
-            tt.clone(),
-            json!({"dtype": "int64", "shape": shape, "data": toks.token_type_ids}),
-        );
-    }
-    ort_models.push(json!({
-        "name": "text_encoder",
-        "path": manifest.dir.join(&ts.variants[&base.text_encoder().variant].file),
-        "inputs": text_inputs,
-    }));
-
-    // Synthesis, 4-way 5-shot with descriptions.
-    let support = embed_classes(&base, &pool, &ep, &support_paths, &descs)?;
-    let synth = base.synthesizer();
-    let inputs = synth
-        .limits
-        .build_inputs(&support, SynthMode::ImagesAndText)?;
-    rows.push(Row {
-        what: "synthesis 4-way 5-shot: synthesizer (model)".into(),
-        tract: measure(w, r, || Ok(synth.run_inputs(&inputs)?))?,
-        onnxruntime: None,
-        ort_key: Some("synthesizer".into()),
-    });
-    let ss = &manifest.synthesizer;
-    let (n, k) = (inputs.n, inputs.k);
-    let (d, td) = (
-        manifest.image_encoder.embedding_dim,
-        manifest.text_encoder.embedding_dim,
-    );
-    ort_models.push(json!({
-        "name": "synthesizer",
-        "path": manifest.dir.join(&ss.file),
-        "inputs": {
-            ss.inputs.support.clone(): {"dtype": "float32", "shape": [n, k, d], "data": inputs.support},
-            ss.inputs.support_mask.clone(): {"dtype": "float32", "shape": [n, k], "data": inputs.support_mask},
-            ss.inputs.text.clone(): {"dtype": "float32", "shape": [n, td], "data": inputs.text},
-            ss.inputs.text_mask.clone(): {"dtype": "float32", "shape": [n], "data": inputs.text_mask},
-        },
-    }));
-    rows.push(Row {
-        what: "synthesis 4-way 5-shot: from cached embeddings".into(),
-        tract: measure(w, r, || {
-            Ok(base.synthesize(&support, SynthMode::ImagesAndText)?)
-        })?,
-        onnxruntime: None,
-        ort_key: None,
-    });
-    let raw_reps = r.div_ceil(4).max(1);
-    rows.push(Row {
-        what: format!(
-            "synthesis 4-way 5-shot: from {} raw captures + 4 texts",
-            all_support.len()
-        ),
-        tract: measure(w.min(1), raw_reps, || {
-            let s = embed_classes(&base, &pool, &ep, &support_paths, &descs)?;
-            Ok(base.synthesize(&s, SynthMode::ImagesAndText)?)
-        })?,
-        onnxruntime: None,
-        ort_key: None,
-    });
-    let peak_kib = proc_status_kib("VmHWM");
-
-    // onnxruntime on the same files and inputs.
-    let mut ort_note = String::new();
-    let mut ort_version = None;
-    if !args.no_ort {
-        let python = python_for(args, models);
-        let spec = json!({"threads": threads, "reps": r, "warmup": w, "models": ort_models});
-        match run_ort(&python, &spec) {
-            Ok(v) => {
-                ort_version = v
-                    .get("onnxruntime")
-                    .and_then(|s| s.as_str())
-                    .map(String::from);
-                for row in rows.iter_mut() {
-                    if let Some(key) = &row.ort_key {
-                        row.onnxruntime = ort_timing(&v, key);
-                    }
-                }
-            }
-            Err(e) => {
-                ort_note = format!("onnxruntime comparison skipped: {e:#}");
-            }
-        }
-    }
-
-    // Report.
-    println!(
-        "sgps bench — {}\ntract, {threads} thread(s); {r} timed runs after {w} warm-up runs (raw-capture synthesis: {raw_reps} runs); models loaded in {:.0} ms",
-        machine(),
-        load_ms
-    );
-    if let Some(v) = &ort_version {
-        println!("onnxruntime {v} (Python, CPUExecutionProvider, intra_op_num_threads={threads})");
-    }
-    println!(
-        "\n{:<58} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "measurement", "median ms", "p90 ms", "ort med", "ort p90", "tract/ort"
-    );
-    for row in &rows {
-        let (om, op, ratio) = match &row.onnxruntime {
-            Some(o) => (
-                format!("{:.2}", o.median_ms),
-                format!("{:.2}", o.p90_ms),
-                format!("{:.2}", row.tract.median_ms / o.median_ms),
-            ),
-            None => (String::new(), String::new(), String::new()),
-        };
-        println!(
-            "{:<58} {:>10.3} {:>10.3} {:>10} {:>10} {:>8}",
-            row.what, row.tract.median_ms, row.tract.p90_ms, om, op, ratio
-        );
-    }
-    match peak_kib {
-        Some(k) => println!("\npeak RSS (VmHWM): {:.1} MiB", k as f64 / 1024.0),
-        None => println!("\npeak RSS: not available on this system"),
-    }
-    println!(
-        "text-encoder rows: tract includes tokenization (see the tokenize row); onnxruntime times the model only."
-    );
-    if !ort_note.is_empty() {
-        println!("{ort_note}");
-    }
-    if let Some(path) = &args.json {
-        let v = json!({
-            "machine": machine(),
-            "threads": threads,
-            "reps": r,
-            "warmup": w,
-            "models_load_ms": load_ms,
-            "peak_rss_kib": peak_kib,
-            "onnxruntime_version": ort_version,
-            "onnxruntime_note": ort_note,
-            "rows": rows,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("figures written to {}", path.display());
-    }
-    Ok(())
-}
-
-/// Embed the support images (raw files) and descriptions of the bench task.
-fn embed_classes(
-    p: &Pipeline,
-    pool: &ImagePool,
-    ep: &crate::eval::episodes::Episode,
-    support_paths: &[Vec<PathBuf>],
-    descs: &[descriptions::Description],
-) -> anyhow::Result<Vec<ClassSupport>> {
-    let texts: Vec<&str> = ep
-        .classes
-        .iter()
-        .map(|&c| descs[c].text.as_deref().unwrap_or(&pool.classes[c].name))
-        .collect();
-    let text_embs = p.embed_texts(&texts)?;
-    let mut out = Vec::new();
-    for (w, &c) in ep.classes.iter().enumerate() {
-        let shots = p
-            .embed_image_files(&support_paths[w])
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        out.push(ClassSupport {
-            name: pool.classes[c].name.clone(),
-            description: Some(texts[w].to_string()),
-            text_embedding: Some(text_embs[w].clone()),
-            shots,
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

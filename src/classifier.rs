@@ -100,21 +100,7 @@ impl Classifier {
 
     /// Per-class logits for one embedding.
     pub fn logits(&self, e: &[f32]) -> Vec<f32> {
-        let en = norm(e);
-        self.weight
-            .iter()
-            .zip(&self.bias)
-            .map(|(w, b)| {
-                let wn = norm(w);
-                let dot: f32 = w.iter().zip(e).map(|(a, b)| a * b).sum();
-                let cos = if en > 0.0 && wn > 0.0 {
-                    dot / (en * wn)
-                } else {
-                    0.0
-                };
-                self.scale * cos + b
-            })
-            .collect()
+        cosine_logits(&self.weight, &self.bias, self.scale, e)
     }
 
     /// Classify one embedding.
@@ -244,6 +230,25 @@ impl Classifier {
         }
         Ok(c)
     }
+}
+
+/// The head every synthesized classifier is: `scale * cos(e, weight_c) + bias_c` per class.
+pub fn cosine_logits(weight: &[Vec<f32>], bias: &[f32], scale: f32, e: &[f32]) -> Vec<f32> {
+    let en = norm(e);
+    weight
+        .iter()
+        .zip(bias)
+        .map(|(w, b)| {
+            let wn = norm(w);
+            let dot: f32 = w.iter().zip(e).map(|(a, b)| a * b).sum();
+            let cos = if en > 0.0 && wn > 0.0 {
+                dot / (en * wn)
+            } else {
+                0.0
+            };
+            scale * cos + b
+        })
+        .collect()
 }
 
 fn norm(v: &[f32]) -> f32 {

@@ -5,8 +5,6 @@ pub mod bench;
 pub mod board;
 pub mod camera;
 pub mod classifier;
-pub mod cli;
-pub mod demo;
 pub mod disk;
 pub mod encoders;
 pub mod error;

@@ -32,6 +32,37 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
 }
 
+/// Where a class's support shots come from (see [`Pipeline::support`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shots {
+    /// Image files, decoded and embedded.
+    Files(Vec<PathBuf>),
+    /// Embeddings already computed (stored shots, an eval cache).
+    Embedded(Vec<Embedding>),
+}
+
+/// One class as given to [`Pipeline::support`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupportInput {
+    pub name: String,
+    pub description: Option<String>,
+    /// The description's embedding when it is already known (computed otherwise).
+    pub text_embedding: Option<Embedding>,
+    pub shots: Shots,
+}
+
+impl SupportInput {
+    /// A class whose description (if any) is still to be embedded.
+    pub fn new(name: &str, description: Option<String>, shots: Shots) -> SupportInput {
+        SupportInput {
+            name: name.to_owned(),
+            description,
+            text_embedding: None,
+            shots,
+        }
+    }
+}
+
 /// Loaded and optimised models plus the manifest.
 pub struct Pipeline {
     manifest: Manifest,
@@ -175,27 +206,35 @@ impl Pipeline {
         Ok(c)
     }
 
-    /// Embed a support-set specification: every image (a bad one is an error naming the file)
-    /// and every description (one text batch).
-    pub fn embed_support(&self, spec: &SupportSpec) -> Result<Vec<ClassSupport>> {
+    /// The one support builder: every front end (CLI, device, demo, bench, eval) turns its classes
+    /// into synthesizer input here. Shots given as files are decoded and embedded (a bad file is
+    /// an error naming it), shots already embedded (stored records, an eval cache) are taken as
+    /// they are, and every description without a known embedding is embedded, in class order.
+    pub fn support(&self, classes: Vec<SupportInput>) -> Result<Vec<ClassSupport>> {
         let max = self.manifest.synthesizer.max_shots;
-        let mut out = Vec::with_capacity(spec.classes.len());
-        for c in &spec.classes {
-            if c.images.len() > max {
+        let mut out = Vec::with_capacity(classes.len());
+        for c in classes {
+            let n = match &c.shots {
+                Shots::Files(p) => p.len(),
+                Shots::Embedded(e) => e.len(),
+            };
+            if n > max {
                 return Err(Error::Support(format!(
-                    "class {:?} has {} images; at most {max} per class are supported",
-                    c.name,
-                    c.images.len()
+                    "class {:?} has {n} images; at most {max} per class are supported",
+                    c.name
                 )));
             }
-            let shots = self
-                .embed_image_files(&c.images)
-                .into_iter()
-                .collect::<Result<Vec<_>>>()?;
+            let shots = match c.shots {
+                Shots::Files(paths) => self
+                    .embed_image_files(&paths)
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?,
+                Shots::Embedded(e) => e,
+            };
             out.push(ClassSupport {
-                name: c.name.clone(),
-                description: c.description.clone(),
-                text_embedding: None,
+                name: c.name,
+                description: c.description,
+                text_embedding: c.text_embedding,
                 shots,
             });
         }
@@ -203,11 +242,29 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// Fill `text_embedding` of every class that has a description (text encoder, class order).
+    /// Embed a support-set specification (its images and descriptions; see [`Pipeline::support`]).
+    pub fn embed_support(&self, spec: &SupportSpec) -> Result<Vec<ClassSupport>> {
+        self.support(
+            spec.classes
+                .iter()
+                .map(|c| {
+                    SupportInput::new(
+                        &c.name,
+                        c.description.clone(),
+                        Shots::Files(c.images.clone()),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Fill `text_embedding` of every class that has a description and no embedding yet (text
+    /// encoder, class order).
     pub fn embed_descriptions(&self, classes: &mut [ClassSupport]) -> Result<()> {
         let (described, texts): (Vec<usize>, Vec<&str>) = classes
             .iter()
             .enumerate()
+            .filter(|(_, c)| c.text_embedding.is_none())
             .filter_map(|(i, c)| c.description.as_deref().map(|d| (i, d)))
             .unzip();
         if described.is_empty() {

@@ -49,6 +49,19 @@ pub struct SynthOutput {
     pub scale: f32,
 }
 
+impl SynthOutput {
+    /// Class probabilities of one embedding under this head (what [`crate::classifier::Classifier`]
+    /// predicts from the same parameters; eval scores the head without building a classifier).
+    pub fn probabilities(&self, e: &[f32]) -> Vec<f32> {
+        crate::classifier::softmax(&crate::classifier::cosine_logits(
+            &self.weight,
+            &self.bias,
+            self.scale,
+            e,
+        ))
+    }
+}
+
 /// The padded, masked input tensors of G (row-major).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthInputs {

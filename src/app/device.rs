@@ -433,8 +433,7 @@ impl<'p> Device<'p> {
         Ok(())
     }
 
-    /// Build the synthesizer input from the stored support set (text embedded in one batch,
-    /// in task order, exactly like `Pipeline::embed_support`).
+    /// The synthesizer input from the stored support set (through `Pipeline::support`).
     pub fn support(&self) -> Result<Vec<ClassSupport>> {
         support_from_records(self.pipeline, &self.classes)
     }

@@ -37,7 +37,7 @@ use crate::camera::{Camera, CameraError, Fault, ReplayCamera};
 use crate::classifier::{Classifier, Prediction};
 use crate::gpio::sim::{SimButtons, SimLeds};
 use crate::gpio::{Button, ButtonEvent, ButtonInput, Indication, Press, StatusLeds};
-use crate::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
+use crate::pipeline::{ClassSupport, LoadOptions, Pipeline, Shots, SupportInput, SynthMode};
 use crate::quality;
 use crate::store::{
     self, ActiveRecord, AuditEvent, AuditLog, ClassRecord, ShotRecord, Store, StoreError, Verdict,
@@ -48,7 +48,7 @@ pub use device::Device;
 pub use hardware::{open_camera, open_gpio};
 pub use inputs::{Input, forward_buttons};
 pub use machine::{Action, Progress, State, after_shot, transition};
-pub use run::{RunArgs, run, run_cli};
+pub use run::{RunOptions, run};
 
 /// One screening decision.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,21 +104,22 @@ pub fn is_no_space(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Synthesizer input from stored class records: shots as stored, descriptions embedded in one
-/// batch in class order.
+/// Synthesizer input from stored class records: shots as stored, descriptions embedded in class
+/// order (the pipeline's one support builder).
 pub fn support_from_records(
     pipeline: &Pipeline,
     classes: &[ClassRecord],
 ) -> Result<Vec<ClassSupport>> {
-    let mut out: Vec<ClassSupport> = classes
-        .iter()
-        .map(|c| ClassSupport {
-            name: c.name.to_string(),
-            description: c.description.clone(),
-            text_embedding: None,
-            shots: c.shots.iter().map(|s| s.embedding.clone()).collect(),
-        })
-        .collect();
-    pipeline.embed_descriptions(&mut out)?;
-    Ok(out)
+    Ok(pipeline.support(
+        classes
+            .iter()
+            .map(|c| {
+                SupportInput::new(
+                    c.name.as_str(),
+                    c.description.clone(),
+                    Shots::Embedded(c.shots.iter().map(|s| s.embedding.clone()).collect()),
+                )
+            })
+            .collect(),
+    )?)
 }

@@ -1,62 +1,38 @@
-//! `sgps run`: profile, task, pipeline, hardware, screen, then the loop.
+//! `sgps run`: profile, task, pipeline, hardware, screen, then the loop (the binary's
+//! `cli/run.rs` parses the arguments and prints the summary).
 
 #[allow(unused_imports)]
 use super::*;
 
-/// Arguments of `sgps run`.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct RunArgs {
+/// What `sgps run` is asked to do beyond the board profile (the binary's arguments; `None`
+/// keeps the profile's value).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
     /// Board profile (board/<name>.toml; installed devices: /etc/sgps/board.toml).
-    #[arg(long, value_name = "FILE")]
     pub board: PathBuf,
-    /// Button script for boards with simulated GPIO (lines: `press capture`, `long next`, `wait 100`).
-    #[arg(long, value_name = "FILE")]
+    /// Button script for boards with simulated GPIO.
     pub script: Option<PathBuf>,
-    /// Override the profile's storage directory.
-    #[arg(long, value_name = "DIR")]
+    /// Overrides the profile's storage directory.
     pub storage_dir: Option<PathBuf>,
-    /// Override the replay camera's frame directory (replay boards only).
-    #[arg(long, value_name = "DIR")]
+    /// Overrides the replay camera's frame directory (replay boards only).
     pub replay_dir: Option<PathBuf>,
     /// Ask on the console (stdin) for the description of each class the task file leaves
     /// without one, when its enrollment starts.
-    #[arg(long)]
     pub console: bool,
-    /// Serve the screen on this address instead of the profile's `[ui] listen`
-    /// (e.g. 127.0.0.1:0 for any free port), or `off`.
-    #[arg(long, value_name = "ADDR|off")]
+    /// Serve the screen on this address instead of the profile's `[ui] listen`, or `off`.
     pub ui: Option<String>,
-    /// Models directory; overrides the profile (the CLI fills it from the global --models).
-    #[arg(skip)]
+    /// Overrides the profile's models directory.
     pub models_dir: Option<PathBuf>,
-    /// Inference threads; overrides the profile (the CLI fills it from the global --threads).
-    #[arg(skip)]
+    /// Overrides the profile's inference threads.
     pub threads: Option<usize>,
-    /// Image-encoder variant; overrides the profile (global --image-variant).
-    #[arg(skip)]
+    /// Overrides the profile's image-encoder variant.
     pub image_variant: Option<String>,
-    /// Text-encoder variant; overrides the profile (global --text-variant).
-    #[arg(skip)]
+    /// Overrides the profile's text-encoder variant.
     pub text_variant: Option<String>,
 }
 
-/// `sgps run` from the command line: global flags given explicitly (`--models`, `--threads`,
-/// variants) override the board profile; otherwise the profile decides.
-pub fn run_cli(
-    args: &RunArgs,
-    models: Option<&Path>,
-    opts: &LoadOptions,
-) -> Result<std::process::ExitCode> {
-    let mut a = args.clone();
-    a.models_dir = models.map(Path::to_path_buf).or(a.models_dir);
-    a.threads = opts.threads.or(a.threads);
-    a.image_variant = opts.image_variant.clone().or(a.image_variant);
-    a.text_variant = opts.text_variant.clone().or(a.text_variant);
-    run(&a).map(|_| std::process::ExitCode::SUCCESS)
-}
-
 /// `sgps run`: load the profile, the task, the pipeline and the hardware, then run the loop.
-pub fn run(args: &RunArgs) -> Result<Summary> {
+pub fn run(args: &RunOptions) -> Result<Summary> {
     let mut profile = BoardProfile::load(&args.board)?;
     if let Some(d) = &args.storage_dir {
         profile.storage_dir = d.clone();
@@ -171,20 +147,5 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
             dev.run_inputs(rx, args.script.is_some(), &|s| hub.publish(s))?
         }
     };
-    println!(
-        "SESSION shots={} rejected={} camera_errors={} syntheses={} decisions={} classifier={}",
-        summary.shots_enrolled,
-        summary.rejected,
-        summary.camera_errors,
-        summary.syntheses,
-        summary.decisions.len(),
-        summary.classifier_id.as_deref().unwrap_or("-")
-    );
-    if let Some(h) = summary.audit_head {
-        let h = hex::encode(h);
-        println!(
-            "AUDIT head sha256 {h} (note it: sgps audit verify --expect-head {h} <storage dir> later shows whether records were removed)"
-        );
-    }
     Ok(summary)
 }

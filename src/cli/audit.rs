@@ -51,7 +51,7 @@ pub(super) fn audit_target(
 ) -> anyhow::Result<PathBuf> {
     Ok(match (path, board) {
         (Some(p), _) => p.clone(),
-        (None, Some(b)) => crate::board::BoardProfile::load(b)?.storage_dir,
+        (None, Some(b)) => sgps::board::BoardProfile::load(b)?.storage_dir,
         (None, None) => anyhow::bail!("give the storage directory, the audit.log or --board FILE"),
     })
 }
@@ -72,7 +72,7 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
                     dir.display()
                 );
             }
-            let x = crate::store::audit::export(&dir, to)?;
+            let x = sgps::store::audit::export(&dir, to)?;
             for (f, sha) in &x.files {
                 println!("{sha}  {}", f.display());
             }
@@ -107,7 +107,7 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let target = audit_target(path, board)?;
-    let v = crate::store::audit::verify(&target, expect)?;
+    let v = sgps::store::audit::verify(&target, expect)?;
     let rep = &v.report;
     let time = |ms: u64| {
         jiff::Timestamp::from_millisecond(ms as i64)

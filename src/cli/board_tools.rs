@@ -89,17 +89,17 @@ pub struct UiWaitArgs {
 /// `sgps report`.
 pub fn report(a: &ReportArgs) -> anyhow::Result<ExitCode> {
     let dir = audit_target(&a.path, &a.board)?;
-    let scope = crate::report::Scope::parse(&a.scope).map_err(anyhow::Error::msg)?;
+    let scope = sgps::report::Scope::parse(&a.scope).map_err(anyhow::Error::msg)?;
     let board = match &a.board {
-        Some(b) => crate::board::BoardProfile::load(b)?.name,
+        Some(b) => sgps::board::BoardProfile::load(b)?.name,
         None => "device".to_string(),
     };
-    let w = crate::report::write(
+    let w = sgps::report::write(
         &dir,
         &a.to,
         scope,
         &board,
-        crate::store::audit::now_unix_ms(),
+        sgps::store::audit::now_unix_ms(),
     )
     .map_err(anyhow::Error::msg)?;
     println!(
@@ -114,11 +114,11 @@ pub fn report(a: &ReportArgs) -> anyhow::Result<ExitCode> {
 /// `sgps capture`: one line per frame (`FRAME`, `RETRY`, `FAILED`); exit status 1 when a frame
 /// could not be captured.
 pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
-    use crate::board::{BoardProfile, CameraConfig};
+    use sgps::board::{BoardProfile, CameraConfig};
     let (camera, gate) = match (&a.board, &a.device) {
         (Some(b), _) => {
             let p = BoardProfile::load(b)?;
-            (crate::app::open_camera(&p.camera)?, p.gate)
+            (sgps::app::open_camera(&p.camera)?, p.gate)
         }
         (None, Some(dev)) => {
             let cfg = CameraConfig::V4l2 {
@@ -129,8 +129,8 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
                 timeout_ms: a.timeout_ms,
             };
             (
-                crate::app::open_camera(&cfg)?,
-                crate::quality::GateThresholds::default(),
+                sgps::app::open_camera(&cfg)?,
+                sgps::quality::GateThresholds::default(),
             )
         }
         (None, None) => anyhow::bail!("pass --board FILE or --device /dev/videoN"),
@@ -165,8 +165,8 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
             failed += 1;
             continue;
         };
-        let sha = crate::store::capture_sha256(&img);
-        let verdict = match crate::quality::check(&img, &gate) {
+        let sha = sgps::store::capture_sha256(&img);
+        let verdict = match sgps::quality::check(&img, &gate) {
             Ok(_) => "gate=ok".to_string(),
             Err(r) => format!("gate=rejected ({}: {})", r.reason.as_str(), r.message),
         };
@@ -198,9 +198,9 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
 
 /// `sgps gpio-check`.
 pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
-    use crate::gpio::{Button, Indication, Press};
-    let p = crate::board::BoardProfile::load(&a.board)?;
-    let (buttons, mut leds) = crate::app::open_gpio(&p, None)?;
+    use sgps::gpio::{Button, Indication, Press};
+    let p = sgps::board::BoardProfile::load(&a.board)?;
+    let (buttons, mut leds) = sgps::app::open_gpio(&p, None)?;
     for ind in [
         Indication::Green,
         Indication::Amber,
@@ -212,14 +212,14 @@ pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(std::time::Duration::from_millis(a.led_ms));
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    crate::app::forward_buttons(buttons, tx);
+    sgps::app::forward_buttons(buttons, tx);
     println!("READY press the buttons ({} events)", a.events);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_s);
     let mut seen = 0;
     while seen < a.events {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(crate::app::Input::Button(ev)) => {
+            Ok(sgps::app::Input::Button(ev)) => {
                 seen += 1;
                 let ind = match (ev.button, ev.press) {
                     (Button::Capture, Press::Short) => Indication::Green,
@@ -234,7 +234,7 @@ pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
                     format!("{:?}", ev.press).to_lowercase()
                 );
             }
-            Ok(crate::app::Input::ButtonError(e)) => return Err(e.into()),
+            Ok(sgps::app::Input::ButtonError(e)) => return Err(e.into()),
             Ok(_) => break,
             Err(_) => {
                 println!("TIMEOUT {seen} of {} events in {} s", a.events, a.timeout_s);
@@ -248,7 +248,7 @@ pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
 
 /// `sgps ui-wait`.
 pub fn ui_wait(a: &UiWaitArgs) -> anyhow::Result<ExitCode> {
-    let profile = crate::board::BoardProfile::load(&a.board)?;
+    let profile = sgps::board::BoardProfile::load(&a.board)?;
     let ui = profile.ui.ok_or_else(|| {
         anyhow::anyhow!(
             "board profile {} has no [ui] section: the device serves no screen",

@@ -1,7 +1,8 @@
-//! Command-line argument structs and dispatch. `main.rs` only parses and calls [`run`].
+//! The `sgps` binary's front ends: argument structs, dispatch, and what each command prints.
+//! `main.rs` only parses and calls [`run`]; the library (`sgps::…`) holds the logic.
 //!
-//! Each subcommand's arguments live in their own struct; the subcommands implemented by other
-//! modules (eval, bench, demo, run) own their argument structs in those modules.
+//! Each subcommand's arguments live in their own struct, in this module or in the module of
+//! that command (`eval`, `bench`, `demo`, `run`, `audit`, `board_tools`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,14 +11,18 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::classifier::Classifier;
-use crate::image_io::has_image_extension;
-use crate::pipeline::{LoadOptions, Pipeline, SynthMode, resolve_models_dir};
-use crate::support::{SupportSpec, read_descriptions};
+use sgps::classifier::Classifier;
+use sgps::image_io::has_image_extension;
+use sgps::pipeline::{LoadOptions, Pipeline, SynthMode, resolve_models_dir};
+use sgps::support::{SupportSpec, read_descriptions};
 
 mod audit;
+mod bench;
 mod board_tools;
-pub use audit::{AuditArgs, AuditCommand, audit};
+mod demo;
+mod eval;
+mod run;
+pub use audit::{AuditArgs, audit};
 pub use board_tools::{
     CaptureArgs, GpioCheckArgs, ReportArgs, UiWaitArgs, capture, gpio_check, report, ui_wait,
 };
@@ -66,14 +71,14 @@ pub enum Command {
     /// Classify images with a saved classifier.
     Classify(ClassifyArgs),
     /// Evaluate on few-shot episodes (default: protocol ISIC-FS-novel) against baselines.
-    Eval(crate::eval::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Measure latency and peak memory, and compare with onnxruntime.
-    Bench(crate::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Synthesize a classifier for 4 unseen skin-lesion classes and classify held-out images.
-    Demo(crate::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Run the device loop (camera, buttons, LEDs, the screen) of a board profile; sim boards
     /// take --script, or serve the screen only.
-    Run(crate::app::RunArgs),
+    Run(run::RunArgs),
     /// Check a device's audit log: every record's checksum and the hash chain linking them.
     Audit(AuditArgs),
     /// Write a session report (self-contained HTML + CSV, SHA-256 of every capture) from a
@@ -157,10 +162,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Synth(a) => synth(a, &models, &opts),
         Command::Classify(a) => classify(a, &models, &opts),
-        Command::Eval(a) => crate::eval::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
-        Command::Bench(a) => crate::bench::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
-        Command::Demo(a) => crate::demo::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
-        Command::Run(a) => crate::app::run_cli(a, cli.models.as_deref(), &opts),
+        Command::Eval(a) => eval::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Bench(a) => bench::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Demo(a) => demo::run(a, &models, &opts).map(|()| ExitCode::SUCCESS),
+        Command::Run(a) => run::run(a, cli.models.as_deref(), &opts),
         Command::Audit(a) => audit(a),
         Command::Report(a) => report(a),
         Command::UiWait(a) => ui_wait(a),
@@ -270,7 +275,7 @@ pub fn classify(a: &ClassifyArgs, models: &Path, opts: &LoadOptions) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
-type Results = [crate::error::Result<crate::classifier::Prediction>];
+type Results = [sgps::error::Result<sgps::classifier::Prediction>];
 
 /// JSON report of a classify run.
 pub fn classify_json(clf: &Classifier, files: &[PathBuf], results: &Results) -> serde_json::Value {
@@ -353,8 +358,8 @@ pub fn classify_table(clf: &Classifier, files: &[PathBuf], results: &Results) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classifier::{ClassInfo, Prediction};
-    use crate::error::Error;
+    use sgps::classifier::{ClassInfo, Prediction};
+    use sgps::error::Error;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("sgps").chain(args.iter().copied()))

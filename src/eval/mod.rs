@@ -1,4 +1,4 @@
-//! `sgps eval`: score few-shot methods on identical episodes (protocol ISIC-FS-novel by default).
+//! Few-shot evaluation (`sgps eval`): score methods on identical episodes (protocol ISIC-FS-novel by default).
 //!
 //! The flow: resolve the classes of an ImageFolder tree ([`episodes::ImagePool`]), draw seeded
 //! episodes, embed every image of those classes once through the runtime pipeline (cached on
@@ -16,8 +16,8 @@ pub mod plots;
 pub mod protocol;
 
 pub use protocol::{
-    DemoData, EvalArgs, EvalConfig, EvalReport, ISIC_NOVEL, demo_data_dir, evaluate,
-    missing_data_message, resolve_data_dir, run, samples_dir,
+    DemoData, EvalConfig, EvalReport, ISIC_NOVEL, demo_data_dir, evaluate, missing_data_message,
+    resolve_data_dir, samples_dir,
 };
 
 use serde::{Deserialize, Serialize};

@@ -7,10 +7,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::eval::descriptions;
-use crate::eval::episodes::{EpisodeSpec, ImagePool, sample_episodes};
-use crate::eval::{DemoData, ISIC_NOVEL, demo_data_dir};
-use crate::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
+use sgps::eval::descriptions;
+use sgps::eval::episodes::{EpisodeSpec, ImagePool, sample_episodes};
+use sgps::eval::{DemoData, ISIC_NOVEL, demo_data_dir};
+use sgps::pipeline::{LoadOptions, Pipeline, Shots, SupportInput, SynthMode};
 
 /// `sgps demo`: few-shot classifier for four skin-lesion classes it was never trained on.
 #[derive(Debug, Clone, Args)]
@@ -36,10 +36,8 @@ pub struct DemoArgs {
 /// Outcome of one held-out image.
 #[derive(Debug, Clone)]
 pub struct DemoRow {
-    pub file: PathBuf,
     pub truth: String,
     pub predicted: String,
-    pub confidence: f32,
     pub refer: bool,
 }
 
@@ -102,21 +100,19 @@ pub fn run(args: &DemoArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
 
     // Support set: embed the example images and the descriptions, then synthesize.
     let t_synth = Instant::now();
-    let mut support = Vec::new();
-    for (w, &c) in ep.classes.iter().enumerate() {
-        let paths: Vec<PathBuf> = ep.support[w].iter().map(|&i| pool.path(i)).collect();
-        let shots = pipeline
-            .embed_image_files(&paths)
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        support.push(ClassSupport {
-            name: pool.classes[c].name.clone(),
-            description: descs[c].text.clone(),
-            text_embedding: None,
-            shots,
-        });
-    }
-    pipeline.embed_descriptions(&mut support)?;
+    let support = pipeline.support(
+        ep.classes
+            .iter()
+            .zip(&ep.support)
+            .map(|(&c, shots)| {
+                SupportInput::new(
+                    &pool.classes[c].name,
+                    descs[c].text.clone(),
+                    Shots::Files(shots.iter().map(|&i| pool.path(i)).collect()),
+                )
+            })
+            .collect(),
+    )?;
     let clf = pipeline.synthesize(&support, SynthMode::ImagesAndText)?;
     let synth_s = t_synth.elapsed().as_secs_f64();
 
@@ -179,10 +175,8 @@ pub fn run(args: &DemoArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
                     100.0 * p.confidence
                 );
                 rows.push(DemoRow {
-                    file: file.clone(),
                     truth: truth.clone(),
                     predicted: p.top_label.clone(),
-                    confidence: p.confidence,
                     refer: p.refer,
                 });
             }

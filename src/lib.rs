@@ -1,10 +1,10 @@
 //! sgps: offline few-shot medical image classification.
-pub mod app;
 pub mod atomic_file;
 pub mod bench;
 pub mod board;
 pub mod camera;
 pub mod classifier;
+pub mod device;
 pub mod disk;
 pub mod encoders;
 pub mod error;

@@ -14,8 +14,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use sgps::app::{self, RunOptions};
 use sgps::board::TaskFile;
+use sgps::device::{self, RunOptions};
 use sgps::pipeline::{ClassSupport, LoadOptions, Pipeline, SynthMode};
 use sgps::quality::{self, GateThresholds};
 use sgps::store::{self, AuditEvent, Verdict};
@@ -266,7 +266,7 @@ fn sim_session_matches_plain_pipeline() {
         );
         assert_eq!(pred.top as u16, d.3);
         assert_eq!(&pred.top_label, d.4);
-        assert_eq!(app::verdict(&pred, &task), d.5);
+        assert_eq!(device::verdict(&pred, &task), d.5);
         correct += (pred.top == i / SCREEN_PER_CLASS) as usize;
         verdicts[match d.5 {
             Verdict::Benign => 0,
@@ -292,7 +292,7 @@ fn sim_session_matches_plain_pipeline() {
     std::fs::create_dir(&replay2).unwrap();
     link(&queries[0], &replay2.join("000.jpg"));
     link(&queries[7], &replay2.join("001.jpg"));
-    let s2 = app::run(&RunOptions {
+    let s2 = device::run(&RunOptions {
         script: Some(script2),
         replay_dir: Some(replay2.clone()),
         ..args.clone()
@@ -311,7 +311,7 @@ fn sim_session_matches_plain_pipeline() {
     let empty = tmp.path().join("frames3");
     std::fs::create_dir(&empty).unwrap();
     link(&queries[0], &empty.join("000.jpg"));
-    let s3 = app::run(&RunOptions {
+    let s3 = device::run(&RunOptions {
         script: Some(script3),
         replay_dir: Some(empty),
         ..args.clone()
@@ -342,7 +342,7 @@ fn sim_session_matches_plain_pipeline() {
     std::fs::write(&board2, board2_text).unwrap();
     let script4 = tmp.path().join("nothing.txt");
     std::fs::write(&script4, "wait 10\n").unwrap();
-    let s4 = app::run(&RunOptions {
+    let s4 = device::run(&RunOptions {
         board: board2,
         script: Some(script4),
         replay_dir: Some(replay2),
@@ -402,7 +402,7 @@ fn sim_session_matches_plain_pipeline() {
     }
     let script5 = tmp.path().join("add-class.txt");
     std::fs::write(&script5, "press capture\n".repeat(K)).unwrap();
-    let s5 = app::run(&RunOptions {
+    let s5 = device::run(&RunOptions {
         board: board3,
         script: Some(script5),
         replay_dir: Some(frames5),

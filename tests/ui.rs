@@ -564,7 +564,7 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
         let pred = clf.predict(&pipeline.embed_image_file(q).unwrap());
         assert_eq!(&pred.probabilities, log.2, "{}", q.display());
         assert_eq!(&pred.top_label, log.3);
-        assert_eq!(sgps::app::verdict(&pred, &task), log.4);
+        assert_eq!(sgps::device::verdict(&pred, &task), log.4);
     }
 
     // the report on the stick lists every capture's SHA-256
@@ -651,7 +651,7 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
 /// effect, and every screen gets the state after each of them.
 #[test]
 fn a_button_press_and_a_tap_share_one_device() {
-    use sgps::app::{Command as Cmd, Device, Input};
+    use sgps::device::{Command as Cmd, Device, Input};
     use sgps::gpio::{Button, ButtonEvent, Press};
     use std::sync::{Arc, Mutex, mpsc};
 

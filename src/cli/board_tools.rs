@@ -118,7 +118,7 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
     let (camera, gate) = match (&a.board, &a.device) {
         (Some(b), _) => {
             let p = BoardProfile::load(b)?;
-            (sgps::app::open_camera(&p.camera)?, p.gate)
+            (sgps::device::open_camera(&p.camera)?, p.gate)
         }
         (None, Some(dev)) => {
             let cfg = CameraConfig::V4l2 {
@@ -129,7 +129,7 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
                 timeout_ms: a.timeout_ms,
             };
             (
-                sgps::app::open_camera(&cfg)?,
+                sgps::device::open_camera(&cfg)?,
                 sgps::quality::GateThresholds::default(),
             )
         }
@@ -200,7 +200,7 @@ pub fn capture(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
 pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
     use sgps::gpio::{Button, Indication, Press};
     let p = sgps::board::BoardProfile::load(&a.board)?;
-    let (buttons, mut leds) = sgps::app::open_gpio(&p, None)?;
+    let (buttons, mut leds) = sgps::device::open_gpio(&p, None)?;
     for ind in [
         Indication::Green,
         Indication::Amber,
@@ -212,14 +212,14 @@ pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(std::time::Duration::from_millis(a.led_ms));
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    sgps::app::forward_buttons(buttons, tx);
+    sgps::device::forward_buttons(buttons, tx);
     println!("READY press the buttons ({} events)", a.events);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_s);
     let mut seen = 0;
     while seen < a.events {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(sgps::app::Input::Button(ev)) => {
+            Ok(sgps::device::Input::Button(ev)) => {
                 seen += 1;
                 let ind = match (ev.button, ev.press) {
                     (Button::Capture, Press::Short) => Indication::Green,
@@ -234,7 +234,7 @@ pub fn gpio_check(a: &GpioCheckArgs) -> anyhow::Result<ExitCode> {
                     format!("{:?}", ev.press).to_lowercase()
                 );
             }
-            Ok(sgps::app::Input::ButtonError(e)) => return Err(e.into()),
+            Ok(sgps::device::Input::ButtonError(e)) => return Err(e.into()),
             Ok(_) => break,
             Err(_) => {
                 println!("TIMEOUT {seen} of {} events in {} s", a.events, a.timeout_s);

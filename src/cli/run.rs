@@ -1,9 +1,9 @@
-//! `sgps run`: arguments, then `sgps::app::run`, then the session summary.
+//! `sgps run`: arguments, then `sgps::device::run`, then the session summary.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use sgps::app::{self, RunOptions};
+use sgps::device::{self, RunOptions};
 use sgps::pipeline::LoadOptions;
 
 /// Arguments of `sgps run`.
@@ -34,7 +34,7 @@ pub struct RunArgs {
 /// `sgps run`: the global flags given explicitly (`--models`, `--threads`, variants) override
 /// the board profile; otherwise the profile decides.
 pub fn run(args: &RunArgs, models: Option<&Path>, opts: &LoadOptions) -> anyhow::Result<ExitCode> {
-    let summary = app::run(&RunOptions {
+    let summary = device::run(&RunOptions {
         board: args.board.clone(),
         script: args.script.clone(),
         storage_dir: args.storage_dir.clone(),

@@ -20,8 +20,8 @@ use std::time::Duration;
 use serde_json::json;
 use tiny_http::{Header, Method, Request, Response};
 
-use crate::app::{Command, Input, Snapshot};
 use crate::board::UiConfig;
+use crate::device::{Command, Input, Snapshot};
 use crate::report;
 
 mod routes;

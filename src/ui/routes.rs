@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::{MAX_BODY, MAX_URL};
-use crate::app::Command;
+use crate::device::Command;
 use crate::gpio::{Button, ButtonEvent, Press};
 use crate::report;
 

@@ -14,12 +14,12 @@
 //! verdict on the LEDs (green = confident benign, amber = refer, red = confident urgent class),
 //! prints it on the console and appends it to the audit log. Every state change is logged.
 //!
-//! Files: `machine` (the pure transition function), `device` (the loop's state and actions),
+//! Files: `machine` (the pure transition function), `actions` (the loop's state and actions: [`Device`]),
 //! `inputs` (buttons and screen requests on one channel), `commands` (what the screen may ask),
 //! `hardware` (camera and GPIO from a profile), `run` (`sgps run`).
 
+mod actions;
 mod commands;
-mod device;
 mod hardware;
 mod inputs;
 mod machine;
@@ -44,7 +44,7 @@ use crate::store::{
 };
 pub use commands::{Command, LastCapture, ShownClass, ShownDecision, ShownShot, Snapshot, advice};
 
-pub use device::Device;
+pub use actions::Device;
 pub use hardware::{open_camera, open_gpio};
 pub use inputs::{Input, forward_buttons};
 pub use machine::{Action, Progress, State, after_shot, transition};

@@ -60,9 +60,14 @@ pub struct BoardProfile {
     /// Rust target triple of the board (read by `cargo xtask`; "host" for sim).
     #[serde(default)]
     pub target: Option<String>,
-    /// Oldest glibc on the board's OS, "MAJOR.MINOR" (read by `cargo xtask`).
+    /// Oldest glibc on the board's OS, "MAJOR.MINOR" (read by `cargo xtask`: older than the
+    /// cross toolchain's means the build goes through `cargo zigbuild`).
     #[serde(default)]
     pub glibc: Option<String>,
+    /// The board's CPU as qemu names it (`qemu-aarch64 -cpu`), for the emulated tests of
+    /// `cargo xtask test-arm` (absent: qemu's `max`).
+    #[serde(default)]
+    pub qemu_cpu: Option<String>,
 }
 
 fn default_shots() -> usize {
@@ -272,6 +277,19 @@ impl BoardProfile {
         Ok(p)
     }
 
+    /// `glibc` as (major, minor); None when the profile does not say.
+    pub fn glibc_version(&self) -> Result<Option<(u32, u32)>, String> {
+        let Some(v) = &self.glibc else {
+            return Ok(None);
+        };
+        let bad = || format!("glibc = {v:?}: expected \"MAJOR.MINOR\", e.g. \"2.31\"");
+        let (a, b) = v.split_once('.').ok_or_else(bad)?;
+        Ok(Some((
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        )))
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         self.storage_dir = resolve(base, &self.storage_dir);
         self.models_dir = resolve(base, &self.models_dir);
@@ -287,6 +305,7 @@ impl BoardProfile {
 
     /// Check values TOML cannot (ranges, distinct lines, formats, the screen's address).
     pub fn validate(&self) -> Result<(), String> {
+        self.glibc_version()?;
         if !(1..=20).contains(&self.shots_per_class) {
             return Err(format!(
                 "shots_per_class = {} must be within 1..=20",

@@ -1,8 +1,9 @@
-//! Board profiles (as far as tooling needs them) and the release build for a board's target,
+//! Boards as tooling needs them (read through the runtime's `BoardProfile`) and the release build for a board's target,
 //! including the cross-compilation environment for aarch64.
 
 use crate::tools::{self, Requirement, need_tool};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use sgps::board::BoardProfile;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,16 +15,17 @@ pub const CROSS_SYSROOT: &str = "/usr/aarch64-linux-gnu";
 /// glibc of the cross toolchain's sysroot (Debian 12); boards with an older glibc need zigbuild.
 const CROSS_GLIBC: (u32, u32) = (2, 36);
 
-/// What tooling needs to know about a board: its target, CPU, model variants and glibc.
+/// What tooling needs to know about a board: its target, CPU, model variants and glibc, read
+/// from the profile through the runtime's own type (`sgps::board::BoardProfile`).
 #[derive(Debug, Clone)]
 pub struct Board {
     pub name: String,
     /// `board/<name>.toml`.
     pub profile: PathBuf,
-    /// Rust target triple; `None` = the host (the `sim` board).
+    /// Rust target triple; `None` = the host (profile key `target` absent or `host`).
     pub target: Option<String>,
-    /// CPU to emulate with qemu (`-cpu`).
-    pub qemu_cpu: &'static str,
+    /// CPU to emulate with qemu (`-cpu`; profile key `qemu_cpu`, else `max`).
+    pub qemu_cpu: String,
     /// Image encoder variant to ship (key `image_variant` in the profile); `None` = manifest default.
     pub image_variant: Option<String>,
     /// Text encoder variant to ship (key `text_variant`); `None` = manifest default.
@@ -56,52 +58,27 @@ impl Board {
             name: "host".into(),
             profile: root.join("board/sim.toml"),
             target: None,
-            qemu_cpu: "max",
+            qemu_cpu: "max".into(),
             image_variant: None,
             text_variant: None,
             glibc: None,
         }
     }
 
-    /// Parses the parts of a profile that tooling needs. Keys may sit at the top level or in any
-    /// table one level down (e.g. `[models] image_variant = "int8"`).
+    /// A board from its profile's text, checked as the runtime checks it.
     pub fn from_toml(name: &str, profile: &Path, text: &str) -> Result<Board> {
-        let table: toml::Table = toml::from_str(text)
-            .with_context(|| format!("board profile {} is not valid TOML", profile.display()))?;
-        let get = |key: &str| -> Option<String> {
-            let direct = table.get(key).and_then(|v| v.as_str());
-            let nested = || {
-                table
-                    .values()
-                    .filter_map(|v| v.as_table())
-                    .find_map(|t| t.get(key).and_then(|v| v.as_str()))
-            };
-            direct.or_else(nested).map(str::to_string)
-        };
-        let target = match get("target").as_deref() {
-            Some("host") => None,
-            Some(t) => Some(t.to_string()),
-            None if name == "sim" => None,
-            None => Some(AARCH64.to_string()),
-        };
-        let glibc = match get("glibc") {
-            Some(v) => Some(parse_glibc(&v).with_context(|| {
-                format!("board profile {}: bad `glibc` value", profile.display())
-            })?),
-            None if name.starts_with("jetson") => Some((2, 31)),
-            None => None,
-        };
-        let qemu_cpu = match name {
-            "rpi4" => "cortex-a72",
-            _ => "cortex-a76",
-        };
+        let p = BoardProfile::parse(text)
+            .map_err(|e| anyhow!("invalid board profile {}: {e}", profile.display()))?;
+        let glibc = p
+            .glibc_version()
+            .map_err(|e| anyhow!("board profile {}: {e}", profile.display()))?;
         Ok(Board {
             name: name.to_string(),
             profile: profile.to_path_buf(),
-            target,
-            qemu_cpu,
-            image_variant: get("image_variant").or_else(|| get("model_variant")),
-            text_variant: get("text_variant"),
+            target: p.target.filter(|t| t != "host"),
+            qemu_cpu: p.qemu_cpu.unwrap_or_else(|| "max".into()),
+            image_variant: p.image_variant,
+            text_variant: p.text_variant,
             glibc,
         })
     }
@@ -130,13 +107,6 @@ fn host_deb_arch() -> &'static str {
             "all"
         }
     }
-}
-
-fn parse_glibc(v: &str) -> Result<(u32, u32)> {
-    let (a, b) = v
-        .split_once('.')
-        .with_context(|| format!("expected MAJOR.MINOR, got `{v}`"))?;
-    Ok((a.trim().parse()?, b.trim().parse()?))
 }
 
 /// Names of the profiles in `board/`.
@@ -312,7 +282,7 @@ pub fn qemu_command(board: &Board) -> Result<Vec<String>> {
     Ok(vec![
         qemu.to_string_lossy().into_owned(),
         "-cpu".into(),
-        board.qemu_cpu.into(),
+        board.qemu_cpu.clone(),
         "-L".into(),
         CROSS_SYSROOT.into(),
     ])
@@ -398,27 +368,51 @@ fn need_tool_any(names: &[&str], install: &str) -> Option<Requirement> {
 mod tests {
     use super::*;
 
+    fn shipped(name: &str) -> (PathBuf, String) {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .join(format!("board/{name}.toml"));
+        let text = fs::read_to_string(&p).unwrap();
+        (p, text)
+    }
+
     #[test]
-    fn profile_keys_top_level_or_nested() {
-        let b = Board::from_toml(
-            "rpi5",
-            Path::new("board/rpi5.toml"),
-            "threads = 4\n[models]\nimage_variant = \"int8\"\n",
-        )
-        .unwrap();
+    fn profiles_give_target_cpu_and_variants() {
+        let (p, text) = shipped("rpi5");
+        let b = Board::from_toml("rpi5", &p, &text).unwrap();
         assert_eq!(b.target.as_deref(), Some(AARCH64));
-        assert_eq!(b.image_variant.as_deref(), Some("int8"));
         assert_eq!(b.qemu_cpu, "cortex-a76");
         assert!(!b.needs_zigbuild());
         assert_eq!(b.deb_arch(), "arm64");
+        let int8 = crate::dist::set_top_level_key(&text, "image_variant", "int8");
+        let b = Board::from_toml("rpi5", &p, &int8).unwrap();
+        assert_eq!(b.image_variant.as_deref(), Some("int8"));
 
-        let sim =
-            Board::from_toml("sim", Path::new("board/sim.toml"), "image_variant='fp32'").unwrap();
+        let (p, text) = shipped("sim");
+        let sim = Board::from_toml("sim", &p, &text).unwrap();
         assert!(sim.target.is_none());
-        assert_eq!(sim.image_variant.as_deref(), Some("fp32"));
 
-        let rpi4 = Board::from_toml("rpi4", Path::new("x"), "").unwrap();
-        assert_eq!(rpi4.qemu_cpu, "cortex-a72");
+        let (p, text) = shipped("rpi4");
+        assert_eq!(
+            Board::from_toml("rpi4", &p, &text).unwrap().qemu_cpu,
+            "cortex-a72"
+        );
+    }
+
+    #[test]
+    fn xtask_rejects_what_the_runtime_rejects() {
+        // a key the runtime does not know (variants are top-level keys), named in the error
+        let (p, text) = shipped("rpi5");
+        let nested = format!("{text}\n[models]\nimage_variant = \"int8\"\n");
+        let e = Board::from_toml("rpi5", &p, &nested)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("models") && e.contains("rpi5.toml"), "{e}");
+        let e = Board::from_toml("rpi5", &p, "name = \"rpi5\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field"), "{e}");
     }
 
     #[test]
@@ -433,12 +427,17 @@ mod tests {
 
     #[test]
     fn old_glibc_boards_go_through_zigbuild() {
-        let j = Board::from_toml("jetson-orin-nano", Path::new("x"), "").unwrap();
+        let (p, text) = shipped("jetson-orin-nano");
+        let j = Board::from_toml("jetson-orin-nano", &p, &text).unwrap();
         assert_eq!(j.glibc, Some((2, 31)));
         assert!(j.needs_zigbuild());
-        let j = Board::from_toml("jetson-orin-nano", Path::new("x"), "glibc = \"2.39\"").unwrap();
+        let newer = crate::dist::set_top_level_key(&text, "glibc", "2.39");
+        let j = Board::from_toml("jetson-orin-nano", &p, &newer).unwrap();
         assert!(!j.needs_zigbuild());
-        assert!(Board::from_toml("rpi5", Path::new("x"), "glibc = \"two\"").is_err());
+        let (p, text) = shipped("rpi5");
+        let bad = crate::dist::set_top_level_key(&text, "glibc", "two");
+        let e = Board::from_toml("rpi5", &p, &bad).unwrap_err().to_string();
+        assert!(e.contains("MAJOR.MINOR"), "{e}");
     }
 
     #[test]

@@ -8,11 +8,11 @@
 use crate::build::Board;
 use crate::sign;
 use crate::tools;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::SigningKey;
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use serde_json::Value;
+use sgps::manifest::Manifest;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -152,59 +152,33 @@ fn copy_exec(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Model files a board needs, as (file, expected sha256) from the manifest.
-pub fn model_files(manifest: &Value, board: &Board) -> Result<Vec<(String, Option<String>)>> {
-    let mut files = Vec::new();
-    for (section, variant) in [
-        ("image_encoder", board.image_variant.as_deref()),
-        ("text_encoder", board.text_variant.as_deref()),
-    ] {
-        let sec = manifest
-            .get(section)
-            .with_context(|| format!("manifest.json has no `{section}`"))?;
-        let variants = sec
-            .get("variants")
-            .and_then(Value::as_object)
-            .with_context(|| format!("manifest.json: `{section}.variants` is missing"))?;
-        let chosen = match variant {
-            Some(v) => v.to_string(),
-            None => sec
-                .get("default_variant")
-                .and_then(Value::as_str)
-                .with_context(|| format!("manifest.json: `{section}.default_variant` missing"))?
-                .to_string(),
-        };
-        let v = variants.get(&chosen).with_context(|| {
-            format!(
-                "board {} asks for {section} variant `{chosen}`, but manifest.json only has: {}",
-                board.name,
-                variants.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })?;
-        files.push(file_entry(v, &format!("{section}.variants.{chosen}"))?);
-        if section == "text_encoder"
-            && let Some(tok) = sec.get("tokenizer")
-        {
-            files.push(file_entry(tok, "text_encoder.tokenizer")?);
-        }
-    }
-    let synth = manifest
-        .get("synthesizer")
-        .context("manifest.json has no `synthesizer`")?;
-    files.push(file_entry(synth, "synthesizer")?);
-    Ok(files)
-}
-
-fn file_entry(v: &Value, what: &str) -> Result<(String, Option<String>)> {
-    let file = v
-        .get("file")
-        .and_then(Value::as_str)
-        .with_context(|| format!("manifest.json: `{what}.file` missing"))?;
-    if file.contains("..") || file.starts_with('/') {
-        bail!("manifest.json: `{what}.file` = {file} points outside models/");
-    }
-    let sha = v.get("sha256").and_then(Value::as_str).map(str::to_string);
-    Ok((file.to_string(), sha))
+/// Model files a board needs, as (file, expected sha256): the variants its profile names, else
+/// the manifest's defaults, chosen by the runtime's own `Manifest` (as the device will load them).
+pub fn model_files(manifest: &Manifest, board: &Board) -> Result<Vec<(String, String)>> {
+    let on_board = |e: sgps::error::Error| anyhow!("board {}: {e}", board.name);
+    let (_, image) = manifest
+        .image_variant(board.image_variant.as_deref())
+        .map_err(on_board)?;
+    let (_, text) = manifest
+        .text_variant(board.text_variant.as_deref())
+        .map_err(on_board)?;
+    let tok = &manifest.text_encoder.tokenizer;
+    let synth = &manifest.synthesizer;
+    let files = [
+        ("image encoder", &image.file, &image.sha256),
+        ("text encoder", &text.file, &text.sha256),
+        ("tokenizer", &tok.file, &tok.sha256),
+        ("synthesizer", &synth.file, &synth.sha256),
+    ];
+    files
+        .into_iter()
+        .map(|(what, file, sha)| {
+            if file.contains("..") || file.starts_with('/') {
+                bail!("manifest.json: the {what} file {file} points outside models/");
+            }
+            Ok((file.clone(), sha.clone()))
+        })
+        .collect()
 }
 
 fn copy_models(models: &Path, out: &Path, board: &Board) -> Result<()> {
@@ -215,8 +189,8 @@ fn copy_models(models: &Path, out: &Path, board: &Board) -> Result<()> {
             manifest_path.display()
         )
     })?;
-    let manifest: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", manifest_path.display()))?;
+    let manifest =
+        Manifest::from_json(&text).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
     fs::create_dir_all(out)?;
     copy(&manifest_path, &out.join("manifest.json"))?;
     for (file, sha) in model_files(&manifest, board)? {
@@ -227,15 +201,13 @@ fn copy_models(models: &Path, out: &Path, board: &Board) -> Result<()> {
                 src.display()
             );
         }
-        if let Some(expected) = sha {
-            let actual = tools::sha256_file(&src)?;
-            if !actual.eq_ignore_ascii_case(&expected) {
-                bail!(
-                    "{} does not match the SHA-256 in manifest.json (has {actual}, manifest says \
-                     {expected}); re-export the models or fix the manifest",
-                    src.display()
-                );
-            }
+        let actual = tools::sha256_file(&src)?;
+        if !actual.eq_ignore_ascii_case(&sha) {
+            bail!(
+                "{} does not match the SHA-256 in manifest.json (has {actual}, manifest says \
+                 {sha}); re-export the models or fix the manifest",
+                src.display()
+            );
         }
         let dst = out.join(&file);
         if let Some(d) = dst.parent() {
@@ -372,16 +344,13 @@ mod tests {
 
     #[test]
     fn model_files_follow_board_variant_and_reject_unknown() {
-        let m: Value = serde_json::json!({
-            "image_encoder": {"variants": {
-                "fp32": {"file": "image_encoder.onnx", "sha256": "aa"},
-                "int8": {"file": "image_encoder.int8.onnx", "sha256": "bb"}},
-                "default_variant": "fp32"},
-            "text_encoder": {"variants": {"int8": {"file": "text_encoder.int8.onnx"}},
-                "default_variant": "int8", "tokenizer": {"file": "tokenizer.json"}},
-            "synthesizer": {"file": "synthesizer.onnx"}
-        });
-        let mut b = Board::from_toml("rpi5", Path::new("x"), "image_variant='int8'").unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let m =
+            Manifest::from_json(&fs::read_to_string(root.join("models/manifest.json")).unwrap())
+                .unwrap();
+        let rpi5 = fs::read_to_string(root.join("board/rpi5.toml")).unwrap();
+        let text = set_top_level_key(&rpi5, "image_variant", "int8");
+        let mut b = Board::from_toml("rpi5", Path::new("x"), &text).unwrap();
         let f: Vec<String> = model_files(&m, &b)
             .unwrap()
             .into_iter()

@@ -19,6 +19,13 @@ struct Fixture {
     key: SigningKey,
 }
 
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
 fn sha(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -39,21 +46,29 @@ fn fixture() -> Fixture {
     for (f, b) in files {
         fs::write(models.join(f), b).unwrap();
     }
-    let manifest = serde_json::json!({
-        "format": 1,
-        "image_encoder": {"variants": {
-            "fp32": {"file": "image_encoder.onnx", "sha256": sha(b"fp32-model"), "bytes": 10},
-            "int8": {"file": "image_encoder.int8.onnx", "sha256": sha(b"int8-model"), "bytes": 10}},
-            "default_variant": "fp32"},
-        "text_encoder": {"variants": {"int8": {"file": "text_encoder.int8.onnx", "sha256": sha(b"text-model")}},
-            "default_variant": "int8", "tokenizer": {"file": "tokenizer.json", "sha256": sha(b"{}")}},
-        "synthesizer": {"file": "synthesizer.onnx", "sha256": sha(b"synth")}
-    });
+    // the shipped manifest (so the runtime's typed reader accepts it) pointing at these files
+    let mut manifest: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(repo_root().join("models/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    manifest["image_encoder"]["variants"] = serde_json::json!({
+        "fp32": {"file": "image_encoder.onnx", "sha256": sha(b"fp32-model"), "bytes": 10},
+        "int8": {"file": "image_encoder.int8.onnx", "sha256": sha(b"int8-model"), "bytes": 10}});
+    manifest["image_encoder"]["default_variant"] = "fp32".into();
+    manifest["text_encoder"]["variants"] = serde_json::json!({
+        "int8": {"file": "text_encoder.int8.onnx", "sha256": sha(b"text-model"), "bytes": 10}});
+    manifest["text_encoder"]["default_variant"] = "int8".into();
+    manifest["text_encoder"]["tokenizer"] =
+        serde_json::json!({"file": "tokenizer.json", "sha256": sha(b"{}")});
+    manifest["synthesizer"]["file"] = "synthesizer.onnx".into();
+    manifest["synthesizer"]["sha256"] = sha(b"synth").into();
     fs::write(models.join("manifest.json"), manifest.to_string()).unwrap();
     fs::create_dir_all(p.join("board")).unwrap();
+    // the shipped profile, asking for the int8 image encoder
+    let rpi5 = fs::read_to_string(repo_root().join("board/rpi5.toml")).unwrap();
     fs::write(
         p.join("board/rpi5.toml"),
-        "name = \"rpi5\"\n[models]\nimage_variant = \"int8\"\n",
+        dist::set_top_level_key(&rpi5, "image_variant", "int8"),
     )
     .unwrap();
     fs::create_dir_all(p.join("board/tasks")).unwrap();

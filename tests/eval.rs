@@ -112,6 +112,45 @@ fn small_real_eval_is_deterministic_and_cached() {
     }
     assert!(svg("accuracy-vs-shots").contains("chance (50%)"));
 
+    // The manifest block: only the headline protocol goes into models/manifest.json; from such
+    // a report it carries every method's figures, and writing it keeps every other key in order.
+    use sgps::eval::manifest_block::{manifest_block, write_manifest_block};
+    let e = manifest_block(&first, "int8").unwrap_err().to_string();
+    assert!(e.contains("ISIC-FS-novel") && e.contains("custom"), "{e}");
+    let mut headline = first.clone();
+    headline.config.protocol = "ISIC-FS-novel".into();
+    let block = manifest_block(&headline, "int8").unwrap();
+    let acc = block["results"]["prototype"]["5shot"]["accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (acc - five.methods[3].accuracy.mean).abs() < 1e-4,
+        "{block}"
+    );
+    assert_eq!(five.methods[3].method, "prototype");
+    let models = tempfile::tempdir().unwrap();
+    let text = "{\n  \"format\": 1,\n  \"z\": [1, 2],\n  \"a\": {\"b\": 0.5},\n  \"evaluation\": {\"other\": true}\n}\n";
+    std::fs::write(models.path().join("manifest.json"), text).unwrap();
+    write_manifest_block(models.path(), block.clone()).unwrap();
+    let out = std::fs::read_to_string(models.path().join("manifest.json")).unwrap();
+    let keys: Vec<usize> = [
+        "\"format\"",
+        "\"z\"",
+        "\"a\"",
+        "\"evaluation\"",
+        "\"other\"",
+        "\"sgps_eval\"",
+    ]
+    .iter()
+    .map(|k| out.find(k).unwrap_or_else(|| panic!("{k} missing: {out}")))
+    .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "key order changed: {out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["evaluation"]["sgps_eval"], block);
+
     // Second run: every embedding comes from the cache, and the numbers are identical.
     let second = evaluate(&pipeline, &cfg, cache.path(), None, true, false).expect("eval runs");
     assert_eq!(

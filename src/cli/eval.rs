@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Args;
 
 use sgps::eval::{
-    EvalConfig, EvalReport, ISIC_NOVEL, evaluate, missing_data_message, plots, resolve_data_dir,
+    EvalConfig, EvalReport, ISIC_NOVEL, evaluate, manifest_block, missing_data_message, plots,
+    resolve_data_dir,
 };
 use sgps::pipeline::{LoadOptions, Pipeline};
 
@@ -52,6 +53,10 @@ pub struct EvalArgs {
     /// Also write every episode (image paths) into the JSON report.
     #[arg(long)]
     pub list_episodes: bool,
+    /// Write the figures into the models' manifest.json (`evaluation.sgps_eval`); protocol
+    /// ISIC-FS-novel only.
+    #[arg(long)]
+    pub write_manifest: bool,
 }
 
 impl EvalArgs {
@@ -156,6 +161,10 @@ pub fn report_table(r: &EvalReport) -> String {
 /// `sgps eval`.
 pub fn run(args: &EvalArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result<()> {
     let cfg = args.config();
+    anyhow::ensure!(
+        !args.write_manifest || cfg.protocol == "ISIC-FS-novel",
+        "--write-manifest records protocol ISIC-FS-novel only: drop --classes/--ways/--shots/--episodes/--queries/--seed"
+    );
     if !cfg.data_dir.is_dir() {
         anyhow::bail!(missing_data_message(&cfg.data_dir, "eval"));
     }
@@ -170,6 +179,14 @@ pub fn run(args: &EvalArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
         true,
     )?;
     print!("{}", report_table(&report));
+    if args.write_manifest {
+        let block = manifest_block::manifest_block(&report, &pipeline.text_encoder().variant)?;
+        manifest_block::write_manifest_block(models, block)?;
+        println!(
+            "figures written to {} (evaluation.sgps_eval)",
+            models.join("manifest.json").display()
+        );
+    }
     let out = args.out.clone().unwrap_or_else(|| {
         let name = if cfg.protocol == "ISIC-FS-novel" {
             "isic-fs-novel".to_string()

@@ -11,6 +11,7 @@ pub mod data;
 pub mod descriptions;
 pub mod episodes;
 pub mod logreg;
+pub mod manifest_block;
 pub mod metrics;
 pub mod plots;
 pub mod protocol;

@@ -93,5 +93,17 @@ pub fn train(root: &Path, a: &TrainArgs) -> Result<()> {
         c.arg("--quick");
     }
     c.args(&a.extra).current_dir(root);
-    tools::run(&mut c).context("the training recipe failed")
+    tools::run(&mut c).context("the training recipe failed")?;
+    if a.quick {
+        return Ok(());
+    }
+    // The manifest's figures on the novel classes come from the runtime, after every choice is
+    // frozen: `sgps eval --write-manifest` on the files just written.
+    let mut e = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    e.args(["run", "--release", "-q", "-p", "sgps", "--", "--models"])
+        .arg(&a.out)
+        .args(["eval", "--write-manifest", "--data"])
+        .arg(&a.data)
+        .current_dir(root);
+    tools::run(&mut e).context("sgps eval --write-manifest after the recipe failed")
 }

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if args.stage in ("all", "supervised"):
         supervise.run(args)
 
-    res = conditions.run(args)
+    res = conditions.run(args, supervise.fold_views)
     conditions.export_g(res, args.out)
     return 0
 

@@ -86,7 +86,8 @@ class CosineHead(nn.Module):
 
 def proto_score(feats: np.ndarray, items, episodes_n: int, seed: int = 5) -> tuple[float, float]:
     """(ISIC-base 4-way, all-base 5-way) prototype accuracy averaged over 1- and 5-shot."""
-    from .recipe import ISIC_BASE, group, proto_acc
+    from .data import ISIC_BASE, group
+    from .episodes import proto_acc
 
     f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     emb = group(f, items)

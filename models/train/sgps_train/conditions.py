@@ -180,38 +180,6 @@ def group_by_class(items, emb: np.ndarray) -> dict:
     return {c: np.stack(v) for c, v in groups.items()}
 
 
-def fold_views(models: Path, data_dir: Path, work: Path, folds: list, quick: bool, seed: int):
-    """When the shipped image encoder is the supervised stage's (trained on every base skin condition),
-    the folds must not be scored with it: for each fold, (embeddings by class, concept pairs) of every
-    chosen image through that fold's encoder, fine-tuned without the fold's classes (the supervised
-    stage's cached check encoders). None when the encoder was not trained on the base labels."""
-    mf = json.loads((models / "manifest.json").read_text())
-    sup = mf.get("provenance", {}).get("supervised_encoder")
-    if not (sup and sup.get("shipped")):
-        return None
-    from . import supervise as S
-
-    start, start_sha = S.start_encoder(models, work)
-    _, skin = S.skin_items(data_dir, quick, seed)
-    chosen = chosen_items(data_dir, quick, seed)
-    pool_skin, pool = S.image_pool(data_dir, skin, work), S.image_pool(data_dir, chosen, work)
-    views = []
-    for fi, fold in enumerate(folds):
-        fold = set(fold)
-        train_idx = np.asarray([i for i, it in enumerate(skin) if it.key not in fold])
-        enc, _ = S.finetuned_cached(start, start_sha, skin, pool_skin, train_idx, fi, quick, work, f"fold{fi}")
-        cache = work / f"cond_foldenc_{_key(fi, *[float(p.sum()) for p in enc.state_dict().values()], *[it.path for it in chosen])}.npy"
-        if cache.exists():
-            flat = np.load(cache)
-        else:
-            t0 = time.time()
-            flat = S.embed(enc, pool, np.arange(len(chosen))).astype(np.float32)
-            save_atomic(cache, lambda p: np.save(open(p, "wb"), flat))
-            log.info("fold %d: %d images embedded by its encoder (%.0f s)", fi, len(chosen), time.time() - t0)
-        views.append((group_by_class(chosen, flat), concept_pairs(models, data_dir, chosen, flat, work)))
-    return views
-
-
 def load_conditions(models: Path, data_dir: Path, work: Path, desc: dict, quick: bool, seed: int):
     chosen = chosen_items(data_dir, quick, seed)
     check_no_novel(desc)
@@ -445,7 +413,9 @@ def calibrate(g: Synthesizer, emb: dict, texts: dict, quick: bool, seed: int) ->
             "refer": episodes.refer_threshold(probs, labels)}
 
 
-def run(args) -> dict:
+def run(args, fold_views=None) -> dict:
+    """`fold_views` (supervise.fold_views, passed by run.py): each fold's embeddings through the
+    supervised stage's encoder trained without that fold; None = the shipped encoder's only."""
     here = Path(__file__).resolve().parent.parent
     models = args.out
     work = args.work
@@ -459,7 +429,7 @@ def run(args) -> dict:
     log.info("conditions: %d base classes, %d images, %d descriptions (%.0f s)", len(emb),
              sum(len(v) for v in emb.values()), sum(len(v) for v in texts.values()), time.time() - t0)
     folds = make_folds(sorted(emb), 2 if quick else FOLDS, args.seed)
-    views = fold_views(models, args.data, work, folds, quick, args.seed)
+    views = fold_views(models, args.data, work, folds, quick, args.seed) if fold_views else None
     tm = text_map_check(emb, texts, concepts, quick, args.seed, views)
     if tm["chosen"] == "descriptions":
         concepts = None

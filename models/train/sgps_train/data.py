@@ -124,3 +124,14 @@ def to_tensor(im: Image.Image, mean, std) -> np.ndarray:
 
 def preprocess_file(path: Path, mean, std, size: int = INPUT_SIZE) -> np.ndarray:
     return to_tensor(resize_center_crop(load_rgb(path), size), mean, std)
+
+
+ISIC_BASE = ["isic/basal_cell_carcinoma", "isic/melanoma", "isic/nevus", "isic/pigmented_benign_keratosis"]
+
+
+def group(emb: np.ndarray, items) -> dict[str, np.ndarray]:
+    """Embeddings by class key (rows of `emb` in `items` order), classes sorted."""
+    out: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        out.setdefault(it.key, []).append(i)
+    return {k: emb[np.asarray(v)] for k, v in sorted(out.items())}

@@ -148,3 +148,15 @@ def collect_logits(g, emb, texts, classes, n_way, k, q, episodes, use_text, seed
         w, b, sc = run_g(g, s, t, tm, tw)
         out.append((logits(torch.from_numpy(qx).float(), w, b, sc).numpy(), y))
     return out
+
+
+def proto_acc(emb_by_class: dict, classes, n_way, k, q, episodes_n, seed=0) -> float:
+    """Prototype (imprinting) accuracy on seeded N-way K-shot episodes."""
+    rng = np.random.default_rng(seed)
+    accs = []
+    for _ in range(episodes_n):
+        s, qx, y, _ = sample_episode(rng, emb_by_class, classes, n_way, k, q)
+        w = s.mean(1)
+        w /= np.linalg.norm(w, axis=1, keepdims=True) + 1e-8
+        accs.append(float(((qx @ w.T).argmax(-1) == y).mean()))
+    return float(np.mean(accs))

@@ -47,7 +47,8 @@ CONFIGS = {
 def classes_accuracy(feats: np.ndarray, items, classes, n_ep: int) -> dict:
     """len(classes)-way prototype accuracy, 1- and 5-shot (15 queries, the checks' episode seeds),
     on the L2-normalised `feats` of those `items` whose class is in `classes`."""
-    from .recipe import group, proto_acc
+    from .data import group
+    from .episodes import proto_acc
 
     held = [i for i, it in enumerate(items) if it.key in classes]
     f = feats[held]
@@ -170,7 +171,7 @@ def synth_check(fold_models, items: dict, texts: dict, ridge_init, dim: int, ini
     items}, splits "a", "b1", "b2"), G meta-trained on the other base classes in each configuration, then 2-way images+text
     accuracy (1- and 5-shot, the held-out classes' own descriptions through the text projection
     fitted without them) on the held-out pair. Returns figures and the chosen configuration."""
-    from .recipe import group
+    from .data import group
 
     t0 = time.time()
     ia, ib1, ib2 = items["a"], items["b1"], items["b2"]

@@ -117,7 +117,7 @@ class TaskSampler:
 @torch.no_grad()
 def val_score(g: Synthesizer, emb_val: dict, texts: dict, seed: int, n_ep: int, tw: dict) -> dict:
     from .episodes import evaluate
-    from .recipe import ISIC_BASE
+    from .data import ISIC_BASE
 
     isic = [c for c in ISIC_BASE if c in emb_val]
     out = {}

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from . import data, embed, episodes, export, heldout, lite0, minilm
+from .data import ISIC_BASE, group
+from .episodes import proto_acc
 from .synth import Synthesizer
 
 log = logging.getLogger("sgps_train")
@@ -108,13 +110,6 @@ def pkg_version(name: str) -> str | None:
 def load_descriptions(path: Path) -> dict:
     d = json.loads(path.read_text())
     return {"base": d["base"], "novel": d["novel"]}
-
-
-def group(emb: np.ndarray, items) -> dict[str, np.ndarray]:
-    out: dict[str, list[int]] = {}
-    for i, it in enumerate(items):
-        out.setdefault(it.key, []).append(i)
-    return {k: emb[np.asarray(v)] for k, v in sorted(out.items())}
 
 
 def ridge_text_proj(g: Synthesizer, emb_by_class: dict, texts: dict, lam: float = 0.1):
@@ -314,20 +309,6 @@ def write_tokenizer(src: Path, dst: Path):
         "pad_token": "[PAD]",
     }
     dst.write_text(json.dumps(tj, ensure_ascii=False))
-
-
-def proto_acc(emb_by_class: dict, classes, n_way, k, q, episodes_n, seed=0) -> float:
-    rng = np.random.default_rng(seed)
-    accs = []
-    for _ in range(episodes_n):
-        s, qx, y, _ = episodes.sample_episode(rng, emb_by_class, classes, n_way, k, q)
-        w = s.mean(1)
-        w /= np.linalg.norm(w, axis=1, keepdims=True) + 1e-8
-        accs.append(float(((qx @ w.T).argmax(-1) == y).mean()))
-    return float(np.mean(accs))
-
-
-ISIC_BASE = ["isic/basal_cell_carcinoma", "isic/melanoma", "isic/nevus", "isic/pigmented_benign_keratosis"]
 
 
 def choose_postprocessing(backbone, feats_b1, feats_b2, split_b1, split_b2, quick):

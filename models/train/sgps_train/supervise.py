@@ -277,6 +277,40 @@ def fold_check(start: Path, start_sha: str, classes, items, pool, texts, quick: 
                     "dermoscopic does not lose more than min_gain"}
 
 
+# ---------------------------------------------------------------- the fold encoders' views, for the conditions stage
+
+
+def fold_views(models: Path, data_dir: Path, work: Path, folds: list, quick: bool, seed: int):
+    """(Passed to conditions.run by run.py.) When the shipped image encoder is the supervised
+    stage's (trained on every base skin condition), the folds must not be scored with it: for each fold, (embeddings by class, concept pairs) of every
+    chosen image through that fold's encoder, fine-tuned without the fold's classes (the supervised
+    stage's cached check encoders). None when the encoder was not trained on the base labels."""
+    mf = json.loads((models / "manifest.json").read_text())
+    sup = mf.get("provenance", {}).get("supervised_encoder")
+    if not (sup and sup.get("shipped")):
+        return None
+    start, start_sha = start_encoder(models, work)
+    _, skin = skin_items(data_dir, quick, seed)
+    chosen = C.chosen_items(data_dir, quick, seed)
+    pool_skin, pool = image_pool(data_dir, skin, work), image_pool(data_dir, chosen, work)
+    views = []
+    for fi, fold in enumerate(folds):
+        fold = set(fold)
+        train_idx = np.asarray([i for i, it in enumerate(skin) if it.key not in fold])
+        enc, _ = finetuned_cached(start, start_sha, skin, pool_skin, train_idx, fi, quick, work, f"fold{fi}")
+        cache = work / f"cond_foldenc_{C._key(fi, *[float(p.sum()) for p in enc.state_dict().values()], *[it.path for it in chosen])}.npy"
+        if cache.exists():
+            flat = np.load(cache)
+        else:
+            t0 = time.time()
+            flat = embed(enc, pool, np.arange(len(chosen))).astype(np.float32)
+            save_atomic(cache, lambda p: np.save(open(p, "wb"), flat))
+            log.info("fold %d: %d images embedded by its encoder (%.0f s)", fi, len(chosen), time.time() - t0)
+        views.append((C.group_by_class(chosen, flat), C.concept_pairs(models, data_dir, chosen, flat, work)))
+    return views
+
+
+
 # ---------------------------------------------------------------- export
 
 

@@ -52,7 +52,7 @@ pub fn run(args: &RunArgs, models: Option<&Path>, opts: &LoadOptions) -> anyhow:
         summary.rejected,
         summary.camera_errors,
         summary.syntheses,
-        summary.decisions.len(),
+        summary.decisions_made,
         summary.classifier_id.as_deref().unwrap_or("-")
     );
     if let Some(h) = summary.audit_head {

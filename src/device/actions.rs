@@ -553,7 +553,7 @@ impl<'p> Device<'p> {
             pred.confidence,
             v.as_str()
         );
-        self.summary.decisions.push(Decision {
+        self.summary.record(Decision {
             capture_sha256: sha,
             prediction: pred,
             verdict: v,

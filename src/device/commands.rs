@@ -247,7 +247,7 @@ impl Device<'_> {
             last_decision: self.last_decision.clone(),
             advice: advice(&self.classes, self.profile.shots_per_class),
             message: self.message.clone(),
-            decisions: self.summary.decisions.len(),
+            decisions: self.summary.decisions_made,
             board: self.profile.name.clone(),
         }
     }

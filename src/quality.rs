@@ -228,65 +228,68 @@ pub fn check(img: &RgbImage, t: &GateThresholds) -> Result<QualityMetrics, Rejec
         message: format!("{}; {detail}", reason.advice()),
         metrics: m,
     };
-    if m.border_dark > t.max_border_dark && m.lit_fraction >= 0.05 && m.lit_mean >= t.min_mean {
-        return Err(reject(
-            RejectReason::BadFraming,
+    // in order: the first failed check names the reason
+    let framing =
+        m.border_dark > t.max_border_dark && m.lit_fraction >= 0.05 && m.lit_mean >= t.min_mean;
+    let checks: [(bool, RejectReason, &dyn Fn() -> String); 7] = [
+        (framing, RejectReason::BadFraming, &|| {
             format!(
                 "{:.0}% of the border is black > {:.0}%",
                 m.border_dark * 100.0,
                 t.max_border_dark * 100.0
-            ),
-        ));
-    }
-    if m.mean < t.min_mean {
-        return Err(reject(
+            )
+        }),
+        (m.mean < t.min_mean, RejectReason::Underexposed, &|| {
+            format!("mean luminance {:.1} < {:.1}", m.mean, t.min_mean)
+        }),
+        (
+            m.dark_clipped > t.max_dark_clipped,
             RejectReason::Underexposed,
-            format!("mean luminance {:.1} < {:.1}", m.mean, t.min_mean),
-        ));
-    }
-    if m.dark_clipped > t.max_dark_clipped {
-        return Err(reject(
-            RejectReason::Underexposed,
-            format!(
-                "{:.0}% of pixels clipped black > {:.0}%",
-                m.dark_clipped * 100.0,
-                t.max_dark_clipped * 100.0
-            ),
-        ));
-    }
-    if m.mean > t.max_mean {
-        return Err(reject(
+            &|| {
+                format!(
+                    "{:.0}% of pixels clipped black > {:.0}%",
+                    m.dark_clipped * 100.0,
+                    t.max_dark_clipped * 100.0
+                )
+            },
+        ),
+        (m.mean > t.max_mean, RejectReason::Overexposed, &|| {
+            format!("mean luminance {:.1} > {:.1}", m.mean, t.max_mean)
+        }),
+        (
+            m.bright_clipped > t.max_bright_clipped,
             RejectReason::Overexposed,
-            format!("mean luminance {:.1} > {:.1}", m.mean, t.max_mean),
-        ));
-    }
-    if m.bright_clipped > t.max_bright_clipped {
-        return Err(reject(
-            RejectReason::Overexposed,
-            format!(
-                "{:.0}% of pixels clipped white > {:.0}%",
-                m.bright_clipped * 100.0,
-                t.max_bright_clipped * 100.0
-            ),
-        ));
-    }
-    if m.laplacian_var < t.min_laplacian_var {
-        return Err(reject(
+            &|| {
+                format!(
+                    "{:.0}% of pixels clipped white > {:.0}%",
+                    m.bright_clipped * 100.0,
+                    t.max_bright_clipped * 100.0
+                )
+            },
+        ),
+        (
+            m.laplacian_var < t.min_laplacian_var,
             RejectReason::Blurred,
-            format!(
-                "Laplacian variance {:.1} < {:.1}",
-                m.laplacian_var, t.min_laplacian_var
-            ),
-        ));
-    }
-    if m.center_contrast < t.min_center_contrast {
-        return Err(reject(
+            &|| {
+                format!(
+                    "Laplacian variance {:.1} < {:.1}",
+                    m.laplacian_var, t.min_laplacian_var
+                )
+            },
+        ),
+        (
+            m.center_contrast < t.min_center_contrast,
             RejectReason::EmptyFrame,
-            format!(
-                "centre contrast {:.1} < {:.1}",
-                m.center_contrast, t.min_center_contrast
-            ),
-        ));
+            &|| {
+                format!(
+                    "centre contrast {:.1} < {:.1}",
+                    m.center_contrast, t.min_center_contrast
+                )
+            },
+        ),
+    ];
+    if let Some((_, reason, detail)) = checks.into_iter().find(|c| c.0) {
+        return Err(reject(reason, detail()));
     }
     Ok(m)
 }

@@ -29,6 +29,29 @@ type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// Draws one plot of a report into a file.
 type Plot = fn(&EvalReport, &Path) -> DrawResult<()>;
 
+/// A line / scatter chart of these plots (both axes f64).
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// Draw the series' legend at `pos` and write the SVG.
+fn legend_and_save<'b>(
+    chart: &mut Chart<'b, 'b>,
+    root: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    pos: SeriesLabelPosition,
+) -> DrawResult<()> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 fn colour(i: usize) -> RGBColor {
     COLOURS[i % COLOURS.len()]
 }
@@ -103,14 +126,7 @@ fn reliability(report: &EvalReport, path: &Path) -> DrawResult<()> {
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_save(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
 fn confusion(report: &EvalReport, path: &Path) -> DrawResult<()> {
@@ -247,14 +263,7 @@ fn risk_coverage(report: &EvalReport, path: &Path) -> DrawResult<()> {
                 .legend(move |(x, y)| Circle::new((x + 10, y), 5, c.filled()));
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_save(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
 fn accuracy_vs_shots(report: &EvalReport, path: &Path) -> DrawResult<()> {
@@ -318,12 +327,5 @@ fn accuracy_vs_shots(report: &EvalReport, path: &Path) -> DrawResult<()> {
                 .map(|&(x, y, e)| ErrorBar::new_vertical(x, y - e, y, y + e, c.filled(), 8)),
         )?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_save(&mut chart, &root, SeriesLabelPosition::LowerRight)
 }

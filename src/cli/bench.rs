@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Also write the figures as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Measure everything a second time with this many threads (tract and onnxruntime alike),
+    /// as extra columns; 0 = only the --threads run.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub also_threads: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,6 +57,25 @@ struct Row {
     onnxruntime: Option<Timing>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ort_key: Option<String>,
+}
+
+/// The bench task: a 4-way 5-shot support set and one query capture from the novel classes.
+struct Task {
+    pool: ImagePool,
+    ep: sgps::eval::episodes::Episode,
+    support_paths: Vec<Vec<PathBuf>>,
+    capture: PathBuf,
+    descs: Vec<descriptions::Description>,
+    texts: Vec<String>,
+}
+
+/// One pass of every measurement at one thread count: the rows, and the onnxruntime spec of the
+/// same models and inputs.
+struct Pass {
+    threads: usize,
+    rows: Vec<Row>,
+    ort_models: Vec<Value>,
+    raw_reps: usize,
 }
 
 fn python_for(args: &BenchArgs, models: &Path) -> PathBuf {
@@ -85,9 +108,133 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let manifest = base.manifest().clone();
 
+    let task = bench_task(&data, &manifest)?;
+    let first = measure_pass(&base, models, opts, threads, w, r, &task)?;
+    let peak_kib = proc_status_kib("VmHWM");
+    let mut passes = vec![first];
+    if args.also_threads > 0 && args.also_threads != threads {
+        let mut o = opts.clone();
+        o.threads = Some(args.also_threads);
+        let more = Pipeline::load(models, &o)
+            .with_context(|| format!("loading the models from {}", models.display()))?;
+        passes.push(measure_pass(
+            &more,
+            models,
+            &o,
+            args.also_threads,
+            w,
+            r,
+            &task,
+        )?);
+    }
+
+    // onnxruntime on the same files and inputs, at each pass's thread count.
+    let mut ort_note = String::new();
+    let mut ort_version = None;
+    if !args.no_ort {
+        let python = python_for(args, models);
+        for pass in passes.iter_mut() {
+            let spec =
+                json!({"threads": pass.threads, "reps": r, "warmup": w, "models": pass.ort_models});
+            match run_ort(&python, &spec) {
+                Ok(v) => {
+                    ort_version = v
+                        .get("onnxruntime")
+                        .and_then(|s| s.as_str())
+                        .map(String::from);
+                    for row in pass.rows.iter_mut() {
+                        if let Some(key) = &row.ort_key {
+                            row.onnxruntime = ort_timing(&v, key);
+                        }
+                    }
+                }
+                Err(e) => {
+                    ort_note = format!("onnxruntime comparison skipped: {e:#}");
+                    break;
+                }
+            }
+        }
+    }
+
+    // Report: one block of columns per thread count.
+    let counts: Vec<String> = passes.iter().map(|p| p.threads.to_string()).collect();
+    println!(
+        "sgps bench — {}
+tract, {} thread(s); {r} timed runs after {w} warm-up runs (raw-capture synthesis: {} runs); models loaded in {:.0} ms",
+        machine(),
+        counts.join(" and "),
+        passes[0].raw_reps,
+        load_ms
+    );
+    if let Some(v) = &ort_version {
+        println!(
+            "onnxruntime {v} (Python, CPUExecutionProvider, intra_op_num_threads = {})",
+            counts.join(" and ")
+        );
+    }
+    print!("\n{:<58}", "median ms (p90 in the JSON)");
+    for p in &passes {
+        let t = p.threads;
+        print!(
+            " {:>11} {:>10} {:>9}",
+            format!("tract {t}t"),
+            format!("ort {t}t"),
+            "tract/ort"
+        );
+    }
+    println!();
+    for (i, row) in passes[0].rows.iter().enumerate() {
+        print!("{:<58}", row.what);
+        for p in &passes {
+            let row = &p.rows[i];
+            let (om, ratio) = match &row.onnxruntime {
+                Some(o) => (
+                    format!("{:.2}", o.median_ms),
+                    format!("{:.2}", row.tract.median_ms / o.median_ms),
+                ),
+                None => (String::new(), String::new()),
+            };
+            print!(" {:>11.3} {:>10} {:>9}", row.tract.median_ms, om, ratio);
+        }
+        println!();
+    }
+    match peak_kib {
+        Some(k) => println!(
+            "\npeak RSS (VmHWM) after the {}-thread pass: {:.1} MiB",
+            passes[0].threads,
+            k as f64 / 1024.0
+        ),
+        None => println!("\npeak RSS: not available on this system"),
+    }
+    println!(
+        "text-encoder rows: tract includes tokenization (see the tokenize row); onnxruntime times the model only."
+    );
+    if !ort_note.is_empty() {
+        println!("{ort_note}");
+    }
+    if let Some(path) = &args.json {
+        let v = json!({
+            "machine": machine(),
+            "reps": r,
+            "warmup": w,
+            "models_load_ms": load_ms,
+            "peak_rss_kib": peak_kib,
+            "onnxruntime_version": ort_version,
+            "onnxruntime_note": ort_note,
+            "passes": passes.iter().map(|p| json!({"threads": p.threads, "rows": p.rows})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The bench task from the collection's novel classes (seed 0).
+fn bench_task(data: &Path, manifest: &sgps::manifest::Manifest) -> anyhow::Result<Task> {
     // A 4-way 5-shot task + one query capture from the novel classes.
     let classes: Vec<String> = ISIC_NOVEL.iter().map(|s| s.to_string()).collect();
-    let pool = ImagePool::open(&data, &classes)?;
+    let pool = ImagePool::open(data, &classes)?;
     let spec = EpisodeSpec {
         ways: 4,
         shots: 5,
@@ -101,7 +248,6 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
         .iter()
         .map(|s| s.iter().map(|&i| pool.path(i)).collect())
         .collect();
-    let all_support: Vec<PathBuf> = support_paths.iter().flatten().cloned().collect();
     let capture = pool.path(ep.queries[0][0]);
     let keys: Vec<(String, String)> = pool
         .classes
@@ -113,8 +259,39 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
         .iter()
         .map(|d| d.text.clone().unwrap_or_else(|| d.class.clone()))
         .collect();
-    let text_refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
 
+    Ok(Task {
+        pool,
+        ep,
+        support_paths,
+        capture,
+        descs,
+        texts,
+    })
+}
+
+/// Every measurement once, with `threads` threads (tract's executor is process-wide: `base` was
+/// loaded with them, and so is every other variant loaded here).
+fn measure_pass(
+    base: &Pipeline,
+    models: &Path,
+    opts: &LoadOptions,
+    threads: usize,
+    w: usize,
+    r: usize,
+    task: &Task,
+) -> anyhow::Result<Pass> {
+    let Task {
+        pool,
+        ep,
+        support_paths,
+        capture,
+        descs,
+        texts,
+    } = task;
+    let text_refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+    let all_support: Vec<PathBuf> = support_paths.iter().flatten().cloned().collect();
+    let manifest = base.manifest();
     let mut rows: Vec<Row> = Vec::new();
     let mut ort_models: Vec<Value> = Vec::new();
     let tensor_shape = |n: usize| {
@@ -128,7 +305,7 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
     for variant in &variants {
         let own;
         let p: &Pipeline = if base.image_encoder().variant == *variant {
-            &base
+            base
         } else {
             let mut o = opts.clone();
             o.image_variant = Some(variant.clone());
@@ -137,14 +314,14 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
             &own
         };
         let enc = p.image_encoder();
-        let support = embed_classes(p, &pool, &ep, &support_paths, &descs)?;
+        let support = embed_classes(p, pool, ep, support_paths, descs)?;
         let clf = p.synthesize(&support, SynthMode::ImagesAndText)?;
-        let img = image_io::load_rgb(&capture)?;
+        let img = image_io::load_rgb(capture)?;
         let tensor = enc.preprocess.batch(std::slice::from_ref(&img));
         let emb = enc.embed_tensor(&tensor, 1)?.remove(0);
         rows.push(Row {
             what: format!("capture [{variant}]: decode"),
-            tract: measure(w, r, || Ok(image_io::load_rgb(&capture)?))?,
+            tract: measure(w, r, || Ok(image_io::load_rgb(capture)?))?,
             onnxruntime: None,
             ort_key: None,
         });
@@ -177,7 +354,7 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
         rows.push(Row {
             what: format!("capture [{variant}]: end to end"),
             tract: measure(w, r, || {
-                let e = p.embed_image_file(&capture)?;
+                let e = p.embed_image_file(capture)?;
                 Ok(clf.predict(&e))
             })?,
             onnxruntime: None,
@@ -224,7 +401,7 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
     }));
 
     // Synthesis, 4-way 5-shot with descriptions.
-    let support = embed_classes(&base, &pool, &ep, &support_paths, &descs)?;
+    let support = embed_classes(base, pool, ep, support_paths, descs)?;
     let synth = base.synthesizer();
     let inputs = synth
         .limits
@@ -266,92 +443,18 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
             all_support.len()
         ),
         tract: measure(w.min(1), raw_reps, || {
-            let s = embed_classes(&base, &pool, &ep, &support_paths, &descs)?;
+            let s = embed_classes(base, pool, ep, support_paths, descs)?;
             Ok(base.synthesize(&s, SynthMode::ImagesAndText)?)
         })?,
         onnxruntime: None,
         ort_key: None,
     });
-    let peak_kib = proc_status_kib("VmHWM");
-
-    // onnxruntime on the same files and inputs.
-    let mut ort_note = String::new();
-    let mut ort_version = None;
-    if !args.no_ort {
-        let python = python_for(args, models);
-        let spec = json!({"threads": threads, "reps": r, "warmup": w, "models": ort_models});
-        match run_ort(&python, &spec) {
-            Ok(v) => {
-                ort_version = v
-                    .get("onnxruntime")
-                    .and_then(|s| s.as_str())
-                    .map(String::from);
-                for row in rows.iter_mut() {
-                    if let Some(key) = &row.ort_key {
-                        row.onnxruntime = ort_timing(&v, key);
-                    }
-                }
-            }
-            Err(e) => {
-                ort_note = format!("onnxruntime comparison skipped: {e:#}");
-            }
-        }
-    }
-
-    // Report.
-    println!(
-        "sgps bench — {}\ntract, {threads} thread(s); {r} timed runs after {w} warm-up runs (raw-capture synthesis: {raw_reps} runs); models loaded in {:.0} ms",
-        machine(),
-        load_ms
-    );
-    if let Some(v) = &ort_version {
-        println!("onnxruntime {v} (Python, CPUExecutionProvider, intra_op_num_threads={threads})");
-    }
-    println!(
-        "\n{:<58} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "measurement", "median ms", "p90 ms", "ort med", "ort p90", "tract/ort"
-    );
-    for row in &rows {
-        let (om, op, ratio) = match &row.onnxruntime {
-            Some(o) => (
-                format!("{:.2}", o.median_ms),
-                format!("{:.2}", o.p90_ms),
-                format!("{:.2}", row.tract.median_ms / o.median_ms),
-            ),
-            None => (String::new(), String::new(), String::new()),
-        };
-        println!(
-            "{:<58} {:>10.3} {:>10.3} {:>10} {:>10} {:>8}",
-            row.what, row.tract.median_ms, row.tract.p90_ms, om, op, ratio
-        );
-    }
-    match peak_kib {
-        Some(k) => println!("\npeak RSS (VmHWM): {:.1} MiB", k as f64 / 1024.0),
-        None => println!("\npeak RSS: not available on this system"),
-    }
-    println!(
-        "text-encoder rows: tract includes tokenization (see the tokenize row); onnxruntime times the model only."
-    );
-    if !ort_note.is_empty() {
-        println!("{ort_note}");
-    }
-    if let Some(path) = &args.json {
-        let v = json!({
-            "machine": machine(),
-            "threads": threads,
-            "reps": r,
-            "warmup": w,
-            "models_load_ms": load_ms,
-            "peak_rss_kib": peak_kib,
-            "onnxruntime_version": ort_version,
-            "onnxruntime_note": ort_note,
-            "rows": rows,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("figures written to {}", path.display());
-    }
-    Ok(())
+    Ok(Pass {
+        threads,
+        rows,
+        ort_models,
+        raw_reps,
+    })
 }
 
 /// The bench task's support set (raw files, descriptions; a class without one is described by

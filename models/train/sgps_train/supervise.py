@@ -64,7 +64,11 @@ def rebuild(path: Path) -> export.ImageEncoder:
     m = onnx.load(str(path))
     init = {i.name: numpy_helper.to_array(i).copy() for i in m.graph.initializer}
     convs = [(init[n.input[1]], init[n.input[2]]) for n in m.graph.node if n.op_type == "Conv"]
-    net = lite0.Lite0()
+    try:
+        variant = lite0.variant_of([w.shape for w, _ in convs])
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} is not an EfficientNet-Lite export of this recipe: {e}") from e
+    net = lite0.Lite0(variant=variant)
     pairs = [(net._conv_stem, net._bn0)]
     for b in net._blocks:
         if b.expand != 1:

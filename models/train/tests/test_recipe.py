@@ -144,6 +144,54 @@ def test_ssl_trains_every_layer_from_augmented_views_and_needs_two_images():
     assert not any(n.startswith("_fc.") for n in changed), "the ImageNet classifier is not part of the encoder"
 
 
+def test_ssl_resumes_a_cut_run_exactly_from_its_checkpoint(tmp_path):
+    from sgps_train import ssl
+
+    rng = np.random.default_rng(1)
+    pool = torch.from_numpy((rng.random((4, 3, 40, 40)) * 255).astype(np.uint8))
+    m = lite0.Lite0().eval()
+    ck = tmp_path / "resume.pt"
+    uncut = ssl.train(m, pool, epochs=2, seed=3, checkpoint=ck)
+    # the checkpoint holds the state after epoch 1 of 2 (none is written after the last); a run that
+    # finds it does only epoch 2 and must end where the uncut run ended
+    assert ck.exists() and torch.load(ck, weights_only=True)["epoch"] == 0
+    resumed = ssl.train(m, pool, epochs=2, seed=3, checkpoint=ck)
+    a, b = uncut.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and it did not start from the ImageNet weights again: one epoch from scratch ends elsewhere
+    one = ssl.train(m, pool, epochs=1, seed=3)
+    assert not torch.equal(one.state_dict()["_conv_stem.weight"], a["_conv_stem.weight"])
+
+
+def test_larger_lite_variants_load_their_imagenet_weights_and_round_trip_through_onnx(tmp_path):
+    from sgps_train import export, supervise
+
+    # every variant's convolution shapes name it and no other
+    for v in lite0.WIDTH_DEPTH:
+        shapes = [tuple(c.weight.shape) for c in lite0.Lite0(variant=v).modules() if isinstance(c, torch.nn.Conv2d)]
+        assert lite0.variant_of(shapes) == v
+    with pytest.raises(RuntimeError, match="match no EfficientNet-Lite variant"):
+        lite0.variant_of([(32, 3, 3, 3)])
+    # Lite1 (in requirements.txt): the packaged weights load strictly; 21 blocks, the last one is the top
+    m = lite0.load_imagenet(lite0.pth_path("lite1"), "lite1")
+    assert len(m._blocks) == 21 and m._conv_head.in_channels == 320
+    from sgps_train import adapt
+
+    assert adapt.split_block(m) == 20 and adapt.split_block(lite0.Lite0()) == 15
+    # an export of it is rebuilt as Lite1 by the supervised stage, equal to onnxruntime
+    enc = export.ImageEncoder(m, torch.rand(lite0.FEATURE_DIM) * 0.1, power=True).eval()
+    path = tmp_path / "lite1.onnx"
+    export.export_image_encoder(enc, path)
+    back = supervise.rebuild(path)
+    assert back.backbone.variant == "lite1"
+    x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        a = back(torch.from_numpy(x)).numpy()
+    assert np.abs(a - export.ort_session(path).run(["embedding"], {"image": x})[0]).max() < 1e-4
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        lite0.pth_path("lite9")
+
+
 def test_ssl_views_honour_the_crop_area():
     from sgps_train import ssl
 

@@ -288,13 +288,16 @@ pub fn html(rows: &[Row], title: &str, head: Option<[u8; 32]>, storage_dir: &Pat
             .and_then(|s| {
                 let mut sha = [0u8; 32];
                 hex::decode_to_slice(s, &mut sha).ok()?;
-                std::fs::read(store::thumbnail_path(storage_dir, &sha)).ok()
+                Some(store::read_thumbnail(storage_dir, &sha))
             })
-            .map(|b| {
-                format!(
+            .map(|t| match t {
+                store::StoredThumbnail::Intact(b) => format!(
                     "<img alt=capture width=96 src=\"data:image/jpeg;base64,{}\">",
                     base64::engine::general_purpose::STANDARD.encode(b)
-                )
+                ),
+                // a damaged thumbnail is never shown as the capture
+                store::StoredThumbnail::Damaged(_) => "<em>thumbnail damaged</em>".to_string(),
+                store::StoredThumbnail::Missing => String::new(),
             })
             .unwrap_or_default();
         let result = match r.kind {
@@ -399,6 +402,33 @@ mod tests {
             prev_sha256: None,
             event,
         }
+    }
+
+    #[test]
+    fn the_report_inlines_intact_thumbnails_and_never_a_damaged_one() {
+        let d = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(d.path()).unwrap();
+        let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 3]));
+        let (good, bad) = ([1u8; 32], [2u8; 32]);
+        store.save_thumbnail(&good, &img).unwrap();
+        store.save_thumbnail(&bad, &img).unwrap();
+        let p = store::thumbnail_path(d.path(), &bad);
+        let mut b = std::fs::read(&p).unwrap();
+        b[20] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        let decision = |seq, sha| {
+            rec(
+                seq,
+                AuditEvent::Rejected {
+                    capture_sha256: sha,
+                    reason: "blurred".into(),
+                },
+            )
+        };
+        let rows = rows(&[decision(1, good), decision(2, bad), decision(3, [3; 32])]);
+        let h = html(&rows, "t", None, d.path());
+        assert_eq!(h.matches("data:image/jpeg;base64,").count(), 1, "{h}");
+        assert_eq!(h.matches("<em>thumbnail damaged</em>").count(), 1, "{h}");
     }
 
     #[test]

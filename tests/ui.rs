@@ -534,6 +534,30 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
         }
     }
 
+    // the capture's thumbnail is served checked: as stored, it is a JPEG; damaged on the card,
+    // it is refused with the reason instead of being shown as the capture
+    let thumb = |addr: &str| {
+        let req = format!(
+            "GET /api/thumb/{}.jpg HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+            hex::encode(decisions[0].1)
+        );
+        raw(addr, req.as_bytes())
+    };
+    let (s, t) = thumb(&addr);
+    assert!(
+        s == 200 && t.contains("image/jpeg"),
+        "{}",
+        &t[..t.len().min(300)]
+    );
+    let thumb_file = store::thumbnail_path(&storage, &decisions[0].1);
+    let stored = std::fs::read(&thumb_file).unwrap();
+    let mut damaged = stored.clone();
+    damaged[stored.len() / 2] ^= 0x40;
+    std::fs::write(&thumb_file, &damaged).unwrap();
+    let (s, t) = thumb(&addr);
+    assert!(s == 500 && t.contains("damaged on the storage card"), "{t}");
+    std::fs::write(&thumb_file, &stored).unwrap();
+
     // ... and the plain pipeline on the same files
     let pipeline = Pipeline::load(&common::models_dir(), &LoadOptions::default()).unwrap();
     let mut support: Vec<ClassSupport> = task

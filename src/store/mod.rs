@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod powercut;
 pub mod record;
+mod thumbs;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::quality::QualityMetrics;
 pub use audit::{AuditEvent, AuditLog, AuditRecord, ScanReport, Verdict};
 pub use record::{FrameError, RecordKind};
+pub use thumbs::{StoredThumbnail, read_thumbnail, thumbnail_path};
 
 /// Format version of class records.
 pub const CLASS_VERSION: u16 = 1;
@@ -352,60 +354,6 @@ impl Store {
         record::read_record(&p, RecordKind::Task, TASK_VERSION).map(Some)
     }
 
-    fn thumb_path(&self, sha: &[u8; 32]) -> PathBuf {
-        thumbnail_path(&self.root, sha)
-    }
-
-    /// Store a small JPEG of a capture (for the UI and reports). Not a record of evidence: the
-    /// audit log holds the capture's SHA-256; a lost thumbnail only shows as missing.
-    pub fn save_thumbnail(&self, sha: &[u8; 32], img: &image::RgbImage) -> Result<(), StoreError> {
-        let path = self.thumb_path(sha);
-        if path.exists() {
-            return Ok(());
-        }
-        let small = image::imageops::thumbnail(
-            img,
-            THUMB_SIDE.min(img.width()).max(1),
-            (THUMB_SIDE * img.height() / img.width().max(1)).clamp(1, THUMB_SIDE),
-        );
-        let mut bytes = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 80)
-            .encode_image(&small)
-            .map_err(|e| StoreError::Encode(format!("thumbnail: {e}")))?;
-        crate::atomic_file::write_on(&*self.disk, &path, &bytes)
-            .map_err(|e| StoreError::io(&path, e))
-    }
-
-    /// The stored thumbnail of a capture, if any.
-    pub fn thumbnail(&self, sha: &[u8; 32]) -> Option<Vec<u8>> {
-        fs::read(self.thumb_path(sha)).ok()
-    }
-
-    /// Delete the oldest thumbnails beyond `max` (the device uses [`MAX_THUMBS`]), never one in
-    /// `keep` (support shots). Returns how many were deleted.
-    pub fn prune_thumbnails(&self, keep: &[[u8; 32]], max: usize) -> Result<usize, StoreError> {
-        let dir = self.root.join("thumbs");
-        let keep: std::collections::HashSet<String> = keep
-            .iter()
-            .map(|s| format!("{}.jpg", hex::encode(s)))
-            .collect();
-        let mut files: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&dir)
-            .map_err(|e| StoreError::io(&dir, e))?
-            .flatten()
-            .filter(|e| !keep.contains(&*e.file_name().to_string_lossy()))
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        if files.len() <= max {
-            return Ok(0);
-        }
-        files.sort();
-        let n = files.len() - max;
-        for (_, p) in &files[..n] {
-            self.disk.remove_file(p).map_err(|e| StoreError::io(p, e))?;
-        }
-        Ok(n)
-    }
-
     /// The active classifier pointer; `Ok(None)` when none was synthesized yet.
     pub fn active(&self) -> Result<Option<ActiveRecord>, StoreError> {
         let p = self.root.join("active.rec");
@@ -414,13 +362,6 @@ impl Store {
         }
         record::read_record(&p, RecordKind::Active, ACTIVE_VERSION).map(Some)
     }
-}
-
-/// Where the thumbnail of a capture lives in the storage directory `root` (read by the screen
-/// and reports without opening the store).
-pub fn thumbnail_path(root: &Path, sha: &[u8; 32]) -> PathBuf {
-    root.join("thumbs")
-        .join(format!("{}.jpg", hex::encode(sha)))
 }
 
 /// File name of a class record: the name with unsafe characters replaced, plus a short hash of
@@ -513,37 +454,6 @@ mod tests {
         assert_eq!(ok.len(), 1);
         assert_eq!(bad.len(), 1);
         assert!(bad[0].to_string().contains("corrupt"), "{}", bad[0]);
-    }
-
-    #[test]
-    fn thumbnails_are_small_bounded_and_keep_support_shots() {
-        let d = tempfile::tempdir().unwrap();
-        let store = Store::open(d.path()).unwrap();
-        let img = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([x as u8, y as u8, 90]));
-        let shas: Vec<[u8; 32]> = (0..6u8).map(|i| [i; 32]).collect();
-        for (i, sha) in shas.iter().enumerate() {
-            store.save_thumbnail(sha, &img).unwrap();
-            // distinct modification times, oldest first
-            let t =
-                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
-            std::fs::File::options()
-                .write(true)
-                .open(thumbnail_path(d.path(), sha))
-                .unwrap()
-                .set_modified(t)
-                .unwrap();
-        }
-        let jpeg = store.thumbnail(&shas[0]).unwrap();
-        let small = image::load_from_memory(&jpeg).unwrap();
-        assert_eq!(
-            (small.width(), small.height()),
-            (THUMB_SIDE, THUMB_SIDE * 480 / 640)
-        );
-        // keep the oldest (a support shot) and 3 more: the 2 oldest others go
-        assert_eq!(store.prune_thumbnails(&shas[..1], 3).unwrap(), 2);
-        let left: Vec<bool> = shas.iter().map(|s| store.thumbnail(s).is_some()).collect();
-        assert_eq!(left, [true, false, false, true, true, true]);
-        assert_eq!(store.prune_thumbnails(&shas[..1], 3).unwrap(), 0);
     }
 
     #[test]

@@ -344,11 +344,18 @@ fn execute(route: Route, ctx: &Context) -> Resp {
         Route::DeviceInfo => device_info(ctx),
         Route::History(f) => history(&f, ctx),
         Route::Thumbnail(sha) => {
-            match std::fs::read(crate::store::thumbnail_path(&ctx.storage_dir, &sha)) {
-                Ok(b) => with_common(
+            use crate::store::StoredThumbnail;
+            match crate::store::read_thumbnail(&ctx.storage_dir, &sha) {
+                StoredThumbnail::Intact(b) => with_common(
                     Response::from_data(b).with_header(header("Content-Type", "image/jpeg")),
                 ),
-                Err(_) => error(404, "no thumbnail kept for this capture"),
+                StoredThumbnail::Missing => error(404, "no thumbnail kept for this capture"),
+                StoredThumbnail::Damaged(why) => error(
+                    500,
+                    &format!(
+                        "the thumbnail of this capture is damaged on the storage card ({why}), so it is not shown; the decision and its audit record are unaffected"
+                    ),
+                ),
             }
         }
         Route::Command(c) => device(ctx, c),

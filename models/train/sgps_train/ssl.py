@@ -143,14 +143,33 @@ def keep_freed_memory():
             libc.malloc_trim(0)
 
 
+def checkpointed_features(net: lite0.Lite0, x: torch.Tensor) -> torch.Tensor:
+    """net.features(x) keeping only each block's input for the backward pass (every block's forward
+    is recomputed there): a fraction of the activation memory for about one more forward pass. The
+    recomputation normalises with the same batch statistics, so the gradients are those of
+    net.features; it also updates the batch-norm running statistics a second time, which the caller
+    undoes (see `train`)."""
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    y = ckpt(net.stem, x, use_reentrant=False)
+    for b in net._blocks:
+        y = ckpt(b, y, use_reentrant=False)
+    return net.head(y)
+
+
 def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: int = 0, max_steps: int | None = None,
-          checkpoint: Path | None = None) -> lite0.Lite0:
+          checkpoint: Path | None = None, low_memory: bool = False) -> lite0.Lite0:
     """A copy of `model` with every layer trained by SimCLR (or BYOL, see OBJECTIVE) on `pool` (uint8 [n, 3, h, w]), on the
     pool's device (the recipe: CPU; the device probe: a GPU, where the forward pass runs in bf16).
 
     With `checkpoint`, the whole training state (weights, projection, optimiser, schedule, the view
     generator's state) is written there after every epoch, and a run that finds one resumes after its
-    epoch: a cut run loses at most one epoch, and the resumed weights equal an uncut run's."""
+    epoch: a cut run loses at most one epoch, and the resumed weights equal an uncut run's.
+
+    `low_memory` recomputes each block's forward pass in the backward pass instead of keeping its
+    activations (`checkpointed_features`; Lite1 needs 21.4 GB per step of 256 images x 2 views
+    without it) and restores the batch-norm running statistics the recomputation updated again, so
+    the trained weights and statistics are those of a run without it, at about a third more time."""
     if len(pool) < 2:
         raise ValueError(f"self-supervised training needs at least 2 images, got {len(pool)}")
     dev = pool.device
@@ -193,13 +212,16 @@ def train(model: lite0.Lite0, pool: torch.Tensor, epochs: int = EPOCHS, seed: in
                 views = torch.cat([augment(x, SIZE, gen), augment(x, SIZE, gen)])
                 views = views.contiguous(memory_format=torch.channels_last)
                 with bf16_on_gpu(dev):
-                    z = proj(net.features(views)).float()
+                    z = proj(checkpointed_features(net, views) if low_memory else net.features(views)).float()
                 if byol:
                     loss = byol.loss(z, views)
                 else:
                     loss = nt_xent(z[: len(x)], z[len(x) :])
                 opt.zero_grad()
+                bn = [(b, b.clone()) for b in net.buffers()] if low_memory else []
                 loss.backward()
+                for b, kept in bn:  # undo the recomputation's second update of the running statistics
+                    b.copy_(kept)
                 opt.step()
                 sched.step()
                 if byol:
@@ -274,7 +296,9 @@ def train_cached(model: lite0.Lite0, data_dir: Path, items, work: Path, epochs: 
     t0 = time.time()
     pool = load_pool(data_dir, items)
     log.info("ssl: %d images loaded (%.0f s); %d epochs at %d px", len(pool), time.time() - t0, epochs, SIZE)
-    net = train(model, pool, epochs=epochs, seed=seed, max_steps=max_steps, checkpoint=ckpt)
+    # Lite1 / Lite2 do not fit in 24 GB at the recipe's batch without recomputation (same result)
+    low_memory = getattr(model, "variant", "lite0") != "lite0"
+    net = train(model, pool, epochs=epochs, seed=seed, max_steps=max_steps, checkpoint=ckpt, low_memory=low_memory)
     cache.save_atomic(path, lambda t: torch.save(net.state_dict(), t))
     ckpt.unlink(missing_ok=True)
     return net, key

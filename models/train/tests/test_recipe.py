@@ -163,6 +163,22 @@ def test_ssl_resumes_a_cut_run_exactly_from_its_checkpoint(tmp_path):
     assert not torch.equal(one.state_dict()["_conv_stem.weight"], a["_conv_stem.weight"])
 
 
+def test_ssl_low_memory_recomputation_trains_exactly_like_the_plain_run():
+    from sgps_train import ssl
+
+    rng = np.random.default_rng(2)
+    pool = torch.from_numpy((rng.random((6, 3, 40, 40)) * 255).astype(np.uint8))
+    m = lite0.Lite0().eval()
+    plain = ssl.train(m, pool, epochs=2, seed=5)
+    low = ssl.train(m, pool, epochs=2, seed=5, low_memory=True)
+    a, b = plain.state_dict(), low.state_dict()
+    # weights and the batch-norm running statistics (updated once per step, not twice)
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst < 1e-5, worst
+    assert torch.equal(a["_bn0.num_batches_tracked"], b["_bn0.num_batches_tracked"])
+    assert not torch.equal(a["_bn0.running_mean"], m.state_dict()["_bn0.running_mean"])
+
+
 def test_larger_lite_variants_load_their_imagenet_weights_and_round_trip_through_onnx(tmp_path):
     from sgps_train import export, supervise
 

@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", choices=["lite0", "lite1", "lite2"], default="lite0",
                     help="EfficientNet-Lite variant of the image encoder (shipped: lite0; lite1 led a device screen, "
                          "models/train/HISTORY.md; the stages' checks then decide as for lite0)")
+    ap.add_argument("--ssl-recompute", choices=["auto", "on", "off"], default="auto",
+                    help="self-supervised step: recompute activations in the backward pass (same weights, less "
+                         "memory, slower); auto = for lite1/lite2 (21 GB a step without it). A checkpoint resumes "
+                         "in either mode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stage", choices=["all", "supervised", "conditions"], default="all",
@@ -50,6 +54,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("sgps_train").setLevel(logging.INFO)
+    from sgps_train import ssl
+
+    ssl.LOW_MEMORY = {"auto": None, "on": True, "off": False}[args.ssl_recompute]
     if args.stage == "all":
         recipe.run(args)
     from sgps_train import conditions, supervise

@@ -52,6 +52,9 @@ JITTER = 0.2
 # of the online one, momentum rising from BYOL_TAU to 1 on a cosine; no negatives); untried on a GPU
 OBJECTIVE = "simclr"
 BYOL_TAU = 0.99
+# recompute activations in the backward pass (`train(low_memory=...)`, same result): None = only for
+# the variants larger than Lite0 (run.py --ssl-recompute); not part of the cache key
+LOW_MEMORY: bool | None = None
 
 
 def settings() -> dict:
@@ -296,8 +299,9 @@ def train_cached(model: lite0.Lite0, data_dir: Path, items, work: Path, epochs: 
     t0 = time.time()
     pool = load_pool(data_dir, items)
     log.info("ssl: %d images loaded (%.0f s); %d epochs at %d px", len(pool), time.time() - t0, epochs, SIZE)
-    # Lite1 / Lite2 do not fit in 24 GB at the recipe's batch without recomputation (same result)
-    low_memory = getattr(model, "variant", "lite0") != "lite0"
+    # Lite1 / Lite2 do not fit in 24 GB at the recipe's batch beside anything else without
+    # recomputation (same result, but 2.7x the time of a Lite0 epoch here instead of ~1.3x)
+    low_memory = getattr(model, "variant", "lite0") != "lite0" if LOW_MEMORY is None else LOW_MEMORY
     net = train(model, pool, epochs=epochs, seed=seed, max_steps=max_steps, checkpoint=ckpt, low_memory=low_memory)
     cache.save_atomic(path, lambda t: torch.save(net.state_dict(), t))
     ckpt.unlink(missing_ok=True)

@@ -14,7 +14,8 @@
 #
 #   python models/train/experiments/pack_backbones.py ../shared/data lite1.pth lite2.pth   # devcarry/
 #   BUDGET=540 python3 models/train/experiments/device_backbone_probe.py
-#   (QUICK=1: a few classes, 1 epoch, 10 episodes - the CPU smoke test)
+#   (QUICK=1: a few classes, 1 epoch, 10 episodes - the CPU smoke test; VARIANTS=lite1,lite2 SEEDS=2
+#   FIRST_SEED=1 SMOKE=0: only the second seeds, without the start-up smoke test - the stop-25 second call)
 import copy
 import io
 import json

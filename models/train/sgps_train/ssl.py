@@ -300,7 +300,7 @@ def train_cached(model: lite0.Lite0, data_dir: Path, items, work: Path, epochs: 
     pool = load_pool(data_dir, items)
     log.info("ssl: %d images loaded (%.0f s); %d epochs at %d px", len(pool), time.time() - t0, epochs, SIZE)
     # Lite1 / Lite2 do not fit in 24 GB at the recipe's batch beside anything else without
-    # recomputation (same result, but 2.7x the time of a Lite0 epoch here instead of ~1.3x)
+    # recomputation (same result, but an epoch takes about 2.2x a Lite0 epoch here instead of ~1.3x)
     low_memory = getattr(model, "variant", "lite0") != "lite0" if LOW_MEMORY is None else LOW_MEMORY
     net = train(model, pool, epochs=epochs, seed=seed, max_steps=max_steps, checkpoint=ckpt, low_memory=low_memory)
     cache.save_atomic(path, lambda t: torch.save(net.state_dict(), t))

@@ -35,6 +35,8 @@ pub enum RecordKind {
     Audit = 3,
     /// The device's task as edited on the device (classes, descriptions, urgent flags).
     Task = 4,
+    /// A capture's thumbnail: the JPEG bytes.
+    Thumbnail = 5,
     /// Records written by tests and the crash-test helper.
     Test = 0xF0,
 }

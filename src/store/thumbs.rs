@@ -2,30 +2,28 @@
 //!
 //! A thumbnail is not evidence (the audit log holds the capture's SHA-256), but a clinician reads
 //! it as "the capture this decision was made on", so a thumbnail damaged on the card must not be
-//! shown as if it were intact. Each file is the JPEG followed by a trailer: the SHA-256 of the
-//! JPEG bytes and [`TAG`]. JPEG readers stop at the end-of-image marker and never see it; reading
-//! checks it ([`read_thumbnail`]). This detects damage (bit rot, a bad sector, a file cut short),
-//! not a deliberate edit: whoever can rewrite the card can rewrite the trailer too; the audit
-//! log's hash chain is what makes records tamper-evident. Files written before the trailer
-//! existed (no tag) are served as they are.
+//! shown as if it were intact. Each file is one framed, checksummed record
+//! ([`RecordKind::Thumbnail`], the JPEG bytes as payload), read back with the same frame check as
+//! every other record ([`read_thumbnail`]). This detects damage (bit rot, a bad sector, a file cut
+//! short), not a deliberate edit: whoever can rewrite the card can rewrite the checksum too; the
+//! audit log's hash chain is what makes records tamper-evident. Files written before thumbnails
+//! were framed (a bare JPEG) are served as they are.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
+use super::record::{self, RecordKind};
 use super::{Store, StoreError, THUMB_SIDE};
 
-/// Last bytes of every thumbnail file written since the trailer exists.
-pub const TAG: &[u8; 8] = b"SGPSTHM1";
-const TRAILER: usize = 32 + TAG.len();
+/// Format version of thumbnail records.
+pub const THUMB_VERSION: u16 = 1;
 
 /// What reading a stored thumbnail found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoredThumbnail {
     /// None kept for this capture (never stored, or pruned: see [`super::MAX_THUMBS`]).
     Missing,
-    /// The JPEG bytes, checked against their trailer (or from before the trailer existed).
+    /// The JPEG bytes, checked against their frame (or from before thumbnails were framed).
     Intact(Vec<u8>),
     /// The file is there but does not check: what is wrong, for the message.
     Damaged(String),
@@ -41,39 +39,24 @@ pub fn thumbnail_path(root: &Path, sha: &[u8; 32]) -> PathBuf {
 /// Read and check the thumbnail of capture `sha` in the storage directory `root`.
 pub fn read_thumbnail(root: &Path, sha: &[u8; 32]) -> StoredThumbnail {
     let path = thumbnail_path(root, sha);
-    match fs::read(&path) {
-        Ok(bytes) => check(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoredThumbnail::Missing,
-        Err(e) => StoredThumbnail::Damaged(format!("cannot read {}: {e}", path.display())),
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return StoredThumbnail::Missing,
+        Err(e) => return StoredThumbnail::Damaged(format!("cannot read {}: {e}", path.display())),
+    };
+    // a bare JPEG (start and end-of-image markers) was written before thumbnails were framed
+    if bytes.starts_with(&[0xFF, 0xD8]) && bytes.ends_with(&[0xFF, 0xD9]) {
+        return StoredThumbnail::Intact(bytes);
     }
-}
-
-fn check(mut bytes: Vec<u8>) -> StoredThumbnail {
-    if !bytes.ends_with(TAG) {
-        // written before the trailer existed (a whole JPEG: start and end-of-image markers), or
-        // cut short / overwritten
-        return if bytes.starts_with(&[0xFF, 0xD8]) && bytes.ends_with(&[0xFF, 0xD9]) {
-            StoredThumbnail::Intact(bytes)
-        } else {
-            StoredThumbnail::Damaged("cut short, or not a JPEG file".into())
-        };
+    match record::decode::<Vec<u8>>(RecordKind::Thumbnail, THUMB_VERSION, &bytes) {
+        Ok((jpeg, end)) if end == bytes.len() => StoredThumbnail::Intact(jpeg),
+        Ok(_) => StoredThumbnail::Damaged("bytes after the record".into()),
+        Err(e) => StoredThumbnail::Damaged(e.to_string()),
     }
-    if bytes.len() < TRAILER {
-        return StoredThumbnail::Damaged("shorter than its checksum".into());
-    }
-    let jpeg_len = bytes.len() - TRAILER;
-    let digest = Sha256::digest(&bytes[..jpeg_len]);
-    if digest.as_slice() != &bytes[jpeg_len..jpeg_len + 32] {
-        return StoredThumbnail::Damaged(
-            "its bytes do not match the checksum stored with them".into(),
-        );
-    }
-    bytes.truncate(jpeg_len);
-    StoredThumbnail::Intact(bytes)
 }
 
 impl Store {
-    /// Store a small JPEG of a capture (for the UI and reports), with its checksum trailer.
+    /// Store a small JPEG of a capture (for the UI and reports), as a checksummed record.
     pub fn save_thumbnail(&self, sha: &[u8; 32], img: &image::RgbImage) -> Result<(), StoreError> {
         let path = thumbnail_path(&self.root, sha);
         if path.exists() {
@@ -84,15 +67,17 @@ impl Store {
             THUMB_SIDE.min(img.width()).max(1),
             (THUMB_SIDE * img.height() / img.width().max(1)).clamp(1, THUMB_SIDE),
         );
-        let mut bytes = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 80)
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80)
             .encode_image(&small)
             .map_err(|e| StoreError::Encode(format!("thumbnail: {e}")))?;
-        let digest = Sha256::digest(&bytes);
-        bytes.extend_from_slice(&digest);
-        bytes.extend_from_slice(TAG);
-        crate::atomic_file::write_on(&*self.disk, &path, &bytes)
-            .map_err(|e| StoreError::io(&path, e))
+        record::write_record(
+            &*self.disk,
+            &path,
+            RecordKind::Thumbnail,
+            THUMB_VERSION,
+            &jpeg,
+        )
     }
 
     /// The stored thumbnail of a capture, checked.
@@ -181,11 +166,15 @@ mod tests {
         let path = thumbnail_path(d.path(), &sha);
         let file = fs::read(&path).unwrap();
         let jpeg = intact(read_thumbnail(d.path(), &sha));
-        // what is served is exactly the JPEG, without the trailer, and it decodes
-        assert_eq!(jpeg.len() + TRAILER, file.len());
+        // what is served is exactly the JPEG, without the frame, and it decodes
+        assert_eq!(
+            record::encode(RecordKind::Thumbnail, THUMB_VERSION, &jpeg).unwrap(),
+            file
+        );
         assert!(image::load_from_memory(&jpeg).is_ok());
         // one flipped bit anywhere in the image data, or a file cut short: damaged, with a reason
-        for at in [2, file.len() / 2, file.len() - TRAILER - 1] {
+        let data = record::HEADER_LEN + 2; // after the header and the payload's length
+        for at in [data, file.len() / 2, file.len() - 1] {
             let mut b = file.clone();
             b[at] ^= 0x10;
             fs::write(&path, &b).unwrap();

@@ -45,7 +45,7 @@ pool = [it for it in items if it.dataset == "isic_unlabelled"] + [it for it in s
 
 
 def load(path: str) -> lite0.Lite0:
-    m = lite0.load_imagenet(lite0.lite0_pth_path())
+    m = lite0.load_imagenet(lite0.pth_path())
     if path != "imagenet":
         m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return m.eval()

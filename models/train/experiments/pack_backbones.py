@@ -49,7 +49,7 @@ np.savez(out / "pack_backbones.npz", buf=np.concatenate(bufs), off=off,
          ssl_idx=np.array([index[it.path] for it in ssl_items]), classes=np.array(classes),
          text_classes=np.array(skin_classes), texts=np.stack([texts[c] for c in skin_classes]))
 print(len(order), "images", round(off[-1] / 1e6, 1), "MB; skin", len(skin), "ssl", len(ssl_items), "classes", len(classes))
-pths = [lite0.lite0_pth_path()] + sys.argv[2:4]
+pths = [lite0.pth_path()] + sys.argv[2:4]
 for v, p in zip(("lite0", "lite1", "lite2"), pths):
     m = lite0.load_imagenet(p, v)  # strict: the shapes are checked here
     sd = {k: t.half() for k, t in m.state_dict().items() if not k.startswith("_fc.")}

@@ -25,11 +25,9 @@ from . import cache, data, embed, lite0
 
 log = logging.getLogger("sgps_train.adapt")
 
-# split_block(model): blocks before it frozen (trunk), it + head trained
-
-
 def split_block(model: lite0.Lite0) -> int:
-    """The first block of the top: the last block (stage 7) - 15 for Lite0, 20 for Lite1 / Lite2."""
+    """The first block of the top (blocks before it are the frozen trunk): the last block (stage 7) -
+    15 for Lite0, 20 for Lite1 / Lite2."""
     return len(model._blocks) - 1
 
 

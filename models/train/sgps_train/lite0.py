@@ -175,10 +175,6 @@ def pth_path(variant: str = "lite0") -> str:
     return getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
-def lite0_pth_path() -> str:
-    return pth_path("lite0")
-
-
 def variant_of(conv_weight_shapes: list[tuple]) -> str:
     """The variant whose convolutions (stem, blocks, head, in order) have exactly these weight shapes."""
     for v in WIDTH_DEPTH:

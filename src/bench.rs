@@ -9,6 +9,8 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::Value;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::plan::SimpleState;
 
 /// Environment variable naming the Python interpreter that has onnxruntime.
 pub const PYTHON_ENV: &str = "SGPS_PYTHON";
@@ -131,6 +133,104 @@ pub fn ort_timing(v: &Value, key: &str) -> Option<Timing> {
         median_ms: r.get("median_ms")?.as_f64()?,
         p90_ms: r.get("p90_ms")?.as_f64()?,
         runs: r.get("runs")?.as_u64()? as usize,
+    })
+}
+
+/// Time spent in one kind of operator (tract's op name) per run of a plan.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OpTime {
+    pub op: String,
+    /// Nodes of this kind in the optimised plan that ran.
+    pub nodes: usize,
+    /// Median over the runs of the summed time of these nodes, in ms.
+    pub median_ms: f64,
+    /// Share of the run's total (median of per-run totals), 0..1.
+    pub share: f64,
+}
+
+/// Time spent in one node of a plan per run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeTime {
+    pub node: String,
+    pub op: String,
+    /// The op's own description (kernel shape, strides, ...), as tract gives it.
+    pub info: String,
+    pub median_ms: f64,
+}
+
+/// A per-operator profile: median total per run, op kinds and nodes, most expensive first.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OpProfile {
+    pub total_ms: f64,
+    pub ops: Vec<OpTime>,
+    pub nodes: Vec<NodeTime>,
+}
+
+/// Per-operator profile of a plan: each node's `eval` timed over `reps` runs (after one untimed
+/// run), grouped by op kind, most expensive first, and the median total in ms.
+pub fn profile_ops(
+    plan: &crate::encoders::Plan,
+    inputs: &TVec<TValue>,
+    reps: usize,
+) -> anyhow::Result<OpProfile> {
+    use std::collections::BTreeMap;
+    let reps = reps.max(1);
+    let mut state = SimpleState::new(plan)?;
+    state.run(inputs.clone())?;
+    // op kind -> (node ids, per-run ms)
+    let mut by_op: BTreeMap<String, (std::collections::BTreeSet<usize>, Vec<f64>)> =
+        BTreeMap::new();
+    // node id -> per-run ms
+    let mut by_node: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut totals = Vec::with_capacity(reps);
+    for run in 0..reps {
+        let mut total = 0.0;
+        state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
+            let t = Instant::now();
+            let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            total += ms;
+            let e = by_op.entry(node.op().name().to_string()).or_default();
+            e.0.insert(node.id);
+            e.1.resize(run + 1, 0.0);
+            e.1[run] += ms;
+            by_node.entry(node.id).or_default().push(ms);
+            out
+        })?;
+        totals.push(total);
+    }
+    let total = Timing::of(&totals).median_ms;
+    let mut ops: Vec<OpTime> = by_op
+        .into_iter()
+        .map(|(op, (nodes, mut ms))| {
+            ms.resize(reps, 0.0);
+            let median_ms = Timing::of(&ms).median_ms;
+            OpTime {
+                op,
+                nodes: nodes.len(),
+                median_ms,
+                share: if total > 0.0 { median_ms / total } else { 0.0 },
+            }
+        })
+        .collect();
+    ops.sort_by(|a, b| b.median_ms.total_cmp(&a.median_ms));
+    let mut nodes: Vec<NodeTime> = by_node
+        .into_iter()
+        .map(|(id, ms)| {
+            let n = plan.model().node(id);
+            NodeTime {
+                node: n.name.clone(),
+                op: n.op().name().to_string(),
+                info: n.op().info().unwrap_or_default().join("; "),
+                median_ms: Timing::of(&ms).median_ms,
+            }
+        })
+        .collect();
+    nodes.sort_by(|a, b| b.median_ms.total_cmp(&a.median_ms));
+    Ok(OpProfile {
+        total_ms: total,
+        ops,
+        nodes,
     })
 }
 

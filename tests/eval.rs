@@ -297,6 +297,8 @@ fn bench_smoke_without_onnxruntime() {
         "0",
         "--python",
         "/nonexistent/python",
+        "--profile",
+        "3",
     ])
     .arg("--data")
     .arg(&data)
@@ -312,6 +314,11 @@ fn bench_smoke_without_onnxruntime() {
             "peak RSS (VmHWM)",
             "onnxruntime comparison skipped",
             "--no-ort",
+            // the per-operator profile: tract's op kinds, with the depthwise convolutions of the
+            // image encoder among them, and the slowest nodes
+            "profile image encoder [fp32]",
+            "profile text encoder [",
+            "slowest nodes:",
         ],
     );
 }

@@ -185,7 +185,10 @@ fn text_encoder_matches_onnxruntime() {
                 "batched"
             }
         );
-        if single_ref {
+        if single_ref && !p.text_encoder().variant.contains("int8") {
+            // fp32 arithmetic (f16w): the same float maths as onnxruntime, up to rounding
+            assert!(d < 1e-4 && c > 0.99999, "text {i}: {d} {c}");
+        } else if single_ref {
             assert!(d < 1e-2 && c > 0.999, "text {i}: {d} {c}");
         } else {
             assert!(d < 5e-2 && c > 0.97, "text {i}: {d} {c}");

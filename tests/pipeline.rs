@@ -264,3 +264,35 @@ fn cli_version_and_missing_models_dir() {
         "{err}"
     );
 }
+
+#[test]
+fn operator_profile_times_every_node() {
+    // `sgps bench --profile` times each node's eval: every node that ran is counted once, under
+    // its op kind, and the kinds come most expensive first.
+    let p = pipeline();
+    let enc = p.image_encoder();
+    let (h, w) = (
+        enc.preprocess.height as usize,
+        enc.preprocess.width as usize,
+    );
+    let img: Vec<f32> = (0..3 * h * w)
+        .map(|i| ((i % 97) as f32 / 97.0) - 0.5)
+        .collect();
+    let prof = sgps::bench::profile_ops(enc.plan(), &enc.inputs(&img).unwrap(), 2).unwrap();
+    assert!(prof.total_ms > 0.0);
+    let counted: usize = prof.ops.iter().map(|o| o.nodes).sum();
+    assert_eq!(counted, prof.nodes.len());
+    assert!(prof.nodes.len() > 50, "{} nodes", prof.nodes.len());
+    assert!(
+        prof.ops
+            .windows(2)
+            .all(|w| w[0].median_ms >= w[1].median_ms)
+    );
+    assert!(
+        prof.ops.iter().any(|o| o.op.contains("DepthWise")),
+        "{:?}",
+        prof.ops.iter().map(|o| &o.op).collect::<Vec<_>>()
+    );
+    let share: f64 = prof.ops.iter().map(|o| o.share).sum();
+    assert!(share > 0.5 && share < 1.5, "shares sum to {share}");
+}

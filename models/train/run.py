@@ -6,7 +6,7 @@
 
 Stages (--stage all runs the three in order, --stage supervised the last two; each heavy step is cached in --work, so a cut run resumes):
   recipe      ImageNet Lite0 check -> self-supervised encoder -> adaptation checks on the 16 original base
-              classes -> text encoder export (int8) -> ONNX export, verification, references, manifest.json
+              classes -> text encoder export (f16w) -> ONNX export, verification, references, manifest.json
   supervised  every layer of that encoder fine-tuned on the 235+ base skin conditions, kept only if
               class-level folds say so (sgps_train/supervise.py)
   conditions  text map and synthesizer G learned from all 251 base conditions, chosen by class-level
@@ -45,10 +45,13 @@ def main(argv=None) -> int:
                          "in either mode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stage", choices=["all", "supervised", "conditions"], default="all",
+    ap.add_argument("--int8-image", action="store_true",
+                    help="also build the static int8 image encoder (not shipped: tract runs it ~35x slower than onnxruntime)")
+    ap.add_argument("--stage", choices=["all", "supervised", "conditions", "text"], default="all",
                     help="all: the encoder recipe, then the supervised stage, then the conditions stage; supervised: "
                          "the many-condition fine-tuning of the encoder already in --out, then the conditions stage; "
-                         "conditions: only the synthesizer stage over all 251 base conditions, on the image encoder in --out")
+                         "conditions: only the synthesizer stage over all 251 base conditions, on the image encoder in --out; "
+                         "text: only re-export the text encoder (and its reference) into the models in --out")
     ap.add_argument("--novel-check", action="store_true",
                     help="after everything is frozen, print a Python-side novel-class sanity figure")
     args = ap.parse_args(argv)
@@ -57,6 +60,9 @@ def main(argv=None) -> int:
     from sgps_train import ssl
 
     ssl.LOW_MEMORY = {"auto": None, "on": True, "off": False}[args.ssl_recompute]
+    if args.stage == "text":
+        recipe.run_text(args)
+        return 0
     if args.stage == "all":
         recipe.run(args)
     from sgps_train import conditions, supervise

@@ -15,7 +15,9 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use sgps::bench::{PYTHON_ENV, Timing, machine, measure, ort_timing, proc_status_kib, run_ort};
+use sgps::bench::{
+    PYTHON_ENV, Timing, machine, measure, ort_timing, proc_status_kib, profile_ops, run_ort,
+};
 use sgps::eval::descriptions;
 use sgps::eval::episodes::{EpisodeSpec, ImagePool, sample_episodes};
 use sgps::eval::{ISIC_NOVEL, missing_data_message, resolve_data_dir};
@@ -47,6 +49,10 @@ pub struct BenchArgs {
     /// as extra columns; 0 = only the --threads run.
     #[arg(long, default_value_t = 2, value_name = "N")]
     pub also_threads: usize,
+    /// Also time every operator of each encoder (tract's op kinds, most expensive first), at the
+    /// --threads count, and print the top N kinds per model (0 = no profile).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub profile: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +133,12 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
             &task,
         )?);
     }
+
+    let profiles = if args.profile > 0 {
+        profile_models(&base, r, &task)?
+    } else {
+        Vec::new()
+    };
 
     // onnxruntime on the same files and inputs, at each pass's thread count.
     let mut ort_note = String::new();
@@ -212,6 +224,32 @@ tract, {} thread(s); {r} timed runs after {w} warm-up runs (raw-capture synthesi
     if !ort_note.is_empty() {
         println!("{ort_note}");
     }
+    for p in &profiles {
+        println!(
+            "\nprofile {} ({threads} thread(s)): {:.3} ms per run in op eval, median of {r} runs",
+            p.model, p.profile.total_ms
+        );
+        println!("{:<28} {:>6} {:>10} {:>7}", "op", "nodes", "ms", "share");
+        for o in p.profile.ops.iter().take(args.profile) {
+            println!(
+                "{:<28} {:>6} {:>10.3} {:>6.1}%",
+                o.op,
+                o.nodes,
+                o.median_ms,
+                100.0 * o.share
+            );
+        }
+        println!("slowest nodes:");
+        for n in p.profile.nodes.iter().take(args.profile) {
+            println!(
+                "{:>10.3} ms  {} {} ({})",
+                n.median_ms,
+                n.op,
+                n.node,
+                n.info.chars().take(110).collect::<String>()
+            );
+        }
+    }
     if let Some(path) = &args.json {
         let v = json!({
             "machine": machine(),
@@ -222,12 +260,52 @@ tract, {} thread(s); {r} timed runs after {w} warm-up runs (raw-capture synthesi
             "onnxruntime_version": ort_version,
             "onnxruntime_note": ort_note,
             "passes": passes.iter().map(|p| json!({"threads": p.threads, "rows": p.rows})).collect::<Vec<_>>(),
+            "profiles": profiles,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("figures written to {}", path.display());
     }
     Ok(())
+}
+
+/// Per-operator profile of one model.
+#[derive(Debug, Serialize)]
+struct Profile {
+    model: String,
+    #[serde(flatten)]
+    profile: sgps::bench::OpProfile,
+}
+
+/// Profile every image-encoder variant on the bench capture and the default text encoder on the
+/// first description, with the pipeline's thread count.
+fn profile_models(base: &Pipeline, reps: usize, task: &Task) -> anyhow::Result<Vec<Profile>> {
+    let manifest = base.manifest();
+    let img = image_io::load_rgb(&task.capture)?;
+    let mut out = Vec::new();
+    let mut variants: Vec<String> = manifest.image_encoder.variants.keys().cloned().collect();
+    variants.sort();
+    for variant in &variants {
+        let own;
+        let enc = if base.image_encoder().variant == *variant {
+            base.image_encoder()
+        } else {
+            own = sgps::encoders::ImageEncoder::load(manifest, Some(variant))?;
+            &own
+        };
+        let tensor = enc.preprocess.batch(std::slice::from_ref(&img));
+        out.push(Profile {
+            model: format!("image encoder [{variant}]"),
+            profile: profile_ops(enc.plan(), &enc.inputs(&tensor)?, reps)?,
+        });
+    }
+    let te = base.text_encoder();
+    let toks = te.tokenize(&[task.texts[0].as_str()])?;
+    out.push(Profile {
+        model: format!("text encoder [{}] ({} tokens)", te.variant, toks.seq),
+        profile: profile_ops(te.plan(), &te.inputs(&toks)?, reps)?,
+    });
+    Ok(out)
 }
 
 /// The bench task from the collection's novel classes (seed 0).

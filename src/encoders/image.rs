@@ -48,6 +48,11 @@ impl ImageEncoder {
         })
     }
 
+    /// The optimised batch-1 plan (for `sgps bench --profile`).
+    pub fn plan(&self) -> &Plan {
+        &self.plan1
+    }
+
     /// Embed decoded RGB images (preprocessing included), in batches of at most [`MAX_BATCH`].
     pub fn embed(&self, imgs: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(imgs.len());
@@ -74,11 +79,19 @@ impl ImageEncoder {
         }
         let mut out = Vec::with_capacity(n);
         for img in data.chunks(per) {
-            let input = tensor("image encoder", &[1, 3, h, w], img)?;
-            let mut outs = run_f32(&self.plan1, "image encoder", tvec![input])?;
+            let mut outs = run_f32(&self.plan1, "image encoder", self.inputs(img)?)?;
             let (shape, data) = outs.remove(0);
             out.extend(rows("image encoder", &shape, data, 1, self.embedding_dim)?);
         }
         Ok(out)
+    }
+
+    /// The plan's inputs for one preprocessed `[3, H, W]` image.
+    pub fn inputs(&self, img: &[f32]) -> Result<TVec<TValue>> {
+        let (h, w) = (
+            self.preprocess.height as usize,
+            self.preprocess.width as usize,
+        );
+        Ok(tvec![tensor("image encoder", &[1, 3, h, w], img)?])
     }
 }

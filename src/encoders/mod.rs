@@ -15,7 +15,7 @@ pub use self::image::ImageEncoder;
 pub use self::text::TextEncoder;
 
 /// A runnable, optimised tract plan.
-pub(crate) type Plan = Arc<TypedRunnableModel>;
+pub type Plan = Arc<TypedRunnableModel>;
 
 /// One dimension of an input fact: a named symbol (e.g. the batch) or a fixed size.
 #[derive(Debug, Clone, Copy)]

@@ -73,9 +73,10 @@ impl TextEncoder {
 
     /// Embed texts, one forward pass per text (no padding at all).
     ///
-    /// One text per run keeps each embedding independent of the other texts: the int8 encoder
-    /// quantizes activations dynamically over the whole input tensor, so padding and batch
-    /// neighbours would change the result. Descriptions are few (<= max classes), so the cost is small.
+    /// One text per run keeps each embedding independent of the other texts: a dynamically
+    /// quantized variant (int8 activations) quantizes over the whole input tensor, so padding and
+    /// batch neighbours would change the result; the shipped fp32-arithmetic variant needs no
+    /// padding either. Descriptions are few (<= max classes), so the cost is small.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(texts.len());
         for t in texts {
@@ -91,6 +92,13 @@ impl TextEncoder {
             return Ok(Vec::new());
         }
         let b = self.tokenize(texts)?;
+        let mut outs = run_f32(&self.plan, "text encoder", self.inputs(&b)?)?;
+        let (shape, data) = outs.remove(0);
+        rows("text encoder", &shape, data, b.n, self.embedding_dim)
+    }
+
+    /// The plan's inputs for a tokenized batch.
+    pub fn inputs(&self, b: &TokenBatch) -> Result<TVec<TValue>> {
         let shape = [b.n, b.seq];
         let mut inputs = tvec![
             tensor("text encoder", &shape, &b.input_ids)?,
@@ -99,9 +107,12 @@ impl TextEncoder {
         if self.has_token_type_ids {
             inputs.push(tensor("text encoder", &shape, &b.token_type_ids)?);
         }
-        let mut outs = run_f32(&self.plan, "text encoder", inputs)?;
-        let (shape, data) = outs.remove(0);
-        rows("text encoder", &shape, data, b.n, self.embedding_dim)
+        Ok(inputs)
+    }
+
+    /// The optimised plan (for `sgps bench --profile`).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 }
 

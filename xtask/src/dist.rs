@@ -345,9 +345,16 @@ mod tests {
     #[test]
     fn model_files_follow_board_variant_and_reject_unknown() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let m =
+        let mut m =
             Manifest::from_json(&fs::read_to_string(root.join("models/manifest.json")).unwrap())
                 .unwrap();
+        // the shipped manifest, plus a second image-encoder variant a board may ask for
+        let mut int8 = m.image_encoder.variants["fp32"].clone();
+        int8.file = "image_encoder.int8.onnx".into();
+        m.image_encoder.variants.insert("int8".into(), int8);
+        let text_file = m.text_encoder.variants[&m.text_encoder.default_variant]
+            .file
+            .clone();
         let rpi5 = fs::read_to_string(root.join("board/rpi5.toml")).unwrap();
         let text = set_top_level_key(&rpi5, "image_variant", "int8");
         let mut b = Board::from_toml("rpi5", Path::new("x"), &text).unwrap();
@@ -360,7 +367,7 @@ mod tests {
             f,
             [
                 "image_encoder.int8.onnx",
-                "text_encoder.int8.onnx",
+                text_file.as_str(),
                 "tokenizer.json",
                 "synthesizer.onnx"
             ]

@@ -115,8 +115,8 @@ def text_encoder_file(models: Path) -> Path:
 
 
 class TextEncoder:
-    """The shipped int8 text encoder through onnxruntime, one text per run, unpadded - exactly
-    what the runtime does (the dynamic int8 quantisation depends on batch neighbours)."""
+    """The shipped default text encoder through onnxruntime, one text per run, unpadded - exactly
+    what the runtime does (a dynamically quantized variant would depend on batch neighbours)."""
 
     def __init__(self, models: Path):
         from tokenizers import Tokenizer

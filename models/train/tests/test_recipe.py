@@ -97,7 +97,12 @@ def test_quick_recipe_end_to_end(tmp_path):
     out = tmp_path / "models"
     run.main(["--data", str(d), "--out", str(out), "--work", str(tmp_path / "work"), "--quick"])
     m = json.loads((out / "manifest.json").read_text())
-    for entry in (m["image_encoder"]["variants"]["fp32"], m["text_encoder"]["variants"]["int8"], m["synthesizer"]):
+    # one variant of each encoder: the default everywhere (int8 image only on request, int8 text no longer)
+    assert list(m["image_encoder"]["variants"]) == ["fp32"]
+    assert list(m["text_encoder"]["variants"]) == ["f16w"] == [m["text_encoder"]["default_variant"]]
+    texts_ref = json.loads((out / "reference" / "texts.json").read_text())
+    assert texts_ref and all(t["variant"] == "f16w" and t["single"] for t in texts_ref)
+    for entry in (m["image_encoder"]["variants"]["fp32"], m["text_encoder"]["variants"]["f16w"], m["synthesizer"]):
         p = out / entry["file"]
         assert p.exists()
         from sgps_train.export import sha256
@@ -441,3 +446,38 @@ def test_supervised_stage_never_reads_novel_classes():
     novel = {f"{ds}/{c}" for ds, c in data.NOVEL}
     assert not novel & set(classes) and not novel & {it.key for it in items}
     assert not novel & {it.key for it in conditions.chosen_items(d, False, 0)}
+
+
+def test_text_stage_reexports_only_the_text_encoder(tmp_path):
+    """`run.py --stage text` on a models dir with the old int8 text encoder: the f16w file, its
+    reference and manifest entry replace it, the stale file goes, everything else is untouched."""
+    import shutil
+
+    import run
+    from sgps_train.export import sha256
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "models"
+    out.mkdir()
+    mf = json.loads((root / "manifest.json").read_text())
+    keep = [mf["image_encoder"]["variants"]["fp32"]["file"], mf["synthesizer"]["file"], "tokenizer.json"]
+    for f in keep + ["manifest.json"]:
+        shutil.copy(root / f, out / f)
+    shutil.copytree(root / "reference", out / "reference")
+    # the state before: an int8 text encoder as the only text variant (a stand-in file)
+    (out / "text_encoder.int8.onnx").write_bytes(b"old")
+    mf["text_encoder"]["variants"] = {"int8": {"file": "text_encoder.int8.onnx", "sha256": sha256(out / "text_encoder.int8.onnx"), "bytes": 3}}
+    mf["text_encoder"]["default_variant"] = "int8"
+    (out / "manifest.json").write_text(json.dumps(mf))
+    before = {f: sha256(out / f) for f in keep}
+    run.main(["--stage", "text", "--out", str(out), "--work", str(tmp_path / "work")])
+    m = json.loads((out / "manifest.json").read_text())
+    te = m["text_encoder"]
+    assert te["default_variant"] == "f16w" and list(te["variants"]) == ["f16w"]
+    assert sha256(out / te["variants"]["f16w"]["file"]) == te["variants"]["f16w"]["sha256"]
+    assert te["variants"]["f16w"]["mean_cosine_to_fp32"] > 0.999
+    assert not (out / "text_encoder.int8.onnx").exists()
+    assert {f: sha256(out / f) for f in keep} == before
+    assert m["synthesizer"] == mf["synthesizer"] and m["head"] == mf["head"]
+    refs = json.loads((out / "reference" / "texts.json").read_text())
+    assert [r["variant"] for r in refs] == ["f16w"] * len(refs)

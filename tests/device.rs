@@ -174,6 +174,17 @@ fn sim_session_matches_plain_pipeline() {
         .and_then(|l| l.split_whitespace().next())
         .expect("AUDIT head line")
         .to_string();
+    // the session reports its memory high-water mark; twice the 150 MiB budget is a leak
+    let peak_mib: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MEMORY peak RSS "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("MEMORY peak RSS line");
+    assert!(
+        peak_mib > 10.0 && peak_mib < 300.0,
+        "peak RSS {peak_mib} MiB"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("-> Synthesize") && stderr.contains("-> Screen"),

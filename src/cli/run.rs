@@ -61,5 +61,9 @@ pub fn run(args: &RunArgs, models: Option<&Path>, opts: &LoadOptions) -> anyhow:
             "AUDIT head sha256 {h} (note it: sgps audit verify --expect-head {h} <storage dir> later shows whether records were removed)"
         );
     }
+    // the session's memory high-water mark (issue 19's budget for the device loop is 150 MiB)
+    if let Some(k) = sgps::bench::proc_status_kib("VmHWM") {
+        println!("MEMORY peak RSS {:.1} MiB (VmHWM)", k as f64 / 1024.0);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,7 +2,7 @@
 # every base skin-condition image of the supervised stage (supervise.skin_items: ISIC base, dermnet,
 # sd198, derm7pt; 6,793 images) and the recipe's self-supervised pool (isic_unlabelled + the ISIC images
 # of the encoder split A), each once, as STORE px WebP q80 (2.6 KB an image) (shorter side resized, centre crop); the
-# description embeddings of those classes by the shipped int8 text encoder; and the ImageNet weights of
+# description embeddings of those classes by the shipped default text encoder (int8 at stop 25, f16w since stop 26); and the ImageNet weights of
 # EfficientNet-Lite0/1/2 without the ImageNet classifier, in fp16. No novel-class image or description is
 # packed (conditions.check_no_novel). Written to devcarry/ (git-ignored, never committed: the images are
 # not redistributed).

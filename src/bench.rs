@@ -177,37 +177,38 @@ pub fn profile_ops(
     let reps = reps.max(1);
     let mut state = SimpleState::new(plan)?;
     state.run(inputs.clone())?;
-    // op kind -> (node ids, per-run ms)
-    let mut by_op: BTreeMap<String, (std::collections::BTreeSet<usize>, Vec<f64>)> =
-        BTreeMap::new();
-    // node id -> per-run ms
+    // node id -> ms in each run; op kinds and run totals are sums over these
     let mut by_node: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    let mut totals = Vec::with_capacity(reps);
     for run in 0..reps {
-        let mut total = 0.0;
         state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
             let t = Instant::now();
             let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            total += ms;
-            let e = by_op.entry(node.op().name().to_string()).or_default();
-            e.0.insert(node.id);
-            e.1.resize(run + 1, 0.0);
-            e.1[run] += ms;
-            by_node.entry(node.id).or_default().push(ms);
+            let ms = by_node.entry(node.id).or_default();
+            ms.resize(run + 1, 0.0);
+            ms[run] += t.elapsed().as_secs_f64() * 1e3;
             out
         })?;
-        totals.push(total);
+    }
+    let mut totals = vec![0.0; reps];
+    let mut by_op: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
+    for (id, ms) in &by_node {
+        let e = by_op
+            .entry(plan.model().node(*id).op().name().to_string())
+            .or_insert_with(|| (0, vec![0.0; reps]));
+        e.0 += 1;
+        for (run, v) in ms.iter().enumerate() {
+            e.1[run] += v;
+            totals[run] += v;
+        }
     }
     let total = Timing::of(&totals).median_ms;
     let mut ops: Vec<OpTime> = by_op
         .into_iter()
-        .map(|(op, (nodes, mut ms))| {
-            ms.resize(reps, 0.0);
+        .map(|(op, (nodes, ms))| {
             let median_ms = Timing::of(&ms).median_ms;
             OpTime {
                 op,
-                nodes: nodes.len(),
+                nodes,
                 median_ms,
                 share: if total > 0.0 { median_ms / total } else { 0.0 },
             }

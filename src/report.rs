@@ -173,6 +173,16 @@ pub fn read_rows(storage_dir: &Path) -> Result<(Vec<Row>, Option<[u8; 32]>), Sto
     Ok((rows(&records), rep.head_sha256()))
 }
 
+/// [`read_rows`], scanning only what changed since the last call with the same `cache` (the
+/// screen's history, on every request).
+pub fn read_rows_cached(
+    storage_dir: &Path,
+    cache: &mut store::audit::SegmentCache,
+) -> Result<(Vec<Row>, Option<[u8; 32]>), StoreError> {
+    let (records, rep) = store::audit::read_all_cached(storage_dir, cache)?;
+    Ok((rows(&records), rep.head_sha256()))
+}
+
 /// Rows in a scope: the last device start (a `start:` note) onwards, today, or all.
 pub fn in_scope(rows: &[Row], scope: Scope, now_ms: u64) -> &[Row] {
     let from = match scope {

@@ -127,6 +127,7 @@ pub fn run(args: &RunOptions) -> Result<Summary> {
                 export_dir: cfg.export_dir.clone(),
                 pairing_token: cfg.pairing_token.clone(),
                 info,
+                audit_cache: Default::default(),
             };
             match crate::ui::serve(&cfg, ctx) {
                 Ok(s) => {

@@ -101,6 +101,8 @@ pub struct Context {
     pub export_dir: PathBuf,
     pub pairing_token: Option<String>,
     pub info: DeviceInfo,
+    /// The audit log's closed segments, parsed once (the history view reads the log per request).
+    pub audit_cache: std::sync::Mutex<crate::store::audit::SegmentCache>,
 }
 
 /// A running server.
@@ -397,7 +399,15 @@ pub fn free_space(_dir: &std::path::Path) -> Option<(u64, u64)> {
 }
 
 fn history(filter: &report::Filter, ctx: &Context) -> Resp {
-    let (rows, head) = match report::read_rows(&ctx.storage_dir) {
+    let read = {
+        // a panic elsewhere while holding the lock leaves a cache that is still consistent
+        let mut cache = ctx
+            .audit_cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        report::read_rows_cached(&ctx.storage_dir, &mut cache)
+    };
+    let (rows, head) = match read {
         Ok(r) => r,
         Err(e) => return error(500, &format!("reading the audit log: {e}")),
     };

@@ -138,11 +138,86 @@ pub fn read_all(
     } else {
         vec![path.to_owned()]
     };
+    link_files(files, |f| {
+        let bytes = fs::read(f).map_err(|e| StoreError::io(f, e))?;
+        Ok(scan_with(&bytes, &mut each))
+    })
+}
+
+/// The parsed closed segments (`audit-*.log`) of one storage directory. A rotated segment is
+/// never written again, so [`read_all_cached`] scans only `audit.log` and the segments that are
+/// new or changed (length or modification time) since the last read: the screen's history
+/// stays as fast on a year of records as on a day. Segments deleted from the directory leave
+/// the cache on the next read, so it holds at most what the directory holds.
+#[derive(Debug, Default)]
+pub struct SegmentCache {
+    entries: std::collections::HashMap<PathBuf, CachedSegment>,
+}
+
+#[derive(Debug)]
+struct CachedSegment {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    records: Vec<AuditRecord>,
+    report: ScanReport,
+}
+
+impl SegmentCache {
+    /// Closed segments held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// [`read_all`] of a storage directory, reusing `cache` for the closed segments.
+pub fn read_all_cached(
+    dir: &Path,
+    cache: &mut SegmentCache,
+) -> Result<(Vec<AuditRecord>, LogReport), StoreError> {
+    let files = log_files(dir);
+    cache.entries.retain(|p, _| files.contains(p));
+    link_files(files, |f| {
+        let closed = f.file_name().is_some_and(|n| n != "audit.log");
+        let meta = fs::metadata(f).map_err(|e| StoreError::io(f, e))?;
+        let (len, modified) = (meta.len(), meta.modified().ok());
+        if closed
+            && let Some(c) = cache.entries.get(f)
+            && c.len == len
+            && c.modified == modified
+        {
+            return Ok((c.records.clone(), c.report.clone()));
+        }
+        let bytes = fs::read(f).map_err(|e| StoreError::io(f, e))?;
+        let (records, report) = scan(&bytes);
+        // what was read, not what the metadata said before (a segment cannot grow, but be sure)
+        if closed && bytes.len() as u64 == len {
+            cache.entries.insert(
+                f.to_path_buf(),
+                CachedSegment {
+                    len,
+                    modified,
+                    records: records.clone(),
+                    report: report.clone(),
+                },
+            );
+        }
+        Ok((records, report))
+    })
+}
+
+/// Scan each file with `load` and check that each continues the one before it.
+fn link_files(
+    files: Vec<PathBuf>,
+    mut load: impl FnMut(&Path) -> Result<(Vec<AuditRecord>, ScanReport), StoreError>,
+) -> Result<(Vec<AuditRecord>, LogReport), StoreError> {
     let mut all: Vec<AuditRecord> = Vec::new();
     let mut rep = LogReport::default();
     for f in files {
-        let bytes = fs::read(&f).map_err(|e| StoreError::io(&f, e))?;
-        let (recs, r) = scan_with(&bytes, &mut each);
+        let (recs, r) = load(&f)?;
         if let Some((prev_file, prev_rep)) = rep.files.last() {
             let name = |p: &Path| {
                 p.file_name()

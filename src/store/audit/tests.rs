@@ -403,3 +403,56 @@ fn exported_segments_are_deleted_at_the_size_limit_and_unexported_ones_never() {
     let (old, _) = read_all(usb.path(), |_, _| {}).unwrap();
     assert!(old.last().unwrap().seq + 1 >= recs.first().unwrap().seq);
 }
+
+#[test]
+fn cached_reads_equal_full_reads_and_notice_changed_or_removed_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let (log, _) = AuditLog::open(&p).unwrap();
+    let mut log = log.with_segment_bytes(1500);
+    for i in 0..60 {
+        log.append(note(i)).unwrap();
+    }
+    let mut cache = SegmentCache::default();
+    let full = |d: &Path| read_all(d, |_, _| {}).unwrap();
+    let (recs, rep) = read_all_cached(dir.path(), &mut cache).unwrap();
+    let (want, want_rep) = full(dir.path());
+    assert_eq!(recs, want);
+    assert_eq!(rep.head_sha256(), want_rep.head_sha256());
+    let segments = names(dir.path()).len() - 1;
+    assert!(segments >= 2);
+    assert_eq!(cache.len(), segments, "closed segments only, not audit.log");
+
+    // new records in audit.log are seen at once; the segments come from the cache
+    log.append(note(60)).unwrap();
+    let (recs, _) = read_all_cached(dir.path(), &mut cache).unwrap();
+    assert_eq!(recs, full(dir.path()).0);
+    assert_eq!(*recs.last().map(|r| &r.event).unwrap(), note(60));
+
+    // a segment changed behind the cache's back (here: a flipped byte, as tampering or bit rot
+    // would) is scanned again, so the damage shows exactly as in a full read
+    let first = dir.path().join(&names(dir.path())[0]);
+    let mut b = fs::read(&first).unwrap();
+    b[40] ^= 0x01;
+    fs::write(&first, &b).unwrap();
+    let when = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    File::options()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    let (recs, rep) = read_all_cached(dir.path(), &mut cache).unwrap();
+    let (want, want_rep) = full(dir.path());
+    assert_eq!(recs, want);
+    assert!(!rep.is_intact() && !want_rep.is_intact());
+    assert_eq!(rep.files[0].1, want_rep.files[0].1);
+
+    // a removed segment leaves the cache, and the broken link is reported as in a full read
+    drop(log);
+    fs::remove_file(&first).unwrap();
+    let (recs, rep) = read_all_cached(dir.path(), &mut cache).unwrap();
+    assert_eq!(recs, full(dir.path()).0);
+    assert_eq!(cache.len(), segments - 1);
+    assert_eq!(rep.links.len(), full(dir.path()).1.links.len());
+}

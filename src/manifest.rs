@@ -22,6 +22,29 @@ pub struct FileEntry {
     pub sha256: String,
     #[serde(default)]
     pub bytes: u64,
+    /// The arithmetic the runtime uses for the file (default fp32, as stored).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// The floating-point arithmetic a model variant runs in.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// As the ONNX file says (float32 activations).
+    #[default]
+    F32,
+    /// tract's float32 -> float16 translation at load (weights and activations in float16; the
+    /// inputs are cast on the way in and the outputs back to float32). Worth it only on CPUs with
+    /// float16 arithmetic (ARMv8.2-A FP16, e.g. the Cortex-A76 and A78AE); elsewhere tract
+    /// emulates it.
+    F16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -6,7 +6,7 @@ use tract_onnx::prelude::*;
 
 use crate::encoders::{Dim, Plan, load_onnx, run_f32, tensor};
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Precision};
 
 /// What the synthesizer may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -235,6 +235,7 @@ impl Synthesizer {
                 s.outputs.bias.as_str(),
                 s.outputs.scale.as_str(),
             ],
+            Precision::F32,
         )?;
         log::info!("loaded synthesizer ({})", path.display());
         Ok(Synthesizer {

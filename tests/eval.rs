@@ -323,6 +323,40 @@ fn bench_smoke_without_onnxruntime() {
     );
 }
 
+#[test]
+fn bench_only_runs_one_variant_and_names_a_bad_one() {
+    // `cargo xtask arm-count` counts instructions of `sgps bench --only MODEL:VARIANT`
+    let Some(data) = data_dir() else { return };
+    let only = |what: &str| {
+        let mut cmd = common::command(env!("CARGO_BIN_EXE_sgps"));
+        cmd.args(["bench", "--reps", "2", "--warmup", "1", "--only", what])
+            .arg("--data")
+            .arg(&data)
+            .arg("--models")
+            .arg(models_dir());
+        cmd
+    };
+    // the float16 text variant: the shipped file, translated at load
+    let out = succeeds_saying(
+        &mut only("text:f16"),
+        &["ran the text encoder [f16] 3 times"],
+    );
+    assert!(!out.contains("median"), "--only prints no timings:\n{out}");
+    succeeds_saying(
+        &mut only("image:fp32"),
+        &["ran the image encoder [fp32] 3 times"],
+    );
+    for (bad, says) in [
+        ("image:int4", "not in the manifest"),
+        ("audio:fp32", "the model is `image` or `text`"),
+        ("fp32", "expected image:VARIANT"),
+    ] {
+        let out = only(bad).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{bad}: {err}");
+    }
+}
+
 /// Run `cmd`, require success and every needle in its standard output; returns that output.
 fn succeeds_saying(cmd: &mut std::process::Command, needles: &[&str]) -> String {
     let out = cmd.output().expect("sgps runs");

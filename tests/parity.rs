@@ -6,6 +6,8 @@ use common::{data_dir, models_dir, pipeline};
 
 use std::path::{Path, PathBuf};
 
+use sgps::encoders::{ImageEncoder, TextEncoder};
+use sgps::manifest::{Manifest, Precision};
 use sgps::synthesizer::SynthInputs;
 
 /// Minimal reader for little-endian f32, C-order .npy files (what the recipe writes).
@@ -62,39 +64,79 @@ fn image_refs() -> Vec<serde_json::Value> {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The file a reference entry's `variant` names (entries without one apply to every variant).
+fn ref_file(m: &Manifest, r: &serde_json::Value) -> Option<String> {
+    r["variant"].as_str().map(|v| {
+        m.image_encoder
+            .variants
+            .get(v)
+            .map(|e| e.file.clone())
+            .unwrap_or_default()
+    })
+}
+
 #[test]
 fn image_encoder_matches_onnxruntime_on_reference_inputs() {
+    // Every shipped variant, on the references written for its file: the fp32 arithmetic of a
+    // variant run as stored, and tract's float16 translation of the same file (`precision: f16`).
     let p = pipeline();
-    let mut worst = 0.0f32;
-    let mut worst_torch = 0.0f32;
-    for r in image_refs() {
-        if r["variant"]
-            .as_str()
-            .is_some_and(|v| v != p.image_encoder().variant)
-        {
-            continue;
+    let m = p.manifest();
+    for (name, entry) in &m.image_encoder.variants {
+        let own;
+        let enc = if *name == p.image_encoder().variant {
+            p.image_encoder()
+        } else {
+            own = ImageEncoder::load(m, Some(name)).unwrap();
+            &own
+        };
+        let mut worst = 0.0f32;
+        let mut worst_cos = 1.0f32;
+        let mut worst_torch = 0.0f32;
+        let mut n = 0;
+        for r in image_refs() {
+            if ref_file(m, &r).is_some_and(|f| f != entry.file) {
+                continue;
+            }
+            let (shape, input) = read_npy(&reference().join(r["input"].as_str().unwrap()));
+            assert_eq!(shape[0], 1);
+            let (_, expect) = read_npy(&reference().join(r["embedding"].as_str().unwrap()));
+            let got = enc.embed_tensor(&input, 1).unwrap().remove(0);
+            let d = max_abs_diff(&got, &expect);
+            worst = worst.max(d);
+            worst_cos = worst_cos.min(cosine(&got, &expect));
+            if let Some(t) = r["embedding_torch"].as_str() {
+                let (_, torch) = read_npy(&reference().join(t));
+                worst_torch = worst_torch.max(max_abs_diff(&got, &torch));
+            }
+            n += 1;
+            println!(
+                "[{name}] {}: max abs diff vs onnxruntime {d:.2e}",
+                r["path"]
+            );
         }
-        let (shape, input) = read_npy(&reference().join(r["input"].as_str().unwrap()));
-        assert_eq!(shape[0], 1);
-        let (_, expect) = read_npy(&reference().join(r["embedding"].as_str().unwrap()));
-        let got = p.image_encoder().embed_tensor(&input, 1).unwrap().remove(0);
-        let d = max_abs_diff(&got, &expect);
-        worst = worst.max(d);
-        if let Some(t) = r["embedding_torch"].as_str() {
-            let (_, torch) = read_npy(&reference().join(t));
-            worst_torch = worst_torch.max(max_abs_diff(&got, &torch));
+        println!(
+            "image encoder [{name}]: {n} references, max abs diff vs onnxruntime {worst:.2e} \
+             (min cosine {worst_cos:.6}), vs PyTorch {worst_torch:.2e}"
+        );
+        assert!(n > 0, "no reference embedding for image variant {name}");
+        if name.contains("int8") {
+            // quantized kernels round differently in tract and onnxruntime
+            assert!(
+                worst < 5e-2,
+                "[{name}] tract vs onnxruntime max abs diff {worst}"
+            );
+        } else if entry.precision == Precision::F16 {
+            // float16 activations: ~3 significant digits per value, the direction is kept
+            assert!(
+                worst < 2e-2 && worst_cos > 0.999,
+                "[{name}] tract f16 vs onnxruntime fp32: max abs diff {worst}, cosine {worst_cos}"
+            );
+        } else {
+            assert!(
+                worst < 1e-3,
+                "[{name}] tract vs onnxruntime max abs diff {worst}"
+            );
         }
-        println!("{}: max abs diff vs onnxruntime {d:.2e}", r["path"]);
-    }
-    println!(
-        "image encoder ({}): max abs diff vs onnxruntime {worst:.2e}, vs PyTorch {worst_torch:.2e}",
-        p.image_encoder().variant
-    );
-    if p.image_encoder().variant.contains("int8") {
-        // quantized kernels round differently in tract and onnxruntime
-        assert!(worst < 5e-2, "tract vs onnxruntime max abs diff {worst}");
-    } else {
-        assert!(worst < 1e-3, "tract vs onnxruntime max abs diff {worst}");
     }
 }
 
@@ -161,41 +203,54 @@ fn text_encoder_matches_onnxruntime() {
     // The runtime embeds each text on its own (dynamic int8 quantization makes batched results
     // depend on the batch). References written one text per run must match tightly; references
     // written as one padded batch (entry without `"single": true`) can only match loosely.
+    // Every shipped variant is checked; the references come from the f16w file's fp32 arithmetic.
     let p = pipeline();
+    let m = p.manifest();
     let text = std::fs::read_to_string(reference().join("texts.json")).unwrap();
     let refs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     let texts: Vec<&str> = refs.iter().map(|r| r["text"].as_str().unwrap()).collect();
-    let got = p.embed_texts(&texts).unwrap();
-    for (i, r) in refs.iter().enumerate() {
-        let expect: Vec<f32> = r["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        let single_ref = r["single"].as_bool().unwrap_or(false);
-        let d = max_abs_diff(&got[i], &expect);
-        let c = cosine(&got[i], &expect);
-        println!(
-            "text {i} ({}): max abs diff vs onnxruntime {d:.2e}, cosine {c:.5} (reference {})",
-            p.text_encoder().variant,
-            if single_ref {
-                "one text per run"
-            } else {
-                "batched"
-            }
-        );
-        if single_ref && !p.text_encoder().variant.contains("int8") {
-            // fp32 arithmetic (f16w): the same float maths as onnxruntime, up to rounding
-            assert!(d < 1e-4 && c > 0.99999, "text {i}: {d} {c}");
-        } else if single_ref {
-            assert!(d < 1e-2 && c > 0.999, "text {i}: {d} {c}");
+    for (name, entry) in &m.text_encoder.variants {
+        let own;
+        let enc = if *name == p.text_encoder().variant {
+            p.text_encoder()
         } else {
-            assert!(d < 5e-2 && c > 0.97, "text {i}: {d} {c}");
+            own = TextEncoder::load(m, Some(name)).unwrap();
+            &own
+        };
+        let got = enc.embed(&texts).unwrap();
+        for (i, r) in refs.iter().enumerate() {
+            let expect: Vec<f32> = r["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let single_ref = r["single"].as_bool().unwrap_or(false);
+            let d = max_abs_diff(&got[i], &expect);
+            let c = cosine(&got[i], &expect);
+            println!(
+                "text {i} [{name}]: max abs diff vs onnxruntime {d:.2e}, cosine {c:.6} (reference {})",
+                if single_ref {
+                    "one text per run"
+                } else {
+                    "batched"
+                }
+            );
+            if !single_ref {
+                assert!(d < 5e-2 && c > 0.97, "text {i} [{name}]: {d} {c}");
+            } else if name.contains("int8") {
+                assert!(d < 1e-2 && c > 0.999, "text {i} [{name}]: {d} {c}");
+            } else if entry.precision == Precision::F16 {
+                // float16 activations through six transformer layers
+                assert!(d < 2e-2 && c > 0.999, "text {i} [{name}]: {d} {c}");
+            } else {
+                // fp32 arithmetic (f16w): the same float maths as onnxruntime, up to rounding
+                assert!(d < 1e-4 && c > 0.99999, "text {i} [{name}]: {d} {c}");
+            }
+            // order/batch independence of the runtime's own embeddings
+            let alone = enc.embed(&[texts[i]]).unwrap().remove(0);
+            assert_eq!(alone, got[i]);
         }
-        // order/batch independence of the runtime's own embeddings
-        let alone = p.embed_texts(&[texts[i]]).unwrap().remove(0);
-        assert_eq!(alone, got[i]);
     }
 }
 

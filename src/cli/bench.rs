@@ -53,6 +53,12 @@ pub struct BenchArgs {
     /// --threads count, and print the top N kinds per model (0 = no profile).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub profile: usize,
+    /// Only run one model on the bench input, --warmup + --reps times, untimed, one thread, and
+    /// print one line: `image:VARIANT` (the encoder on the preprocessed capture) or
+    /// `text:VARIANT` (tokenizer + encoder on the first description). For counting instructions
+    /// under emulation (`cargo xtask arm-count` runs it at two --reps and takes the difference).
+    #[arg(long, value_name = "MODEL:VARIANT", conflicts_with_all = ["json", "profile"])]
+    pub only: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,6 +113,9 @@ pub fn run(args: &BenchArgs, models: &Path, opts: &LoadOptions) -> anyhow::Resul
     }
     let threads = opts.threads.unwrap_or(1).max(1);
     let (w, r) = (args.warmup, args.reps);
+    if let Some(only) = &args.only {
+        return run_only(only, &data, models, w, r);
+    }
 
     let t = Instant::now();
     let base = Pipeline::load(models, opts)
@@ -265,6 +274,37 @@ tract, {} thread(s); {r} timed runs after {w} warm-up runs (raw-capture synthesi
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `sgps bench --only MODEL:VARIANT`: one model, `w + r` untimed runs on the bench input.
+fn run_only(only: &str, data: &Path, models: &Path, w: usize, r: usize) -> anyhow::Result<()> {
+    let (model, variant) = only.split_once(':').with_context(|| {
+        format!("--only {only:?}: expected image:VARIANT or text:VARIANT (e.g. image:fp32)")
+    })?;
+    let manifest = sgps::manifest::Manifest::load(models)
+        .with_context(|| format!("loading the manifest from {}", models.display()))?;
+    let task = bench_task(data, &manifest)?;
+    match model {
+        "image" => {
+            let enc = sgps::encoders::ImageEncoder::load(&manifest, Some(variant))?;
+            let img = image_io::load_rgb(&task.capture)?;
+            let tensor = enc.preprocess.batch(std::slice::from_ref(&img));
+            for _ in 0..w + r {
+                enc.embed_tensor(&tensor, 1)?;
+            }
+            println!("ran the image encoder [{variant}] {} times", w + r);
+        }
+        "text" => {
+            let enc = sgps::encoders::TextEncoder::load(&manifest, Some(variant))?;
+            let text = [task.texts[0].as_str()];
+            for _ in 0..w + r {
+                enc.embed(&text)?;
+            }
+            println!("ran the text encoder [{variant}] {} times", w + r);
+        }
+        other => anyhow::bail!("--only {other}:{variant}: the model is `image` or `text`"),
     }
     Ok(())
 }

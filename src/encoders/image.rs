@@ -3,7 +3,7 @@
 use image::RgbImage;
 use tract_onnx::prelude::*;
 
-use super::{Dim, Plan, load_onnx, rows, run_f32, tensor};
+use super::{Dim, Plan, conform_inputs, load_onnx, rows, run_f32, tensor};
 use crate::error::Result;
 use crate::manifest::Manifest;
 use crate::preprocess::Preprocess;
@@ -37,6 +37,7 @@ impl ImageEncoder {
             &path,
             &[(spec.input.as_str(), f32::datum_type(), &shape1)],
             &[spec.output.as_str()],
+            entry.precision,
         )?;
         log::info!("loaded image encoder {name} ({})", path.display());
         Ok(ImageEncoder {
@@ -92,6 +93,10 @@ impl ImageEncoder {
             self.preprocess.height as usize,
             self.preprocess.width as usize,
         );
-        Ok(tvec![tensor("image encoder", &[1, 3, h, w], img)?])
+        conform_inputs(
+            &self.plan1,
+            "image encoder",
+            tvec![tensor("image encoder", &[1, 3, h, w], img)?],
+        )
     }
 }

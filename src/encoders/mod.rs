@@ -10,6 +10,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
+use crate::manifest::Precision;
 
 pub use self::image::ImageEncoder;
 pub use self::text::TextEncoder;
@@ -25,11 +26,13 @@ pub(crate) enum Dim {
 }
 
 /// Load an ONNX file with tract, declare its inputs (by name, type and shape with symbolic
-/// dimensions), select its outputs by name, optimise it and make it runnable.
+/// dimensions), select its outputs by name, translate it to `precision`, optimise it and make it
+/// runnable.
 pub(crate) fn load_onnx(
     path: &Path,
     inputs: &[(&str, DatumType, &[Dim])],
     outputs: &[&str],
+    precision: Precision,
 ) -> Result<Plan> {
     let err = |e: TractError| Error::ModelLoad {
         path: path.to_path_buf(),
@@ -75,11 +78,53 @@ pub(crate) fn load_onnx(
                 "outputs {outputs:?} not found ({e}); the model does not match models/manifest.json"
             ),
         })?;
-    let plan = model
-        .into_optimized()
-        .and_then(|m| m.into_runnable())
-        .map_err(err)?;
+    let typed = if precision == Precision::F16 {
+        let mut typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(err)?;
+        let f16 = tract_onnx::tract_core::transform::get_transform("f32_to_f16")
+            .map_err(err)?
+            .ok_or_else(|| Error::ModelLoad {
+                path: path.to_path_buf(),
+                reason: "this tract has no f32_to_f16 transform".into(),
+            })?;
+        f16.transform(&mut typed).map_err(err)?;
+        typed.into_optimized()
+    } else {
+        model.into_optimized()
+    };
+    let plan = typed.and_then(|m| m.into_runnable()).map_err(err)?;
     Ok(plan)
+}
+
+/// Cast float inputs to the float type the plan's inputs declare (float16 for a
+/// [`Precision::F16`] plan); other inputs pass unchanged.
+pub(crate) fn conform_inputs(
+    plan: &Plan,
+    what: &str,
+    inputs: TVec<TValue>,
+) -> Result<TVec<TValue>> {
+    inputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let want = plan
+                .model()
+                .input_fact(i)
+                .map(|f| f.datum_type)
+                .unwrap_or(t.datum_type());
+            if want == t.datum_type() || !want.is_float() || !t.datum_type().is_float() {
+                return Ok(t);
+            }
+            t.cast_to_dt(want)
+                .map(|c| c.into_owned().into_tvalue())
+                .map_err(|e| Error::Inference {
+                    model: what.to_string(),
+                    reason: format!("{e:#}"),
+                })
+        })
+        .collect()
 }
 
 /// Run a plan and return its outputs as (shape, data) f32 pairs.

@@ -53,7 +53,7 @@ impl TextEncoder {
         if let Some(tt) = &spec.inputs.token_type_ids {
             inputs.push((tt.as_str(), i64::datum_type(), &shape[..]));
         }
-        let plan = load_onnx(&path, &inputs, &[spec.output.as_str()])?;
+        let plan = load_onnx(&path, &inputs, &[spec.output.as_str()], entry.precision)?;
         log::info!("loaded text encoder {name} ({})", path.display());
         Ok(TextEncoder {
             plan,

@@ -266,8 +266,9 @@ pub fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
-/// qemu user-mode emulator command for a board: `[qemu, -cpu, CPU, -L, sysroot]`.
-pub fn qemu_command(board: &Board) -> Result<Vec<String>> {
+/// qemu user-mode emulator command for a board: `[qemu, -cpu, CPU, -L, sysroot]`, with the
+/// sysroot of [`emulated_sysroot`] (the cross C library plus the board CPU's `/proc/cpuinfo`).
+pub fn qemu_command(root: &Path, board: &Board) -> Result<Vec<String>> {
     let qemu = tools::first_available(&["qemu-aarch64", "qemu-aarch64-static"]);
     let Some(qemu) = qemu else {
         tools::ensure(
@@ -279,13 +280,75 @@ pub fn qemu_command(board: &Board) -> Result<Vec<String>> {
         )?;
         unreachable!("ensure fails on a non-empty list");
     };
+    let sysroot = emulated_sysroot(root, &board.qemu_cpu)?;
     Ok(vec![
         qemu.to_string_lossy().into_owned(),
         "-cpu".into(),
         board.qemu_cpu.clone(),
         "-L".into(),
-        CROSS_SYSROOT.into(),
+        sysroot.to_string_lossy().into_owned(),
     ])
+}
+
+/// `/proc/cpuinfo` fields of the emulated CPUs: (qemu `-cpu` name, `CPU part`, `CPU variant`,
+/// `Features`), as the kernel reports them on the real cores (Raspberry Pi 4: Cortex-A72, Pi 5:
+/// Cortex-A76).
+const CPUINFO: &[(&str, &str, &str, &str)] = &[
+    ("cortex-a53", "0xd03", "0x0", "fp asimd evtstrm crc32 cpuid"),
+    (
+        "cortex-a55",
+        "0xd05",
+        "0x1",
+        "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp",
+    ),
+    ("cortex-a72", "0xd08", "0x0", "fp asimd evtstrm crc32 cpuid"),
+    (
+        "cortex-a76",
+        "0xd0b",
+        "0x4",
+        "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp",
+    ),
+];
+
+/// What `/proc/cpuinfo` says on a board with `cpu` (qemu's `-cpu` name).
+pub fn cpuinfo(cpu: &str) -> Result<String> {
+    let Some((_, part, variant, features)) = CPUINFO.iter().find(|(c, ..)| *c == cpu) else {
+        bail!(
+            "no /proc/cpuinfo description for qemu cpu `{cpu}` (known: {}); add one to CPUINFO in xtask/src/build.rs",
+            CPUINFO.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+        );
+    };
+    Ok(format!(
+        "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n\
+         CPU architecture: 8\nCPU variant\t: {variant}\nCPU part\t: {part}\nCPU revision\t: 1\n\n"
+    ))
+}
+
+/// The `-L` sysroot for emulating `cpu`: links to everything in the cross C library's sysroot,
+/// plus `proc/cpuinfo` describing the board's core. qemu user mode looks every absolute path up
+/// under `-L` first, and it does not emulate `/proc/cpuinfo` for aarch64 (the process would read
+/// the host's), while tract chooses its kernels from that file (float16 arithmetic from
+/// `asimdhp`, the core type from `CPU part`). Kept in `target/qemu-sysroot/<cpu>/`.
+pub fn emulated_sysroot(root: &Path, cpu: &str) -> Result<PathBuf> {
+    let info = cpuinfo(cpu)?;
+    let dir = target_dir(root).join("qemu-sysroot").join(cpu);
+    fs::create_dir_all(dir.join("proc"))?;
+    for e in fs::read_dir(CROSS_SYSROOT)
+        .with_context(|| format!("cannot read the cross sysroot {CROSS_SYSROOT}"))?
+    {
+        let e = e?;
+        let link = dir.join(e.file_name());
+        if e.file_name() == "proc" || link.symlink_metadata().is_ok() {
+            continue;
+        }
+        std::os::unix::fs::symlink(e.path(), &link)
+            .with_context(|| format!("cannot link {}", link.display()))?;
+    }
+    let path = dir.join("proc/cpuinfo");
+    if fs::read_to_string(&path).ok().as_deref() != Some(info.as_str()) {
+        fs::write(&path, info).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(dir)
 }
 
 /// Builds the `sgps` test suite for aarch64 (release profile, sharing the compiled dependencies
@@ -307,7 +370,7 @@ pub fn test_arm(
         "apt-get install qemu-user-static",
     ));
     tools::ensure("test-arm", missing)?;
-    let runner = qemu_command(board)?.join(" ");
+    let runner = qemu_command(root, board)?.join(" ");
     let mut c = Command::new(tools::cargo());
     c.current_dir(root)
         .args(["test", "--release", "--package", "sgps", "--target", target])

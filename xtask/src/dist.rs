@@ -303,14 +303,19 @@ fn make_deb(i: &DistInputs, bundle: &Path, name: &str) -> Result<PathBuf> {
 /// so that the shipped profile names the variant the bundle actually contains.
 pub fn set_top_level_key(text: &str, key: &str, value: &str) -> String {
     let line = format!("{key} = \"{value}\"");
-    let mut out = Vec::new();
+    let mut out: Vec<String> = Vec::new();
     let mut done = false;
     let mut in_table = false;
     for l in text.lines() {
         let t = l.trim_start();
         if t.starts_with('[') {
             if !done {
-                out.push(line.clone());
+                // above the comment block that introduces the table, not inside it
+                let mut at = out.len();
+                while at > 0 && out[at - 1].trim_start().starts_with('#') {
+                    at -= 1;
+                }
+                out.insert(at, line.clone());
                 done = true;
             }
             in_table = true;
@@ -395,6 +400,11 @@ mod tests {
         .unwrap();
         assert_eq!(t["image_variant"].as_str(), Some("fp32"));
         assert_eq!(t["t"]["b"].as_integer(), Some(2));
+        // a new key goes above the comments that introduce the first table
+        assert_eq!(
+            set_top_level_key("a = 1\n\n# the screen\n[ui]\n", "text_variant", "f16"),
+            "a = 1\n\ntext_variant = \"f16\"\n# the screen\n[ui]\n"
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ fn fixture() -> Fixture {
     let files = [
         ("image_encoder.onnx", b"fp32-model".as_slice()),
         ("image_encoder.int8.onnx", b"int8-model".as_slice()),
-        ("text_encoder.int8.onnx", b"text-model".as_slice()),
+        ("text_encoder.f16w.onnx", b"text-model".as_slice()),
         ("tokenizer.json", b"{}".as_slice()),
         ("synthesizer.onnx", b"synth".as_slice()),
     ];
@@ -55,9 +55,11 @@ fn fixture() -> Fixture {
         "fp32": {"file": "image_encoder.onnx", "sha256": sha(b"fp32-model"), "bytes": 10},
         "int8": {"file": "image_encoder.int8.onnx", "sha256": sha(b"int8-model"), "bytes": 10}});
     manifest["image_encoder"]["default_variant"] = "fp32".into();
+    // as shipped: one text file, run as stored (f16w) or in float16 arithmetic (f16, rpi5's)
     manifest["text_encoder"]["variants"] = serde_json::json!({
-        "int8": {"file": "text_encoder.int8.onnx", "sha256": sha(b"text-model"), "bytes": 10}});
-    manifest["text_encoder"]["default_variant"] = "int8".into();
+        "f16w": {"file": "text_encoder.f16w.onnx", "sha256": sha(b"text-model"), "bytes": 10},
+        "f16": {"file": "text_encoder.f16w.onnx", "sha256": sha(b"text-model"), "bytes": 10, "precision": "f16"}});
+    manifest["text_encoder"]["default_variant"] = "f16w".into();
     manifest["text_encoder"]["tokenizer"] =
         serde_json::json!({"file": "tokenizer.json", "sha256": sha(b"{}")});
     manifest["synthesizer"]["file"] = "synthesizer.onnx".into();
@@ -173,7 +175,7 @@ fn dist_bundle_layout_checksums_and_signature() {
             "models/image_encoder.int8.onnx",
             "models/manifest.json",
             "models/synthesizer.onnx",
-            "models/text_encoder.int8.onnx",
+            "models/text_encoder.f16w.onnx",
             "models/tokenizer.json",
             "release.pub.pem",
             "sgps-kiosk.service",

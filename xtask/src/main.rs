@@ -1,6 +1,7 @@
 //! `cargo xtask …`: developer and deployment tooling for sgps (cross-build, ARM tests under qemu,
 //! signed release bundles, deploy over SSH, card images, flashing, training and benchmarks).
 
+mod armcount;
 mod bench;
 mod build;
 mod deploy;
@@ -174,6 +175,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Guest instructions per inference of every model variant on each ARM board's CPU (qemu
+    /// user mode with a counting plugin), and each board's fewest-instruction default.
+    ArmCount(armcount::ArmCountArgs),
     /// Release build for the host, then `sgps bench` (arguments after `--`).
     Bench {
         #[arg(last = true)]
@@ -203,6 +207,7 @@ fn run(cli: Cli) -> Result<()> {
             let bin = build::build(&root, &b, &BuildOptions { no_camera })?;
             println!("{}", bin.display());
         }
+        Cmd::ArmCount(a) => armcount::arm_count(&root, &a)?,
         Cmd::TestArm {
             board,
             tests,
@@ -215,7 +220,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Qemu { board, args } => {
             let b = Board::load(&root, &board)?;
             let bin = build::build(&root, &b, &BuildOptions::default())?;
-            let q = build::qemu_command(&b)?;
+            let q = build::qemu_command(&root, &b)?;
             let status = std::process::Command::new(&q[0])
                 .args(&q[1..])
                 .arg(bin)

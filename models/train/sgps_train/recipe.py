@@ -461,6 +461,8 @@ def export_all(out, work, enc, text_model, tok, g, data_dir, split_b1, split_b2,
 
 
 TEXT_VARIANT = "f16w"
+# the f16w file in float16 arithmetic (manifest `precision: f16`; no file of its own)
+TEXT_F16_VARIANT = "f16"
 
 
 def export_text(out, work, text_model, tok, desc, ref_dir):
@@ -521,12 +523,22 @@ def run_text(args):
 
 def text_manifest_variants(out, files) -> dict:
     """The manifest's text_encoder.variants / default_variant for export_text's files."""
+    entry = export.file_entry(files["text"], out)
     return {
-        "variants": {TEXT_VARIANT: export.file_entry(files["text"], out) | {
-            "storage": f"fp32 arithmetic; the {files['text_f16_weights']} matrix-multiply weights stored float16 (Cast to float32, folded at load), "
-                       "embedding tables int8 + DequantizeLinear (onnxruntime quantize_dynamic on Gather only)",
-            "mean_cosine_to_fp32": round(files["text_cos"], 5),
-        }},
+        "variants": {
+            TEXT_VARIANT: entry | {
+                "storage": f"fp32 arithmetic; the {files['text_f16_weights']} matrix-multiply weights stored float16 (Cast to float32, folded at load), "
+                           "embedding tables int8 + DequantizeLinear (onnxruntime quantize_dynamic on Gather only)",
+                "mean_cosine_to_fp32": round(files["text_cos"], 5),
+            },
+            # the same file run in float16 arithmetic (the runtime translates it at load): the
+            # default of the boards whose CPU has float16 arithmetic (`cargo xtask arm-count`)
+            TEXT_F16_VARIANT: entry | {
+                "precision": "f16",
+                "storage": "the f16w file run in float16 arithmetic: tract translates the model to float16 at load (weights and activations); "
+                           "for CPUs with float16 arithmetic (Armv8.2-A FP16: Cortex-A76, A78AE)",
+            },
+        },
         "default_variant": TEXT_VARIANT,
         "default_variant_reason": "f16w on every board: the dynamically quantized int8 encoder (MatMulInteger) ran 1.6x slower through tract "
                                   "than this one on the x86 development machine (DynamicQuantizeLinear and the int32 adds were half its time, "

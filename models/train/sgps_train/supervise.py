@@ -384,9 +384,10 @@ def run(args) -> dict:
             shutil.copyfile(start, models / "image_encoder.onnx")
     mf = json.loads(mf_path.read_text())
     ie = mf["image_encoder"]["variants"]
-    for v, f in (("fp32", "image_encoder.onnx"), ("int8", "image_encoder.int8.onnx")):
-        if v in ie and (models / f).exists():
-            ie[v]["sha256"], ie[v]["bytes"] = export.sha256(models / f), (models / f).stat().st_size
+    for e in ie.values():  # every variant of a refreshed file (a float16 one shares the fp32 file)
+        f = models / e["file"]
+        if f.exists():
+            e["sha256"], e["bytes"] = export.sha256(f), f.stat().st_size
     if "int8" in ie and "int8_mean_cosine_to_fp32" in report.get("export", {}):
         ie["int8"]["mean_cosine_to_fp32_on_reference"] = report["export"]["int8_mean_cosine_to_fp32"]
     report["output_sha256"] = ie["fp32"]["sha256"]

@@ -97,9 +97,13 @@ def test_quick_recipe_end_to_end(tmp_path):
     out = tmp_path / "models"
     run.main(["--data", str(d), "--out", str(out), "--work", str(tmp_path / "work"), "--quick"])
     m = json.loads((out / "manifest.json").read_text())
-    # one variant of each encoder: the default everywhere (int8 image only on request, int8 text no longer)
+    # one file of each encoder (int8 image only on request, int8 text no longer); the text file also
+    # runs in float16 arithmetic for the boards with float16 hardware (`precision: f16`)
     assert list(m["image_encoder"]["variants"]) == ["fp32"]
-    assert list(m["text_encoder"]["variants"]) == ["f16w"] == [m["text_encoder"]["default_variant"]]
+    te = m["text_encoder"]
+    assert sorted(te["variants"]) == ["f16", "f16w"] and te["default_variant"] == "f16w"
+    assert te["variants"]["f16"]["file"] == te["variants"]["f16w"]["file"]
+    assert te["variants"]["f16"]["precision"] == "f16" and "precision" not in te["variants"]["f16w"]
     texts_ref = json.loads((out / "reference" / "texts.json").read_text())
     assert texts_ref and all(t["variant"] == "f16w" and t["single"] for t in texts_ref)
     for entry in (m["image_encoder"]["variants"]["fp32"], m["text_encoder"]["variants"]["f16w"], m["synthesizer"]):
@@ -473,7 +477,7 @@ def test_text_stage_reexports_only_the_text_encoder(tmp_path):
     run.main(["--stage", "text", "--out", str(out), "--work", str(tmp_path / "work")])
     m = json.loads((out / "manifest.json").read_text())
     te = m["text_encoder"]
-    assert te["default_variant"] == "f16w" and list(te["variants"]) == ["f16w"]
+    assert te["default_variant"] == "f16w" and sorted(te["variants"]) == ["f16", "f16w"]
     assert sha256(out / te["variants"]["f16w"]["file"]) == te["variants"]["f16w"]["sha256"]
     assert te["variants"]["f16w"]["mean_cosine_to_fp32"] > 0.999
     assert not (out / "text_encoder.int8.onnx").exists()

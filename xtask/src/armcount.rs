@@ -118,8 +118,8 @@ impl Runner {
     }
 }
 
-/// Everything `arm-count` needs that this machine lacks.
-fn requirements() -> Vec<Requirement> {
+/// Everything `arm-count` needs that this machine lacks, besides the cross toolchain.
+pub fn requirements() -> Vec<Requirement> {
     let mut missing = Vec::new();
     // the static qemu cannot load plugins
     missing.extend(tools::need_tool(

@@ -436,6 +436,7 @@ fn doctor(root: &Path, board: &str) -> Result<()> {
     let b = Board::load(root, board)?;
     let mut missing = build::cross_requirements(&b);
     missing.extend(build::qemu_requirement());
+    missing.extend(armcount::requirements());
     missing.extend(image::requirements());
     for (tool, pkg) in [
         ("openssl", "openssl"),

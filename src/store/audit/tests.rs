@@ -272,15 +272,21 @@ fn names(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn rotation_keeps_one_chain_across_segments_and_verify_sees_a_missing_one() {
+/// A log of `n` notes in 1500-byte segments: (its directory, the path of audit.log, the open log).
+fn rotated_log(n: u32) -> (tempfile::TempDir, PathBuf, AuditLog) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("audit.log");
     let (log, _) = AuditLog::open(&p).unwrap();
     let mut log = log.with_segment_bytes(1500);
-    for i in 0..60 {
+    for i in 0..n {
         log.append(note(i)).unwrap();
     }
+    (dir, p, log)
+}
+
+#[test]
+fn rotation_keeps_one_chain_across_segments_and_verify_sees_a_missing_one() {
+    let (dir, p, log) = rotated_log(60);
     drop(log);
     let files = names(dir.path());
     assert!(files.len() >= 3, "{files:?}");
@@ -406,13 +412,7 @@ fn exported_segments_are_deleted_at_the_size_limit_and_unexported_ones_never() {
 
 #[test]
 fn cached_reads_equal_full_reads_and_notice_changed_or_removed_segments() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("audit.log");
-    let (log, _) = AuditLog::open(&p).unwrap();
-    let mut log = log.with_segment_bytes(1500);
-    for i in 0..60 {
-        log.append(note(i)).unwrap();
-    }
+    let (dir, _p, mut log) = rotated_log(60);
     let mut cache = SegmentCache::default();
     let full = |d: &Path| read_all(d, |_, _| {}).unwrap();
     let (recs, rep) = read_all_cached(dir.path(), &mut cache).unwrap();

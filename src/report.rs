@@ -51,11 +51,15 @@ pub struct Row {
     pub classifier_id: Option<String>,
     /// Reason of a rejection, text of a note.
     pub detail: Option<String>,
+    /// What the log recorded of the capture's thumbnail (checked when it is shown).
+    #[serde(skip)]
+    pub thumbnail: store::Recorded,
 }
 
 /// Turn audit records into rows (class names of decisions from the synthesis before them).
 pub fn rows(records: &[AuditRecord]) -> Vec<Row> {
     let mut names: HashMap<String, Vec<String>> = HashMap::new();
+    let thumbs = store::ThumbnailIndex::from_records(records);
     let mut out = Vec::with_capacity(records.len());
     for r in records {
         let mut row = Row {
@@ -70,6 +74,7 @@ pub fn rows(records: &[AuditRecord]) -> Vec<Row> {
             classes: Vec::new(),
             classifier_id: None,
             detail: None,
+            thumbnail: store::Recorded::Unchecked,
         };
         match &r.event {
             AuditEvent::Decision {
@@ -123,6 +128,14 @@ pub fn rows(records: &[AuditRecord]) -> Vec<Row> {
                 row.kind = "rotated";
                 row.detail = Some(format!("continues {previous}"));
             }
+            // bookkeeping for the capture's row, not a row of its own
+            AuditEvent::Thumbnail { .. } => continue,
+        }
+        if let AuditEvent::Decision { capture_sha256, .. }
+        | AuditEvent::Rejected { capture_sha256, .. }
+        | AuditEvent::Enrolled { capture_sha256, .. } = &r.event
+        {
+            row.thumbnail = thumbs.recorded(capture_sha256);
         }
         out.push(row);
     }
@@ -298,7 +311,7 @@ pub fn html(rows: &[Row], title: &str, head: Option<[u8; 32]>, storage_dir: &Pat
             .and_then(|s| {
                 let mut sha = [0u8; 32];
                 hex::decode_to_slice(s, &mut sha).ok()?;
-                Some(store::read_thumbnail(storage_dir, &sha))
+                Some(store::read_thumbnail(storage_dir, &sha, r.thumbnail))
             })
             .map(|t| match t {
                 store::StoredThumbnail::Intact(b) => format!(
@@ -307,6 +320,9 @@ pub fn html(rows: &[Row], title: &str, head: Option<[u8; 32]>, storage_dir: &Pat
                 ),
                 // a damaged thumbnail is never shown as the capture
                 store::StoredThumbnail::Damaged(_) => "<em>thumbnail damaged</em>".to_string(),
+                store::StoredThumbnail::Altered(_) => {
+                    "<em>thumbnail not as recorded: not shown</em>".to_string()
+                }
                 store::StoredThumbnail::Missing => String::new(),
             })
             .unwrap_or_default();

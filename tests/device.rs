@@ -610,6 +610,44 @@ fn audit_verify_sees_tampering(storage: &Path, decisions: usize, tmp: &Path, run
 
     let bytes = std::fs::read(storage.join("audit.log")).unwrap();
     let (records, _) = store::audit::scan(&bytes);
+
+    // every thumbnail the session kept matches the SHA-256 its audit record holds; one swapped
+    // for another capture's (a valid file, as someone replacing it would leave) is named, and
+    // the check fails
+    let thumbs: Vec<[u8; 32]> = records
+        .iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::Thumbnail { capture_sha256, .. } => Some(capture_sha256),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        thumbs.len() >= decisions,
+        "{} thumbnail records",
+        thumbs.len()
+    );
+    let kept = std::fs::read_dir(storage.join("thumbs")).unwrap().count();
+    assert!(
+        stdout.contains(&format!("thumbnails: {kept} as recorded, 0 from before")),
+        "{stdout}"
+    );
+    let (a, b) = (
+        store::thumbnail_path(storage, &thumbs[0]),
+        store::thumbnail_path(storage, &thumbs[thumbs.len() - 1]),
+    );
+    let (a_bytes, b_bytes) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_ne!(a_bytes, b_bytes);
+    std::fs::write(&a, &b_bytes).unwrap();
+    let (code, stdout) = verify(storage);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "THUMBNAIL NOT AS RECORDED for capture {}",
+            hex::encode(thumbs[0])
+        )) && stdout.contains("1 thumbnails not as recorded"),
+        "{stdout}"
+    );
+    std::fs::write(&a, &a_bytes).unwrap();
     let i = records
         .iter()
         .position(|r| matches!(r.event, AuditEvent::Decision { .. }))

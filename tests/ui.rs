@@ -556,6 +556,15 @@ fn screen_in_a_real_browser_matches_audit_log_and_plain_pipeline() {
     std::fs::write(&thumb_file, &damaged).unwrap();
     let (s, t) = thumb(&addr);
     assert!(s == 500 && t.contains("damaged on the storage card"), "{t}");
+    // another capture's thumbnail, intact, in its place: not the one the audit log recorded
+    let other = std::fs::read(store::thumbnail_path(&storage, &decisions[1].1)).unwrap();
+    assert_ne!(other, stored);
+    std::fs::write(&thumb_file, &other).unwrap();
+    let (s, t) = thumb(&addr);
+    assert!(
+        s == 409 && t.contains("not the one the device stored"),
+        "{t}"
+    );
     std::fs::write(&thumb_file, &stored).unwrap();
 
     // ... and the plain pipeline on the same files

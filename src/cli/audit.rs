@@ -165,6 +165,25 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
     for b in &rep.links {
         println!("  CHAIN BROKEN at record #{}: {}", b.seq, b.reason);
     }
+    if let Some(t) = &v.thumbnails {
+        println!(
+            "  thumbnails: {} as recorded, {} from before the log recorded them (not checkable), {} recorded but no longer kept",
+            t.matching, t.unchecked, t.missing
+        );
+        for (capture, why) in &t.altered {
+            println!("  THUMBNAIL NOT AS RECORDED for capture {capture}: {why}");
+        }
+        for (capture, why) in &t.damaged {
+            println!(
+                "  thumbnail of capture {capture} damaged ({why}): not shown; the decision is unaffected"
+            );
+        }
+        for name in &t.strays {
+            println!(
+                "  thumbs/{name}: not a thumbnail name (left over from an interrupted write?)"
+            );
+        }
+    }
     match v.anchor {
         Some(Some(seq)) => {
             println!("  the expected head is record #{seq}: nothing before it was removed")
@@ -185,13 +204,17 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         println!(
-            "  NOT INTACT: {} damaged, {} chain breaks{}. Keep this file as it is (copy it off the device) and report it; the device keeps working and appends after the damage",
+            "  NOT INTACT: {} damaged, {} chain breaks{}{}. Keep this file as it is (copy it off the device) and report it; the device keeps working and appends after the damage",
             damaged,
             breaks + rep.links.len(),
             if matches!(v.anchor, Some(None)) {
                 ", expected head missing"
             } else {
                 ""
+            },
+            match v.thumbnails.as_ref().map_or(0, |t| t.altered.len()) {
+                0 => String::new(),
+                n => format!(", {n} thumbnails not as recorded"),
             }
         );
         Ok(ExitCode::from(1))

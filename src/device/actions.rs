@@ -361,9 +361,19 @@ impl<'p> Device<'p> {
     }
 
     /// Keep a small JPEG of a capture for the screen and reports; a failure is only logged (the
-    /// audit log holds the capture's SHA-256, which is the evidence).
+    /// audit log holds the capture's SHA-256, which is the evidence). The JPEG's SHA-256 is
+    /// appended to the audit log before the file is written, so the screen can tell the
+    /// thumbnail it shows is the one stored (a cut in between leaves a record and no file:
+    /// "no thumbnail", never an unrecorded one).
     pub(super) fn save_thumbnail(&mut self, sha: &[u8; 32], img: &RgbImage) {
-        if let Err(e) = self.store.save_thumbnail(sha, img) {
+        let stored = store::encode_thumbnail(img).and_then(|jpeg| {
+            self.audit.append(AuditEvent::Thumbnail {
+                capture_sha256: *sha,
+                jpeg_sha256: store::jpeg_sha256(&jpeg),
+            })?;
+            self.store.write_thumbnail(sha, &jpeg)
+        });
+        if let Err(e) = stored {
             log::warn!("thumbnail not stored: {e}");
             return;
         }

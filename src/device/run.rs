@@ -128,6 +128,7 @@ pub fn run(args: &RunOptions) -> Result<Summary> {
                 pairing_token: cfg.pairing_token.clone(),
                 info,
                 audit_cache: Default::default(),
+                thumbnails: Default::default(),
             };
             match crate::ui::serve(&cfg, ctx) {
                 Ok(s) => {

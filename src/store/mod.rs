@@ -31,7 +31,10 @@ use serde::{Deserialize, Serialize};
 use crate::quality::QualityMetrics;
 pub use audit::{AuditEvent, AuditLog, AuditRecord, ScanReport, Verdict};
 pub use record::{FrameError, RecordKind};
-pub use thumbs::{StoredThumbnail, read_thumbnail, thumbnail_path};
+pub use thumbs::{
+    Recorded, StoredThumbnail, ThumbnailIndex, encode_thumbnail, jpeg_sha256, read_thumbnail,
+    thumbnail_path,
+};
 
 /// Format version of class records.
 pub const CLASS_VERSION: u16 = 1;

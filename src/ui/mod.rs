@@ -103,6 +103,8 @@ pub struct Context {
     pub info: DeviceInfo,
     /// The audit log's closed segments, parsed once (the history view reads the log per request).
     pub audit_cache: std::sync::Mutex<crate::store::audit::SegmentCache>,
+    /// The log's thumbnail records, refreshed when a capture is not in it yet.
+    pub thumbnails: std::sync::Mutex<crate::store::ThumbnailIndex>,
 }
 
 /// A running server.
@@ -347,7 +349,11 @@ fn execute(route: Route, ctx: &Context) -> Resp {
         Route::History(f) => history(&f, ctx),
         Route::Thumbnail(sha) => {
             use crate::store::StoredThumbnail;
-            match crate::store::read_thumbnail(&ctx.storage_dir, &sha) {
+            let recorded = match recorded_thumbnail(ctx, &sha) {
+                Ok(r) => r,
+                Err(e) => return error(500, &format!("reading the audit log: {e}")),
+            };
+            match crate::store::read_thumbnail(&ctx.storage_dir, &sha, recorded) {
                 StoredThumbnail::Intact(b) => with_common(
                     Response::from_data(b).with_header(header("Content-Type", "image/jpeg")),
                 ),
@@ -356,6 +362,12 @@ fn execute(route: Route, ctx: &Context) -> Resp {
                     500,
                     &format!(
                         "the thumbnail of this capture is damaged on the storage card ({why}), so it is not shown; the decision and its audit record are unaffected"
+                    ),
+                ),
+                StoredThumbnail::Altered(why) => error(
+                    409,
+                    &format!(
+                        "the thumbnail of this capture is not the one the device stored ({why}), so it is not shown; the decision and its audit record are unaffected. Run sgps audit verify on the storage directory"
                     ),
                 ),
             }
@@ -396,6 +408,33 @@ pub fn free_space(dir: &std::path::Path) -> Option<(u64, u64)> {
 #[cfg(not(target_os = "linux"))]
 pub fn free_space(_dir: &std::path::Path) -> Option<(u64, u64)> {
     None
+}
+
+/// What the audit log recorded of a capture's thumbnail, from the index, which is rebuilt from
+/// the log (scanning only what changed) when it has no hash for the capture yet: the device
+/// appends the thumbnail's record after the capture's.
+fn recorded_thumbnail(
+    ctx: &Context,
+    sha: &[u8; 32],
+) -> Result<crate::store::Recorded, crate::store::StoreError> {
+    use crate::store::{Recorded, ThumbnailIndex};
+    let mut ix = ctx
+        .thumbnails
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let r = ix.recorded(sha);
+    if matches!(r, Recorded::Hash(_)) || (ix.knows(sha) && r == Recorded::Unchecked) {
+        return Ok(r);
+    }
+    let (records, _) = {
+        let mut cache = ctx
+            .audit_cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        crate::store::audit::read_all_cached(&ctx.storage_dir, &mut cache)?
+    };
+    *ix = ThumbnailIndex::from_records(&records);
+    Ok(ix.recorded(sha))
 }
 
 fn history(filter: &report::Filter, ctx: &Context) -> Resp {

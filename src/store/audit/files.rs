@@ -285,14 +285,89 @@ pub struct Verification {
     /// record whose frame has that hash, `None` when no record has it (records were removed
     /// from the end, or it is another log).
     pub anchor: Option<Option<u64>>,
+    /// The thumbnails of a storage directory against the log's records of them (`None` when a
+    /// single log file was checked).
+    pub thumbnails: Option<ThumbnailCheck>,
 }
 
 impl Verification {
     /// True when every record is intact, the chain links from the first record to the last
-    /// across every file, and the expected head (if one was given) is in it.
+    /// across every file, the expected head (if one was given) is in it, and no thumbnail
+    /// differs from what the log recorded.
     pub fn is_intact(&self) -> bool {
-        self.report.is_intact() && !matches!(self.anchor, Some(None))
+        self.report.is_intact()
+            && !matches!(self.anchor, Some(None))
+            && self
+                .thumbnails
+                .as_ref()
+                .is_none_or(|t| t.altered.is_empty())
     }
+}
+
+/// What checking a storage directory's thumbnails against the audit log found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ThumbnailCheck {
+    /// Files whose JPEG has the SHA-256 the log recorded.
+    pub matching: usize,
+    /// Files with nothing to check against (written before the log recorded thumbnails, or of a
+    /// capture no longer in the log).
+    pub unchecked: usize,
+    /// Recorded thumbnails with no file (pruned, or a write the power cut).
+    pub missing: usize,
+    /// Files that are not what the log recorded: capture SHA-256 (hex) and why.
+    pub altered: Vec<(String, String)>,
+    /// Files that fail their own checksum (damage): capture SHA-256 (hex) and why.
+    pub damaged: Vec<(String, String)>,
+    /// Files in `thumbs/` that are not named `<capture SHA-256>.jpg`.
+    pub strays: Vec<String>,
+}
+
+/// Check every file in `dir/thumbs` against the thumbnail records of `records`.
+pub fn check_thumbnails(dir: &Path, records: &[AuditRecord]) -> ThumbnailCheck {
+    use crate::store::{Recorded, StoredThumbnail, ThumbnailIndex, read_thumbnail};
+    let ix = ThumbnailIndex::from_records(records);
+    let mut check = ThumbnailCheck::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut names: Vec<String> = fs::read_dir(dir.join("thumbs"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    for name in names {
+        let mut sha = [0u8; 32];
+        let parsed = name
+            .strip_suffix(".jpg")
+            .is_some_and(|h| hex::decode_to_slice(h, &mut sha).is_ok());
+        if !parsed {
+            // the writer's temporary files are not thumbnails either
+            check.strays.push(name);
+            continue;
+        }
+        seen.insert(sha);
+        let recorded = ix.recorded(&sha);
+        match read_thumbnail(dir, &sha, recorded) {
+            StoredThumbnail::Intact(_) if matches!(recorded, Recorded::Hash(_)) => {
+                check.matching += 1
+            }
+            StoredThumbnail::Intact(_) | StoredThumbnail::Missing => check.unchecked += 1,
+            StoredThumbnail::Altered(why) => check.altered.push((hex::encode(sha), why)),
+            StoredThumbnail::Damaged(why) => check.damaged.push((hex::encode(sha), why)),
+        }
+    }
+    check.missing = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            AuditEvent::Thumbnail { capture_sha256, .. } => Some(capture_sha256),
+            _ => None,
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .filter(|c| !seen.contains(*c))
+        .count();
+    check
 }
 
 /// Check every record of the log at `path` (a storage directory or one log file) and its hash
@@ -323,6 +398,7 @@ pub fn verify(path: &Path, expect_head: Option<[u8; 32]>) -> Result<Verification
         ("classifier synthesized", 0),
         ("note", 0),
         ("log rotated", 0),
+        ("thumbnail recorded", 0),
     ];
     for r in &records {
         let i = match &r.event {
@@ -336,10 +412,13 @@ pub fn verify(path: &Path, expect_head: Option<[u8; 32]>) -> Result<Verification
             AuditEvent::Synthesized { .. } => 5,
             AuditEvent::Note(_) => 6,
             AuditEvent::Rotated { .. } => 7,
+            AuditEvent::Thumbnail { .. } => 8,
         };
         counts[i].1 += 1;
     }
+    let thumbnails = path.is_dir().then(|| check_thumbnails(path, &records));
     Ok(Verification {
+        thumbnails,
         path: path.to_owned(),
         records: records.len(),
         first: records.first().map(|r| (r.seq, r.time_unix_ms)),

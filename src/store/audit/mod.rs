@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 
 use super::record::{self, FrameError, MAGIC, RecordKind};
 
-/// Format version of audit records (2: with the hash chain; 1 is still read, unchained).
-pub const AUDIT_VERSION: u16 = 2;
+/// Format version of audit records (3: with [`AuditEvent::Thumbnail`]; 2, the same layout
+/// without that event, and 1, unchained, are still read).
+pub const AUDIT_VERSION: u16 = 3;
 /// Sector size of the power-loss model: unsynced data is lost or kept in units of this.
 pub const SECTOR: usize = 512;
 /// Size at which `audit.log` is rotated into a segment `audit-<first>-<last>.log`.
@@ -83,6 +84,13 @@ pub enum AuditEvent {
     Rotated {
         previous: String,
         previous_last_seq: u64,
+    },
+    /// The thumbnail kept for a capture (`thumbs/<capture>.jpg`): the SHA-256 of its JPEG bytes,
+    /// appended before the file is written, so that a thumbnail replaced or edited on the card
+    /// no longer matches the chained record (see [`super::thumbs::ThumbnailIndex`]).
+    Thumbnail {
+        capture_sha256: [u8; 32],
+        jpeg_sha256: [u8; 32],
     },
 }
 
@@ -153,6 +161,10 @@ impl ScanReport {
 /// Decode one audit frame of either format.
 fn decode_record(bytes: &[u8]) -> Result<(AuditRecord, usize), FrameError> {
     match record::decode::<AuditRecord>(RecordKind::Audit, AUDIT_VERSION, bytes) {
+        // format 2 has the same layout; it only lacks the newest event
+        Err(FrameError::Version { found: 2, .. }) => {
+            record::decode::<AuditRecord>(RecordKind::Audit, 2, bytes)
+        }
         Err(FrameError::Version { found: 1, .. }) => {
             let (r, n) = record::decode::<AuditRecordV1>(RecordKind::Audit, 1, bytes)?;
             Ok((

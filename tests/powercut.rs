@@ -1,5 +1,5 @@
 //! Power cuts, modelled: a real store workload (class records, classifiers and the active
-//! pointer, audit appends, a class removal, a restart) runs over `store::powercut::Recorder`,
+//! pointer, audit appends, thumbnails, a class removal, a restart) runs over `store::powercut::Recorder`,
 //! which records every write, append, truncate, fsync, rename, removal and directory fsync. For
 //! every point of the recording, `Model::crash_states` lists what a power loss there could leave
 //! (unsynced data dropped or torn at 512-byte sectors, directory changes not yet made durable
@@ -10,6 +10,8 @@
 //! - every acknowledged write is there and intact: audit records (with an intact hash chain),
 //!   class records, removals and the active classifier, each equal to the last acknowledged
 //!   version or to the write in flight at the cut, never older, never anything else;
+//! - every thumbnail file is intact and matches the SHA-256 its audit record holds (the record
+//!   is appended before the file is written);
 //! - the device can carry on: one more audit record is appended and reads back.
 //!
 //! A control runs the same check on the recording with the file (or directory) fsyncs taken
@@ -145,6 +147,24 @@ fn run_workload(base: &Path) -> (Vec<Op>, Vec<Call>) {
             verdict: store::Verdict::Refer,
         };
         w.audit(&mut audit, ev);
+        if v % 2 == 0 {
+            // the decision's thumbnail, kept as the device keeps it: record first, then file
+            let capture = [v as u8 ^ 0xff; 32];
+            let img =
+                image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, v as u8]));
+            let start = w.rec.len();
+            let (seq, jpeg_sha256) = st.keep_thumbnail(&mut audit, &capture, &img).unwrap();
+            let ev = AuditEvent::Thumbnail {
+                capture_sha256: capture,
+                jpeg_sha256,
+            };
+            let end = w.rec.len();
+            w.calls.push(Call {
+                start,
+                end,
+                what: What::Audit(seq, ev),
+            });
+        }
     }
     (rec.ops(), w.calls)
 }
@@ -178,7 +198,7 @@ fn scratch_dir() -> tempfile::TempDir {
 /// Check one materialised state; returns what is wrong with it.
 fn check_state(dir: &Path, cut: usize, calls: &[Call], stats: &mut Stats) -> Result<(), String> {
     let root = dir.join("store");
-    let temporaries = ["", "classes", "classifiers"].iter().any(|d| {
+    let temporaries = ["", "classes", "classifiers", "thumbs"].iter().any(|d| {
         std::fs::read_dir(root.join(d)).is_ok_and(|rd| {
             rd.flatten()
                 .any(|e| e.file_name().to_string_lossy().contains(".tmp-"))
@@ -273,6 +293,34 @@ fn check_state(dir: &Path, cut: usize, calls: &[Call], stats: &mut Stats) -> Res
                 "active points to {}, file holds {}",
                 a.classifier_id, c.id
             ));
+        }
+    }
+    // thumbnails: every file there is one the log vouches for (its record was appended first)
+    let index = store::ThumbnailIndex::from_records(&recs);
+    for e in std::fs::read_dir(root.join("thumbs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(sha) = name
+            .strip_suffix(".jpg")
+            .and_then(|h| <[u8; 32]>::try_from(hex::decode(h).ok()?).ok())
+        else {
+            continue; // an interrupted write's temporary, counted above
+        };
+        match store::read_thumbnail(&root, &sha, index.recorded(&sha)) {
+            store::StoredThumbnail::Intact(_)
+                if matches!(index.recorded(&sha), store::Recorded::Hash(_)) => {}
+            t => {
+                let what = match t {
+                    store::StoredThumbnail::Intact(_) => "intact, but the log has no hash for it",
+                    store::StoredThumbnail::Missing => "gone while read",
+                    store::StoredThumbnail::Damaged(_) => "damaged",
+                    store::StoredThumbnail::Altered(_) => "not the JPEG the log recorded",
+                };
+                return Err(format!("thumbs/{name} is {what}"));
+            }
         }
     }
     // carry on: one more record, readable, chained

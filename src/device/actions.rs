@@ -360,20 +360,11 @@ impl<'p> Device<'p> {
         }
     }
 
-    /// Keep a small JPEG of a capture for the screen and reports; a failure is only logged (the
-    /// audit log holds the capture's SHA-256, which is the evidence). The JPEG's SHA-256 is
-    /// appended to the audit log before the file is written, so the screen can tell the
-    /// thumbnail it shows is the one stored (a cut in between leaves a record and no file:
-    /// "no thumbnail", never an unrecorded one).
+    /// Keep a small JPEG of a capture for the screen and reports ([`store::Store::keep_thumbnail`]:
+    /// its SHA-256 chained in the audit log first); a failure is only logged (the audit log holds
+    /// the capture's SHA-256, which is the evidence).
     pub(super) fn save_thumbnail(&mut self, sha: &[u8; 32], img: &RgbImage) {
-        let stored = store::encode_thumbnail(img).and_then(|jpeg| {
-            self.audit.append(AuditEvent::Thumbnail {
-                capture_sha256: *sha,
-                jpeg_sha256: store::jpeg_sha256(&jpeg),
-            })?;
-            self.store.write_thumbnail(sha, &jpeg)
-        });
-        if let Err(e) = stored {
+        if let Err(e) = self.store.keep_thumbnail(&mut self.audit, sha, img) {
             log::warn!("thumbnail not stored: {e}");
             return;
         }

@@ -182,6 +182,26 @@ impl Store {
         )
     }
 
+    /// Keep the thumbnail of a capture as the device does: the SHA-256 of its JPEG appended to
+    /// `audit` (fsynced) first, then the file written. A power cut in between leaves a record
+    /// without a file ("no thumbnail kept"), never a file the log does not vouch for. Returns the
+    /// record's sequence number and the JPEG's SHA-256.
+    pub fn keep_thumbnail(
+        &self,
+        audit: &mut super::AuditLog,
+        capture: &[u8; 32],
+        img: &image::RgbImage,
+    ) -> Result<(u64, [u8; 32]), StoreError> {
+        let jpeg = encode_thumbnail(img)?;
+        let jpeg_sha256 = jpeg_sha256(&jpeg);
+        let seq = audit.append(AuditEvent::Thumbnail {
+            capture_sha256: *capture,
+            jpeg_sha256,
+        })?;
+        self.write_thumbnail(capture, &jpeg)?;
+        Ok((seq, jpeg_sha256))
+    }
+
     /// Encode and store the thumbnail of a capture, returning the SHA-256 of its JPEG bytes.
     pub fn save_thumbnail(
         &self,

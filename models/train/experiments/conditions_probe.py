@@ -1,6 +1,8 @@
 """Probes behind the conditions stage's "tried, not shipped" rows (models/README.md), on the stage's cached
 embeddings and folds: `textmap` (contrastive text map vs ridge, K = 0), `lambda` (ridge lambda sweep), `refer`
-(task-adaptive referral vs the fixed calibrated threshold, utility +1 correct / -1 wrong / 0 referred).
+(task-adaptive referral vs the fixed calibrated threshold, utility +1 correct / -1 wrong / 0 referred),
+`centre` (text-only K = 0 with the task's projected descriptions centred, a dermoscopic domain shift, or a
+dermoscopy-only map; on each fold's own encoder, as the fold check).
 Base classes only (conditions.load_conditions). Run after `run.py --stage conditions` has filled --work:
 
     models/train/.venv/bin/python models/train/experiments/conditions_probe.py textmap|lambda|refer
@@ -130,3 +132,50 @@ elif mode == "refer":
         res["adaptive"].append(utility(B[:, -1], acc_b))
         print(fi, "th", round(th, 3), {k: round(v[-1], 4) for k, v in res.items()}, "refer fixed %.3f adaptive %.3f" % (1 - (B[:, 0] >= th).mean(), 1 - acc_b.mean()), flush=True)
     print({k: round(float(np.mean(v)), 4) for k, v in res.items()})
+elif mode == "centre":
+    from sgps_train import supervise
+    RIDGE = C.RIDGE_LAM
+    views = supervise.fold_views(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", folds, False, 0)
+    def l2(x): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+    def fit(E, cls):
+        means = meta.class_means({c: E[c] for c in cls})
+        X = np.concatenate([texts[c] for c in cls]).astype(np.float64)
+        Y = np.concatenate([np.repeat(means[c][None], len(texts[c]), 0) for c in cls]).astype(np.float64)
+        return meta.ridge(X, Y, RIDGE)
+    def proj(W, t): return np.c_[t, np.ones(len(t))] @ W
+    res = {}
+    for fi, fold in enumerate(folds):
+        E = views[fi][0]
+        tr = [c for c in classes if c not in fold]
+        tr_d = [c for c in tr if C.is_dermoscopic(c)]
+        W = fit(E, tr); Wd = fit(E, tr_d)
+        # dermoscopic domain shift: mean image class mean minus mean projected description, training derm classes
+        mi = np.mean([meta.class_means({c: E[c]})[c] for c in tr_d], 0)
+        mp = np.mean([proj(W, texts[c]).mean(0) for c in tr_d], 0)
+        for fam, n in (("derm", 4), ("skin", 5)):
+            cls = [c for c in fold if (C.is_dermoscopic(c) if fam == "derm" else c.split("/")[0] in C.SKIN)]
+            n = min(n, len(cls))
+            rng = np.random.default_rng(500 + fi)
+            acc = {}
+            for _ in range(300):
+                chosen = list(rng.choice(cls, size=n, replace=False))
+                q = []; y = []
+                for i, c in enumerate(chosen):
+                    idx = rng.choice(len(E[c]), size=min(15, len(E[c])), replace=False)
+                    q.append(E[c][idx]); y += [i] * len(idx)
+                q = l2(np.concatenate(q)); y = np.asarray(y)
+                t = np.stack([texts[c][rng.integers(len(texts[c]))] for c in chosen])
+                P = proj(W, t)
+                variants = {"ridge": P, "centred": P - P.mean(0, keepdims=True)}
+                if fam == "derm":
+                    variants["derm_shift"] = P - mp + mi
+                    variants["derm_only_map"] = proj(Wd, t)
+                    variants["derm_only_centred"] = proj(Wd, t) - proj(Wd, t).mean(0, keepdims=True)
+                for name, w in variants.items():
+                    acc.setdefault(name, []).append(float(((q @ l2(w).T).argmax(-1) == y).mean()))
+            for name, a in acc.items():
+                res.setdefault((fam, name), []).append(float(np.mean(a)))
+            print(fi, fam, {k: round(float(np.mean(v)), 4) for k, v in acc.items()}, flush=True)
+    for (fam, name), v in sorted(res.items()):
+        print(f"{fam} {name}: {np.mean(v):.4f} per fold {[round(x, 4) for x in v]}")
+

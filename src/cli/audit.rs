@@ -167,7 +167,7 @@ pub fn audit(a: &AuditArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(t) = &v.thumbnails {
         println!(
-            "  thumbnails: {} as recorded, {} from before the log recorded them (not checkable), {} recorded but no longer kept",
+            "  thumbnails: {} as recorded, {} not checkable (stored before the log recorded thumbnails, or of captures no longer in the log), {} recorded but no longer kept",
             t.matching, t.unchecked, t.missing
         );
         for (capture, why) in &t.altered {

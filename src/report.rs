@@ -131,11 +131,8 @@ pub fn rows(records: &[AuditRecord]) -> Vec<Row> {
             // bookkeeping for the capture's row, not a row of its own
             AuditEvent::Thumbnail { .. } => continue,
         }
-        if let AuditEvent::Decision { capture_sha256, .. }
-        | AuditEvent::Rejected { capture_sha256, .. }
-        | AuditEvent::Enrolled { capture_sha256, .. } = &r.event
-        {
-            row.thumbnail = thumbs.recorded(capture_sha256);
+        if let Some(capture) = r.event.capture() {
+            row.thumbnail = thumbs.recorded(capture);
         }
         out.push(row);
     }

@@ -77,10 +77,10 @@ impl ThumbnailIndex {
                     ix.hashes.insert(*capture_sha256, *jpeg_sha256);
                     capture_sha256
                 }
-                AuditEvent::Decision { capture_sha256, .. }
-                | AuditEvent::Rejected { capture_sha256, .. }
-                | AuditEvent::Enrolled { capture_sha256, .. } => capture_sha256,
-                _ => continue,
+                e => match e.capture() {
+                    Some(c) => c,
+                    None => continue,
+                },
             };
             ix.capture_seq.insert(*capture, r.seq);
         }

@@ -94,6 +94,18 @@ pub enum AuditEvent {
     },
 }
 
+impl AuditEvent {
+    /// The capture a decision, rejection or enrolled shot was made on.
+    pub fn capture(&self) -> Option<&[u8; 32]> {
+        match self {
+            AuditEvent::Decision { capture_sha256, .. }
+            | AuditEvent::Rejected { capture_sha256, .. }
+            | AuditEvent::Enrolled { capture_sha256, .. } => Some(capture_sha256),
+            _ => None,
+        }
+    }
+}
+
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {

@@ -117,6 +117,29 @@ pub struct SynthesizerSpec {
     pub outputs: SynthOutputs,
     pub max_classes: usize,
     pub max_shots: usize,
+    /// What G reads as a class's text (absent: the MiniLM embedding alone, as before word features).
+    #[serde(default)]
+    pub text_features: Option<TextFeaturesSpec>,
+}
+
+/// The text features G reads: the MiniLM embedding, the word features, or both side by side
+/// (MiniLM first), chosen by the recipe's text map check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TextFeaturesSpec {
+    pub minilm: bool,
+    #[serde(default)]
+    pub words: Option<WordsSpec>,
+    pub dim: usize,
+}
+
+/// The word-feature file (vocabulary and idf; `encoders::words`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WordsSpec {
+    pub file: String,
+    pub sha256: String,
+    #[serde(default)]
+    pub bytes: u64,
+    pub dim: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -210,6 +233,19 @@ impl Manifest {
         if te.max_tokens < 2 || te.embedding_dim == 0 {
             return Err("text_encoder.max_tokens must be >= 2 and embedding_dim positive".into());
         }
+        if let Some(tf) = &self.synthesizer.text_features {
+            let expected = if tf.minilm { te.embedding_dim } else { 0 }
+                + tf.words.as_ref().map_or(0, |w| w.dim);
+            if expected == 0 || tf.dim != expected {
+                return Err(format!(
+                    "synthesizer.text_features.dim is {} but its parts add up to {expected} (MiniLM {}, words {}); \
+                     regenerate the models with `cargo xtask train`",
+                    tf.dim,
+                    if tf.minilm { te.embedding_dim } else { 0 },
+                    tf.words.as_ref().map_or(0, |w| w.dim)
+                ));
+            }
+        }
         if self.synthesizer.max_classes < 2 || self.synthesizer.max_shots == 0 {
             return Err("synthesizer.max_classes must be >= 2 and max_shots >= 1".into());
         }
@@ -220,6 +256,47 @@ impl Manifest {
             ));
         }
         Ok(())
+    }
+
+    /// Every file the manifest names (encoder variants, tokenizer, synthesizer, word features),
+    /// relative to the models directory.
+    pub fn files(&self) -> Vec<&str> {
+        let mut f: Vec<&str> = self
+            .image_encoder
+            .variants
+            .values()
+            .chain(self.text_encoder.variants.values())
+            .map(|v| v.file.as_str())
+            .collect();
+        f.push(&self.text_encoder.tokenizer.file);
+        f.push(&self.synthesizer.file);
+        if let Some(w) = self
+            .synthesizer
+            .text_features
+            .as_ref()
+            .and_then(|t| t.words.as_ref())
+        {
+            f.push(&w.file);
+        }
+        f.sort_unstable();
+        f.dedup();
+        f
+    }
+
+    /// Length of the text feature vector G reads for a class.
+    pub fn text_dim(&self) -> usize {
+        self.synthesizer
+            .text_features
+            .as_ref()
+            .map_or(self.text_encoder.embedding_dim, |t| t.dim)
+    }
+
+    /// Whether G reads the MiniLM embedding of a description.
+    pub fn uses_minilm(&self) -> bool {
+        self.synthesizer
+            .text_features
+            .as_ref()
+            .is_none_or(|t| t.minilm)
     }
 
     /// The image-encoder variant to use (`None` = manifest default), or an error listing the choices.
@@ -355,6 +432,32 @@ pub(crate) mod tests {
                 .unwrap_err()
                 .contains("default_variant")
         );
+    }
+
+    #[test]
+    fn text_features_say_what_g_reads_and_must_add_up() {
+        let m = Manifest::from_json(SAMPLE).unwrap();
+        assert_eq!((m.text_dim(), m.uses_minilm()), (384, true)); // absent: MiniLM alone
+        let with = |tf: serde_json::Value| {
+            let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+            v["synthesizer"]["text_features"] = tf;
+            Manifest::from_json(&v.to_string())
+        };
+        let words = serde_json::json!({"file": "text_words.json", "sha256": "00", "dim": 1000});
+        let m = with(serde_json::json!({"minilm": false, "words": words, "dim": 1000})).unwrap();
+        assert_eq!((m.text_dim(), m.uses_minilm()), (1000, false));
+        let m = with(serde_json::json!({"minilm": true, "words": words, "dim": 1384})).unwrap();
+        assert_eq!((m.text_dim(), m.uses_minilm()), (1384, true));
+        for bad in [
+            serde_json::json!({"minilm": true, "words": words, "dim": 1000}),
+            serde_json::json!({"minilm": false, "dim": 0}),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                e.contains("text_features.dim") && e.contains("cargo xtask train"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 
 use crate::classifier::{ClassInfo, Classifier, Prediction, now_unix};
-use crate::encoders::{ImageEncoder, TextEncoder};
+use crate::encoders::{ImageEncoder, TextEncoder, WordFeatures};
 use crate::error::{Error, Result};
 use crate::image_io;
 use crate::manifest::Manifest;
@@ -67,7 +67,9 @@ impl SupportInput {
 pub struct Pipeline {
     manifest: Manifest,
     image: ImageEncoder,
-    text: TextEncoder,
+    /// Loaded only where G reads the MiniLM embedding (`Manifest::uses_minilm`).
+    text: Option<TextEncoder>,
+    words: Option<WordFeatures>,
     synth: Synthesizer,
 }
 
@@ -77,12 +79,19 @@ impl Pipeline {
         configure_threads(opts.threads);
         let manifest = Manifest::load(models_dir)?;
         let image = ImageEncoder::load(&manifest, opts.image_variant.as_deref())?;
-        let text = TextEncoder::load(&manifest, opts.text_variant.as_deref())?;
+        let text = if manifest.uses_minilm() {
+            Some(TextEncoder::load(&manifest, opts.text_variant.as_deref())?)
+        } else {
+            log::info!("the synthesizer reads no MiniLM embedding: text encoder not loaded");
+            None
+        };
+        let words = WordFeatures::load(&manifest)?;
         let synth = Synthesizer::load(&manifest)?;
         Ok(Pipeline {
             manifest,
             image,
             text,
+            words,
             synth,
         })
     }
@@ -95,8 +104,34 @@ impl Pipeline {
         &self.image
     }
 
-    pub fn text_encoder(&self) -> &TextEncoder {
-        &self.text
+    /// The MiniLM text encoder, where the shipped synthesizer reads its embedding.
+    pub fn text_encoder(&self) -> Option<&TextEncoder> {
+        self.text.as_ref()
+    }
+
+    /// What turns a description into G's text features: "MiniLM <variant>", "words" or both.
+    pub fn text_features_label(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = &self.text {
+            parts.push(format!("MiniLM {}", t.variant));
+        }
+        if self.words.is_some() {
+            parts.push("words".to_string());
+        }
+        parts.join(" + ")
+    }
+
+    /// SHA-256 of the files behind G's text features (MiniLM's, then the word features'; joined
+    /// by "+" when both are read).
+    pub fn text_features_sha256(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = &self.text {
+            parts.push(t.sha256.as_str());
+        }
+        if let Some(w) = &self.words {
+            parts.push(w.sha256.as_str());
+        }
+        parts.join("+")
     }
 
     pub fn synthesizer(&self) -> &Synthesizer {
@@ -160,9 +195,24 @@ impl Pipeline {
             .collect()
     }
 
-    /// Embed descriptions with the text encoder (one batch).
+    /// The text features G reads for each description (manifest `synthesizer.text_features`):
+    /// the text encoder's embedding, the word features, or both side by side.
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Embedding>> {
-        self.text.embed(texts)
+        let mut out = match &self.text {
+            Some(t) => t.embed(texts)?,
+            None => vec![Vec::new(); texts.len()],
+        };
+        if let Some(w) = &self.words {
+            for (o, t) in out.iter_mut().zip(texts) {
+                o.extend(w.vector(t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The word features, where the shipped synthesizer reads them.
+    pub fn word_features(&self) -> Option<&WordFeatures> {
+        self.words.as_ref()
     }
 
     /// Run G on embedded classes and build the classifier (bound to this image encoder).
@@ -184,7 +234,7 @@ impl Pipeline {
             scale: out.scale,
             refer_threshold: self.manifest.head.refer_threshold,
             encoder_sha256: self.image.sha256.clone(),
-            text_encoder_sha256: self.text.sha256.clone(),
+            text_encoder_sha256: self.text_features_sha256(),
             synthesizer_sha256: self.synth.sha256.clone(),
             manifest_format: self.manifest.format,
             mode: mode.label().to_string(),

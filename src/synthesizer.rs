@@ -88,7 +88,7 @@ impl SynthLimits {
             max_classes: m.synthesizer.max_classes,
             max_shots: m.synthesizer.max_shots,
             image_dim: m.image_encoder.embedding_dim,
-            text_dim: m.text_encoder.embedding_dim,
+            text_dim: m.text_dim(),
         }
     }
 

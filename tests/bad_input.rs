@@ -184,17 +184,8 @@ fn a_class_with_neither_images_nor_text_is_refused_by_name() {
 fn copy_models(to: &Path) {
     let m = p_manifest();
     std::fs::copy(models_dir().join("manifest.json"), to.join("manifest.json")).unwrap();
-    let mut files: Vec<String> = m
-        .image_encoder
-        .variants
-        .values()
-        .map(|v| v.file.clone())
-        .collect();
-    files.extend(m.text_encoder.variants.values().map(|v| v.file.clone()));
-    files.push(m.text_encoder.tokenizer.file.clone());
-    files.push(m.synthesizer.file.clone());
-    for f in files {
-        std::fs::copy(models_dir().join(&f), to.join(&f)).unwrap();
+    for f in m.files() {
+        std::fs::copy(models_dir().join(f), to.join(f)).unwrap();
     }
 }
 
@@ -220,6 +211,21 @@ fn tampered_or_missing_model_files_are_refused() {
         msg.contains("synthesizer.onnx") && msg.contains("cargo xtask train"),
         "{msg}"
     );
+
+    // the word features G reads are verified like the models
+    if let Some(w) = p_manifest().synthesizer.text_features.and_then(|t| t.words) {
+        let path = dir.path().join(&w.file);
+        let good = std::fs::read(&path).unwrap();
+        let mut bad = good.clone();
+        bad[good.len() / 2] ^= 0x01;
+        std::fs::write(&path, &bad).unwrap();
+        let e = Pipeline::load(dir.path(), &LoadOptions::default())
+            .err()
+            .expect("tampered word features must be refused");
+        assert!(matches!(e, Error::ModelTampered { .. }), "{e}");
+        assert!(e.to_string().contains(&w.file), "{e}");
+        std::fs::write(&path, &good).unwrap();
+    }
 
     std::fs::remove_file(&synth).unwrap();
     let e = Pipeline::load(dir.path(), &LoadOptions::default())

@@ -304,11 +304,22 @@ fn bench_smoke_without_onnxruntime() {
     .arg(&data)
     .arg("--models")
     .arg(models_dir());
-    succeeds_saying(
+    // the text rows follow what the shipped synthesizer reads
+    let m = sgps::manifest::Manifest::load(&models_dir()).unwrap();
+    let words = m
+        .synthesizer
+        .text_features
+        .as_ref()
+        .is_some_and(|t| t.words.is_some());
+    let out = succeeds_saying(
         &mut cmd,
         &[
             "end to end",
-            "text: tokenize + encoder",
+            if words {
+                "text: word features ("
+            } else {
+                "text: tokenize + encoder"
+            },
             "from cached embeddings",
             "raw captures",
             "peak RSS (VmHWM)",
@@ -317,9 +328,18 @@ fn bench_smoke_without_onnxruntime() {
             // the per-operator profile: tract's op kinds, with the depthwise convolutions of the
             // image encoder among them, and the slowest nodes
             "profile image encoder [fp32]",
-            "profile text encoder [",
             "slowest nodes:",
         ],
+    );
+    assert_eq!(
+        out.contains("text: tokenize + encoder"),
+        m.uses_minilm(),
+        "{out}"
+    );
+    assert_eq!(
+        out.contains("profile text encoder ["),
+        m.uses_minilm(),
+        "{out}"
     );
 }
 

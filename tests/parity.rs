@@ -210,12 +210,14 @@ fn text_encoder_matches_onnxruntime() {
     let refs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     let texts: Vec<&str> = refs.iter().map(|r| r["text"].as_str().unwrap()).collect();
     for (name, entry) in &m.text_encoder.variants {
+        // shipped and checked even where the synthesizer reads word features instead
         let own;
-        let enc = if *name == p.text_encoder().variant {
-            p.text_encoder()
-        } else {
-            own = TextEncoder::load(m, Some(name)).unwrap();
-            &own
+        let enc = match p.text_encoder() {
+            Some(t) if t.variant == *name => t,
+            _ => {
+                own = TextEncoder::load(m, Some(name)).unwrap();
+                &own
+            }
         };
         let got = enc.embed(&texts).unwrap();
         for (i, r) in refs.iter().enumerate() {
@@ -280,4 +282,39 @@ fn synthesizer_matches_onnxruntime() {
     let ds = (out.scale - scale[0]).abs();
     println!("synthesizer: max abs diff weight {dw:.2e}, bias {db:.2e}, scale {ds:.2e}");
     assert!(dw < 1e-3 && db < 1e-3 && ds < 1e-3 * scale[0].abs().max(1.0));
+}
+
+#[test]
+fn word_features_match_the_recipe() {
+    let p = pipeline();
+    let m = p.manifest();
+    let path = reference().join("words.json");
+    let Some(words) = p.word_features() else {
+        assert!(
+            !path.exists(),
+            "reference/words.json exists but the manifest names no word features"
+        );
+        println!("the shipped synthesizer reads no word features (MiniLM only)");
+        return;
+    };
+    let refs: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(refs.len() >= 3);
+    for r in &refs {
+        let text = r["text"].as_str().unwrap();
+        let expect: Vec<f32> = r["vector"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let got = words.vector(text);
+        let d = max_abs_diff(&got, &expect);
+        println!("words {text:?}: max abs diff vs the recipe {d:.2e}");
+        assert!(d < 1e-6, "{text:?}: {d}");
+        // what G reads: the MiniLM embedding (if used) then these word features
+        let feats = p.embed_texts(&[text]).unwrap().remove(0);
+        assert_eq!(feats.len(), m.text_dim());
+        assert_eq!(&feats[feats.len() - words.dim()..], &got[..]);
+    }
 }

@@ -227,9 +227,16 @@ tract, {} thread(s); {r} timed runs after {w} warm-up runs (raw-capture synthesi
         ),
         None => println!("\npeak RSS: not available on this system"),
     }
-    println!(
-        "text-encoder rows: tract includes tokenization (see the tokenize row); onnxruntime times the model only."
-    );
+    if base.text_encoder().is_some() {
+        println!(
+            "text-encoder rows: tract includes tokenization (see the tokenize row); onnxruntime times the model only."
+        );
+    } else {
+        println!(
+            "the synthesizer reads word features, not the MiniLM embedding: the text encoder is not loaded \
+             (time it alone with `--only text:VARIANT`)."
+        );
+    }
     if !ort_note.is_empty() {
         println!("{ort_note}");
     }
@@ -339,12 +346,13 @@ fn profile_models(base: &Pipeline, reps: usize, task: &Task) -> anyhow::Result<V
             profile: profile_ops(enc.plan(), &enc.inputs(&tensor)?, reps)?,
         });
     }
-    let te = base.text_encoder();
-    let toks = te.tokenize(&[task.texts[0].as_str()])?;
-    out.push(Profile {
-        model: format!("text encoder [{}] ({} tokens)", te.variant, toks.seq),
-        profile: profile_ops(te.plan(), &te.inputs(&toks)?, reps)?,
-    });
+    if let Some(te) = base.text_encoder() {
+        let toks = te.tokenize(&[task.texts[0].as_str()])?;
+        out.push(Profile {
+            model: format!("text encoder [{}] ({} tokens)", te.variant, toks.seq),
+            profile: profile_ops(te.plan(), &te.inputs(&toks)?, reps)?,
+        });
+    }
     Ok(out)
 }
 
@@ -480,43 +488,54 @@ fn measure_pass(
         });
     }
 
-    // Text encoding (default text variant), one description.
+    // Text features of one description: the MiniLM encoder (default variant) where G reads it,
+    // the word features where G reads them.
     let text = &text_refs[0];
-    let toks = base.text_encoder().tokenize(&[text])?;
-    rows.push(Row {
-        what: format!("text: tokenize ({} tokens)", toks.seq),
-        tract: measure(w, r, || Ok(base.text_encoder().tokenize(&[text])?))?,
-        onnxruntime: None,
-        ort_key: None,
-    });
-    rows.push(Row {
-        what: "text: tokenize + encoder".into(),
-        tract: measure(w, r, || Ok(base.embed_texts(&[text])?))?,
-        onnxruntime: None,
-        ort_key: Some("text_encoder".into()),
-    });
-    let ts = &manifest.text_encoder;
-    let mut text_inputs = serde_json::Map::new();
-    let shape = [toks.n, toks.seq];
-    text_inputs.insert(
-        ts.inputs.input_ids.clone(),
-        json!({"dtype": "int64", "shape": shape, "data": toks.input_ids}),
-    );
-    text_inputs.insert(
-        ts.inputs.attention_mask.clone(),
-        json!({"dtype": "int64", "shape": shape, "data": toks.attention_mask}),
-    );
-    if let Some(tt) = &ts.inputs.token_type_ids {
-        text_inputs.insert(
-            tt.clone(),
-            json!({"dtype": "int64", "shape": shape, "data": toks.token_type_ids}),
-        );
+    if let Some(words) = base.word_features() {
+        rows.push(Row {
+            what: format!("text: word features ({} words)", words.dim()),
+            tract: measure(w, r, || Ok(words.vector(text)))?,
+            onnxruntime: None,
+            ort_key: None,
+        });
     }
-    ort_models.push(json!({
-        "name": "text_encoder",
-        "path": manifest.dir.join(&ts.variants[&base.text_encoder().variant].file),
-        "inputs": text_inputs,
-    }));
+    if let Some(te) = base.text_encoder() {
+        let toks = te.tokenize(&[text])?;
+        rows.push(Row {
+            what: format!("text: tokenize ({} tokens)", toks.seq),
+            tract: measure(w, r, || Ok(te.tokenize(&[text])?))?,
+            onnxruntime: None,
+            ort_key: None,
+        });
+        rows.push(Row {
+            what: "text: tokenize + encoder".into(),
+            tract: measure(w, r, || Ok(base.embed_texts(&[text])?))?,
+            onnxruntime: None,
+            ort_key: Some("text_encoder".into()),
+        });
+        let ts = &manifest.text_encoder;
+        let mut text_inputs = serde_json::Map::new();
+        let shape = [toks.n, toks.seq];
+        text_inputs.insert(
+            ts.inputs.input_ids.clone(),
+            json!({"dtype": "int64", "shape": shape, "data": toks.input_ids}),
+        );
+        text_inputs.insert(
+            ts.inputs.attention_mask.clone(),
+            json!({"dtype": "int64", "shape": shape, "data": toks.attention_mask}),
+        );
+        if let Some(tt) = &ts.inputs.token_type_ids {
+            text_inputs.insert(
+                tt.clone(),
+                json!({"dtype": "int64", "shape": shape, "data": toks.token_type_ids}),
+            );
+        }
+        ort_models.push(json!({
+            "name": "text_encoder",
+            "path": manifest.dir.join(&ts.variants[&te.variant].file),
+            "inputs": text_inputs,
+        }));
+    }
 
     // Synthesis, 4-way 5-shot with descriptions.
     let support = embed_classes(base, pool, ep, support_paths, descs)?;
@@ -532,10 +551,7 @@ fn measure_pass(
     });
     let ss = &manifest.synthesizer;
     let (n, k) = (inputs.n, inputs.k);
-    let (d, td) = (
-        manifest.image_encoder.embedding_dim,
-        manifest.text_encoder.embedding_dim,
-    );
+    let (d, td) = (manifest.image_encoder.embedding_dim, manifest.text_dim());
     ort_models.push(json!({
         "name": "synthesizer",
         "path": manifest.dir.join(&ss.file),

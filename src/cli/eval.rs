@@ -180,7 +180,7 @@ pub fn run(args: &EvalArgs, models: &Path, opts: &LoadOptions) -> anyhow::Result
     )?;
     print!("{}", report_table(&report));
     if args.write_manifest {
-        let block = manifest_block::manifest_block(&report, &pipeline.text_encoder().variant)?;
+        let block = manifest_block::manifest_block(&report, &pipeline.text_features_label())?;
         manifest_block::write_manifest_block(models, block)?;
         println!(
             "figures written to {} (evaluation.sgps_eval)",

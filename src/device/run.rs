@@ -99,9 +99,9 @@ pub fn run(args: &RunOptions) -> Result<Summary> {
         image_encoder: format!("variant {}", pipeline.image_encoder().variant),
         image_encoder_sha256: pipeline.encoder_sha256().to_owned(),
         text_encoder: format!(
-            "variant {}, SHA-256 {}",
-            pipeline.text_encoder().variant,
-            pipeline.text_encoder().sha256
+            "{}, SHA-256 {}",
+            pipeline.text_features_label(),
+            pipeline.text_features_sha256()
         ),
         synthesizer_sha256: pipeline.manifest().synthesizer.sha256.clone(),
         storage_dir: profile.storage_dir.display().to_string(),

@@ -2,6 +2,7 @@
 
 pub mod image;
 pub mod text;
+pub mod words;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use crate::manifest::Precision;
 
 pub use self::image::ImageEncoder;
 pub use self::text::TextEncoder;
+pub use self::words::WordFeatures;
 
 /// A runnable, optimised tract plan.
 pub type Plan = Arc<TypedRunnableModel>;

@@ -14,7 +14,7 @@ fn r4(x: f64) -> f64 {
 }
 
 /// The `evaluation.sgps_eval` block of a report of protocol ISIC-FS-novel.
-pub fn manifest_block(report: &EvalReport, text_variant: &str) -> anyhow::Result<Value> {
+pub fn manifest_block(report: &EvalReport, text_features: &str) -> anyhow::Result<Value> {
     let c = &report.config;
     anyhow::ensure!(
         c.protocol == "ISIC-FS-novel",
@@ -84,7 +84,7 @@ pub fn manifest_block(report: &EvalReport, text_variant: &str) -> anyhow::Result
             c.ways, c.episodes, c.queries, c.seed, hash(1), hash(5)
         ),
         "image_variant": report.image_encoder_variant,
-        "text_variant": text_variant,
+        "text_features": text_features,
         "synthesizer_sha256": report.synthesizer_sha256,
         "results": results,
         "status": status,

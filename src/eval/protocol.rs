@@ -307,7 +307,7 @@ pub fn evaluate(
         config: cfg.clone(),
         image_encoder_variant: pipeline.image_encoder().variant.clone(),
         image_encoder_sha256: pipeline.encoder_sha256().to_string(),
-        text_encoder_sha256: pipeline.text_encoder().sha256.clone(),
+        text_encoder_sha256: pipeline.text_features_sha256(),
         synthesizer_sha256: m.synthesizer.sha256.clone(),
         descriptions: descs,
         images_embedded: pool.images.len(),

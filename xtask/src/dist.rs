@@ -153,7 +153,9 @@ fn copy_exec(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Model files a board needs, as (file, expected sha256): the variants its profile names, else
-/// the manifest's defaults, chosen by the runtime's own `Manifest` (as the device will load them).
+/// the manifest's defaults, chosen by the runtime's own `Manifest` (as the device will load them);
+/// the text encoder and tokenizer only where the synthesizer reads the MiniLM embedding, the word
+/// features where it reads them.
 pub fn model_files(manifest: &Manifest, board: &Board) -> Result<Vec<(String, String)>> {
     let on_board = |e: sgps::error::Error| anyhow!("board {}: {e}", board.name);
     let (_, image) = manifest
@@ -164,12 +166,15 @@ pub fn model_files(manifest: &Manifest, board: &Board) -> Result<Vec<(String, St
         .map_err(on_board)?;
     let tok = &manifest.text_encoder.tokenizer;
     let synth = &manifest.synthesizer;
-    let files = [
-        ("image encoder", &image.file, &image.sha256),
-        ("text encoder", &text.file, &text.sha256),
-        ("tokenizer", &tok.file, &tok.sha256),
-        ("synthesizer", &synth.file, &synth.sha256),
-    ];
+    let mut files = vec![("image encoder", &image.file, &image.sha256)];
+    if manifest.uses_minilm() {
+        files.push(("text encoder", &text.file, &text.sha256));
+        files.push(("tokenizer", &tok.file, &tok.sha256));
+    }
+    if let Some(w) = synth.text_features.as_ref().and_then(|t| t.words.as_ref()) {
+        files.push(("word features", &w.file, &w.sha256));
+    }
+    files.push(("synthesizer", &synth.file, &synth.sha256));
     files
         .into_iter()
         .map(|(what, file, sha)| {
@@ -354,6 +359,17 @@ mod tests {
             Manifest::from_json(&fs::read_to_string(root.join("models/manifest.json")).unwrap())
                 .unwrap();
         // the shipped manifest, plus a second image-encoder variant a board may ask for
+        // G reads MiniLM and the word features: both travel
+        m.synthesizer.text_features = Some(sgps::manifest::TextFeaturesSpec {
+            minilm: true,
+            words: Some(sgps::manifest::WordsSpec {
+                file: "text_words.json".into(),
+                sha256: "00".into(),
+                bytes: 1,
+                dim: 2,
+            }),
+            dim: m.text_encoder.embedding_dim + 2,
+        });
         let mut int8 = m.image_encoder.variants["fp32"].clone();
         int8.file = "image_encoder.int8.onnx".into();
         m.image_encoder.variants.insert("int8".into(), int8);
@@ -374,6 +390,23 @@ mod tests {
                 "image_encoder.int8.onnx",
                 text_file.as_str(),
                 "tokenizer.json",
+                "text_words.json",
+                "synthesizer.onnx"
+            ]
+        );
+        // G reads the word features alone: the text encoder and tokenizer stay behind
+        let tf = m.synthesizer.text_features.as_mut().unwrap();
+        (tf.minilm, tf.dim) = (false, 2);
+        let f: Vec<String> = model_files(&m, &b)
+            .unwrap()
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(
+            f,
+            [
+                "image_encoder.int8.onnx",
+                "text_words.json",
                 "synthesizer.onnx"
             ]
         );

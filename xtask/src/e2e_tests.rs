@@ -42,6 +42,7 @@ fn fixture() -> Fixture {
         ("text_encoder.f16w.onnx", b"text-model".as_slice()),
         ("tokenizer.json", b"{}".as_slice()),
         ("synthesizer.onnx", b"synth".as_slice()),
+        ("text_words.json", b"words".as_slice()),
     ];
     for (f, b) in files {
         fs::write(models.join(f), b).unwrap();
@@ -64,6 +65,9 @@ fn fixture() -> Fixture {
         serde_json::json!({"file": "tokenizer.json", "sha256": sha(b"{}")});
     manifest["synthesizer"]["file"] = "synthesizer.onnx".into();
     manifest["synthesizer"]["sha256"] = sha(b"synth").into();
+    // G reads both text features here, so every model file travels
+    manifest["synthesizer"]["text_features"] = serde_json::json!({"minilm": true,
+        "words": {"file": "text_words.json", "sha256": sha(b"words"), "bytes": 5, "dim": 2}, "dim": 386});
     fs::write(models.join("manifest.json"), manifest.to_string()).unwrap();
     fs::create_dir_all(p.join("board")).unwrap();
     // the shipped profile, asking for the int8 image encoder
@@ -176,6 +180,7 @@ fn dist_bundle_layout_checksums_and_signature() {
             "models/manifest.json",
             "models/synthesizer.onnx",
             "models/text_encoder.f16w.onnx",
+            "models/text_words.json",
             "models/tokenizer.json",
             "release.pub.pem",
             "sgps-kiosk.service",

@@ -179,3 +179,53 @@ elif mode == "centre":
     for (fam, name), v in sorted(res.items()):
         print(f"{fam} {name}: {np.mean(v):.4f} per fold {[round(x, 4) for x in v]}")
 
+elif mode == "bow":
+    # text features from the words of the descriptions (TF-IDF over the fold's training descriptions),
+    # alone and beside the MiniLM embedding, ridge to class means; K = 0 on each fold's own encoder.
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sgps_train import supervise
+    views = supervise.fold_views(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", folds, False, 0)
+    def l2(x): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+    res = {}
+    for fi, fold in enumerate(folds):
+        E = views[fi][0]
+        tr = [c for c in classes if c not in fold]
+        import os
+        vk = eval(os.environ.get("BOW", 'dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, stop_words="english")'))
+        vec = TfidfVectorizer(**vk)
+        vec.fit([s for c in tr for s in desc[c]])
+        bow = {c: vec.transform(desc[c]).toarray() for c in classes}
+        means = meta.class_means({c: E[c] for c in tr})
+        feats = {
+            "minilm": lambda c: texts[c],
+            "bow": lambda c: bow[c],
+            "both_1": lambda c: np.c_[texts[c], bow[c]],
+        }
+        Ws = {}
+        for name, f in feats.items():
+            for lam in (1.0, 3.0):
+                X = np.concatenate([f(c) for c in tr]).astype(np.float64)
+                Y = np.concatenate([np.repeat(means[c][None], len(texts[c]), 0) for c in tr]).astype(np.float64)
+                Ws[f"{name}_l{lam}"] = (f, meta.ridge(X, Y, lam))
+        for fam, n in (("derm", 4), ("skin", 5)):
+            cls = [c for c in fold if (C.is_dermoscopic(c) if fam == "derm" else c.split("/")[0] in C.SKIN)]
+            n = min(n, len(cls))
+            rng = np.random.default_rng(500 + fi)
+            acc = {}
+            for _ in range(300):
+                chosen = list(rng.choice(cls, size=n, replace=False))
+                q = []; y = []
+                for i, c in enumerate(chosen):
+                    idx = rng.choice(len(E[c]), size=min(15, len(E[c])), replace=False)
+                    q.append(E[c][idx]); y += [i] * len(idx)
+                q = l2(np.concatenate(q)); y = np.asarray(y)
+                pick = [rng.integers(len(texts[c])) for c in chosen]
+                for name, (f, W) in Ws.items():
+                    t = np.stack([f(c)[j] for c, j in zip(chosen, pick)])
+                    w = np.c_[t, np.ones(len(t))] @ W
+                    acc.setdefault(name, []).append(float(((q @ l2(w).T).argmax(-1) == y).mean()))
+            for name, a in acc.items():
+                res.setdefault((fam, name), []).append(float(np.mean(a)))
+            print(fi, fam, {k: round(float(np.mean(v)), 4) for k, v in acc.items()}, flush=True)
+    for (fam, name), v in sorted(res.items()):
+        print(f"{fam} {name}: {np.mean(v):.4f} per fold {[round(x, 4) for x in v]}")

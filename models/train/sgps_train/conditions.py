@@ -31,6 +31,7 @@ import torch
 from . import data, episodes, export, meta
 from .cache import save_atomic
 from .synth import Synthesizer
+from .words import Words
 
 log = logging.getLogger("sgps_train.conditions")
 
@@ -43,6 +44,21 @@ MIN_GAIN = 0.005
 CAP_OTHER = 100
 SKIN = ("isic", "dermnet", "sd198", "derm7pt")
 RIDGE_LAM = 0.1
+
+# Text maps the text map check chooses among, simplest first (a later one must beat the current
+# choice by > MIN_GAIN on the mean of dermoscopic and skin K = 0, and not lose more than MIN_GAIN on
+# dermoscopy). A map reads the MiniLM embedding of the description, its word features (words.py:
+# TF-IDF over the vocabulary of the training classes' descriptions), or both side by side; `lam`
+# is its ridge penalty; `concepts` adds the derm7pt seven-point sentences (MiniLM only).
+TEXT_MAPS = {
+    "descriptions": {"minilm": True, "words": False, "concepts": False, "lam": RIDGE_LAM},
+    "descriptions+concepts": {"minilm": True, "words": False, "concepts": True, "lam": RIDGE_LAM},
+    "words": {"minilm": False, "words": True, "concepts": False, "lam": 1.0},
+    "words_lam3": {"minilm": False, "words": True, "concepts": False, "lam": 3.0},
+    "minilm+words": {"minilm": True, "words": True, "concepts": False, "lam": 1.0},
+    "minilm+words_lam3": {"minilm": True, "words": True, "concepts": False, "lam": 3.0},
+}
+WORDS_MIN_DF = 2
 
 CONFIGS = {
     "imprinting": {"text_with_images": False, "image_delta": False, "train": False},
@@ -264,21 +280,32 @@ def fit_text_proj(g: Synthesizer, emb: dict, texts: dict, lam: float = RIDGE_LAM
         g.text_proj.bias.copy_(torch.from_numpy(W[-1]).float())
 
 
-def make_g(cfg: dict, dim: int) -> Synthesizer:
-    g = Synthesizer(dim=dim, text_dim=384, init_scale=10.0)
+def text_features(tm: dict, minilm: dict, desc: dict, fit_classes) -> tuple[dict, Words | None]:
+    """class -> [n_desc, D] text features under text map `tm`: the MiniLM embeddings, the word
+    features (vocabulary and idf from the descriptions of `fit_classes` only), or both."""
+    words = Words.fit([s for c in fit_classes for s in desc[c]], WORDS_MIN_DF) if tm["words"] else None
+    out = {}
+    for c in minilm:
+        parts = ([minilm[c]] if tm["minilm"] else []) + ([words.matrix(desc[c])] if words else [])
+        out[c] = np.concatenate(parts, 1).astype(np.float32)
+    return out, words
+
+
+def make_g(cfg: dict, dim: int, text_dim: int = 384) -> Synthesizer:
+    g = Synthesizer(dim=dim, text_dim=text_dim, init_scale=10.0)
     g.text_with_images = cfg["text_with_images"]
     g.image_delta = cfg["image_delta"]
     return g
 
 
-def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=None) -> Synthesizer:
+def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=None, lam: float = RIDGE_LAM) -> Synthesizer:
     dim = next(iter(emb.values())).shape[1]
     torch.manual_seed(seed)  # G's initial weights do not depend on what ran (or was cached) before
-    g = make_g(cfg, dim)
-    fit_text_proj(g, emb, texts, concepts=concepts)
+    g = make_g(cfg, dim, next(iter(texts.values())).shape[1])
+    fit_text_proj(g, emb, texts, lam=lam, concepts=concepts)
     if cfg["train"]:
         tr, va = split_images(emb, 0.8, seed)
-        g, _, _ = meta.meta_train(g, tr, va, texts, quick=quick, seed=seed, steps=1500)
+        g, _, _ = meta.meta_train(g, tr, va, texts, quick=quick, seed=seed, steps=1500, ridge_lam=lam)
     g.eval()
     return g
 
@@ -314,47 +341,60 @@ def fold_score(rows: list[dict], name: str) -> dict:
             "derm_0": mean(["derm_0"]), "skin_0": mean(["skin_0"])}
 
 
-def text_map_check(emb: dict, texts: dict, concepts: list, quick: bool, seed: int, views=None) -> dict:
-    """Descriptions alone (K = 0) on the held-out folds, with the text map fitted on the
-    descriptions only, or also on the derm7pt concept sentences of the training classes' images.
-    The concepts are kept if the mean of dermoscopic 4-way and skin 5-way gains > MIN_GAIN and
+def text_map_check(emb: dict, minilm: dict, desc: dict, concepts: list, quick: bool, seed: int, views=None) -> dict:
+    """Descriptions alone (K = 0) on the held-out folds under each of TEXT_MAPS, each fitted on the
+    fold's training classes only (the word vocabulary too). Simplest first, a later map replaces
+    the current choice only if the mean of dermoscopic 4-way and skin 5-way gains > MIN_GAIN and
     dermoscopy does not lose more than MIN_GAIN."""
     classes = sorted(emb)
     folds = make_folds(classes, 2 if quick else FOLDS, seed)
     n_ep = 10 if quick else 300
     out = {}
-    for name, use in (("descriptions", False), ("descriptions+concepts", True)):
+    for name, tm in TEXT_MAPS.items():
+        if tm["concepts"] and not concepts:
+            continue
         fams = {"derm": [], "skin": []}
         for fi, fold in enumerate(folds):
             E, cp = views[fi] if views else (emb, concepts)
-            cp = cp if use else None
-            held = {c: E[c] for c in fold}
-            g = make_g(CONFIGS["imprinting"], next(iter(emb.values())).shape[1])
-            fit_text_proj(g, {c: E[c] for c in classes if c not in fold}, {c: texts[c] for c in classes if c not in fold},
-                          concepts=cp)
+            train = [c for c in classes if c not in fold]
+            texts, _ = text_features(tm, minilm, desc, train)
+            g = make_g(CONFIGS["imprinting"], next(iter(emb.values())).shape[1], next(iter(texts.values())).shape[1])
+            fit_text_proj(g, {c: E[c] for c in train}, {c: texts[c] for c in train}, lam=tm["lam"],
+                          concepts=cp if tm["concepts"] else None)
             g.eval()
-            r = score(g, held, {c: texts[c] for c in fold}, n_ep, 500 + fi)
+            r = score(g, {c: E[c] for c in fold}, {c: texts[c] for c in fold}, n_ep, 500 + fi)
             for f in fams:
                 if f"{f}_0" in r:
                     fams[f].append(r[f"{f}_0"])
         d, k = float(np.mean(fams["derm"])), float(np.mean(fams["skin"]))
         out[name] = {"derm_0": round(d, 4), "skin_0": round(k, 4), "mean": round(0.5 * d + 0.5 * k, 4),
                      "derm_0_per_fold": [round(x, 4) for x in fams["derm"]]}
-    a, b = out["descriptions"], out["descriptions+concepts"]
-    use = bool(concepts) and b["mean"] > a["mean"] + MIN_GAIN and b["derm_0"] >= a["derm_0"] - MIN_GAIN
-    out["chosen"] = "descriptions+concepts" if use else "descriptions"
+        log.info("text map %s: %s", name, out[name])
+    chosen = "descriptions"
+    for name in out:
+        m, cur = out[name], out[chosen]
+        if m["mean"] > cur["mean"] + MIN_GAIN and m["derm_0"] >= cur["derm_0"] - MIN_GAIN:
+            chosen = name
+    out["chosen"] = chosen
+    out["maps"] = {n: TEXT_MAPS[n] for n in out if n in TEXT_MAPS}
     out["concept_pairs"] = len(concepts)
-    log.info("text map check %s", out)
+    log.info("text map check -> %s", chosen)
     return out
 
 
-def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path, concepts=None, views=None) -> dict:
+def fold_check(emb: dict, fold_texts: list, quick: bool, seed: int, work: Path, concepts=None, views=None,
+               lam: float = RIDGE_LAM) -> dict:
+    """`fold_texts[fi]`: every class's text features with the text map fitted without fold fi."""
     classes = sorted(emb)
     folds = make_folds(classes, 2 if quick else FOLDS, seed)
     n_ep = 10 if quick else 300
     ckey = [float(t.sum()) for _, t, _ in concepts or []]
     vkey = [float(E[c].sum()) for E, _ in views or [] for c in classes]
-    cache = work / f"cond_folds_{_key(n_ep, seed, *classes, *[float(texts[c].sum()) for c in classes], json.dumps(CONFIGS), *ckey, *vkey)}.json"
+    tkey = [float(t[c].sum()) for t in fold_texts for c in classes]
+    if all(tkey[i] == tkey[i % len(classes)] for i in range(len(tkey))):
+        tkey = tkey[:len(classes)]  # the same features in every fold (MiniLM only): the earlier runs' cache names
+    lkey = [] if lam == RIDGE_LAM else [lam]
+    cache = work / f"cond_folds_{_key(n_ep, seed, *classes, *tkey[:len(classes)], json.dumps(CONFIGS), *ckey, *vkey, *tkey[len(classes):], *lkey)}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     t0 = time.time()
@@ -363,11 +403,12 @@ def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path, conce
         E, cp = views[fi] if views else (emb, concepts)
         cp = cp if concepts else None
         held = {c: E[c] for c in fold}
+        texts = fold_texts[fi]
         train = {c: E[c] for c in classes if c not in fold}
         tr_texts = {c: texts[c] for c in train}
         row = {"fold": fi, "held_out": len(fold), "dermoscopic": [c for c in fold if is_dermoscopic(c)]}
         for name, cfg in CONFIGS.items():
-            g = train_g(cfg, train, tr_texts, quick, seed, cp)
+            g = train_g(cfg, train, tr_texts, quick, seed, cp, lam)
             row[name] = {k: round(v, 4) for k, v in score(g, held, {c: texts[c] for c in fold}, n_ep, 500 + fi).items()}
             log.info("fold %d %s: %s (%.0f s)", fi, name, row[name], time.time() - t0)
         rows.append(row)
@@ -386,12 +427,12 @@ def fold_check(emb: dict, texts: dict, quick: bool, seed: int, work: Path, conce
     return report
 
 
-def calibrate(g: Synthesizer, emb: dict, texts: dict, quick: bool, seed: int) -> dict:
+def calibrate(g: Synthesizer, emb: dict, texts: dict, quick: bool, seed: int, lam: float = RIDGE_LAM) -> dict:
     """Temperature (folded into the scale), refer threshold and ECE on base-condition episodes.
     The text weights are leave-one-class-out (each class's descriptions through a map fitted
     without it), so text is not trusted more than it would be for a user's new class."""
     eps = 10 if quick else 150
-    tw = meta.loo_text_weights(emb, texts, RIDGE_LAM)
+    tw = meta.loo_text_weights(emb, texts, lam)
     classes = sorted(emb)
     derm = [c for c in classes if is_dermoscopic(c)]
     skin = [c for c in classes if c.split("/")[0] in SKIN]
@@ -425,27 +466,31 @@ def run(args, fold_views=None) -> dict:
     torch.set_num_threads(args.threads)
     desc = json.loads((here / "descriptions.json").read_text())["base"]
     t0 = time.time()
-    emb, texts, concepts = load_conditions(models, args.data, work, desc, quick, args.seed)
+    emb, minilm, concepts = load_conditions(models, args.data, work, desc, quick, args.seed)
     log.info("conditions: %d base classes, %d images, %d descriptions (%.0f s)", len(emb),
-             sum(len(v) for v in emb.values()), sum(len(v) for v in texts.values()), time.time() - t0)
+             sum(len(v) for v in emb.values()), sum(len(v) for v in minilm.values()), time.time() - t0)
     folds = make_folds(sorted(emb), 2 if quick else FOLDS, args.seed)
     views = fold_views(models, args.data, work, folds, quick, args.seed) if fold_views else None
-    tm = text_map_check(emb, texts, concepts, quick, args.seed, views)
-    if tm["chosen"] == "descriptions":
+    tm = text_map_check(emb, minilm, desc, concepts, quick, args.seed, views)
+    tmap = TEXT_MAPS[tm["chosen"]]
+    if not tmap["concepts"]:
         concepts = None
-    check = fold_check(emb, texts, quick, args.seed, work, concepts, views)
+    fold_texts = [text_features(tmap, minilm, desc, [c for c in sorted(emb) if c not in fold])[0] for fold in folds]
+    check = fold_check(emb, fold_texts, quick, args.seed, work, concepts, views, tmap["lam"])
     check["text_map"] = tm
+    texts, words = text_features(tmap, minilm, desc, sorted(emb))
     check["embeddings"] = ("each fold through the supervised stage's encoder trained without it" if views
                            else "the shipped image encoder (not trained on base labels)")
     log.info("fold check means %s -> %s", json.dumps(check["means"]), check["chosen"])
     cfg = CONFIGS[check["chosen"]]
-    g = train_g(cfg, emb, texts, quick, args.seed, concepts)
+    g = train_g(cfg, emb, texts, quick, args.seed, concepts, tmap["lam"])
     # calibrate where every class is embedded by an encoder that never saw it (as a user's new class)
     cal_emb = {c: views[fi][0][c] for fi, fold in enumerate(folds) for c in fold} if views else emb
-    cal = calibrate(g, cal_emb, texts, quick, args.seed)
+    cal = calibrate(g, cal_emb, texts, quick, args.seed, tmap["lam"])
     cal["on_embeddings"] = check["embeddings"]
     log.info("calibration %s", cal)
     return {"g": g, "check": check, "calibration": cal, "config": check["chosen"], "texts": texts, "concepts": bool(concepts),
+            "text_map": tm["chosen"], "words": words,
             "classes": len(emb), "images": int(sum(len(v) for v in emb.values())), "seconds": round(time.time() - t0, 1)}
 
 
@@ -456,13 +501,36 @@ def export_g(res: dict, models: Path) -> None:
     syn_path = models / "synthesizer.onnx"
     ref_dir = models / "reference"
     texts_ref = json.loads((ref_dir / "texts.json").read_text())
-    export.export_synth_checked(g, syn_path, ref_dir, np.asarray([t["embedding"] for t in texts_ref[:3]], np.float32))
+    tmap = TEXT_MAPS[res.get("text_map", "descriptions")]
+    words: Words | None = res.get("words")
+    words_path = models / "text_words.json"
+    if words is not None:
+        export.write_json(words_path, words.to_json())
+        # word-feature parity reference for the runtime (src/encoders/words.rs)
+        probe = [t["text"] for t in texts_ref] + ["Blue-white VEIL; irregular  streaks (x2) naevus", "", "a b c 42"]
+        export.write_json(ref_dir / "words.json", [{"text": t, "vector": [round(float(v), 7) for v in words.vector(t)]} for t in probe])
+    else:
+        words_path.unlink(missing_ok=True)
+        (ref_dir / "words.json").unlink(missing_ok=True)
+    text3 = np.concatenate(
+        ([np.asarray([t["embedding"] for t in texts_ref[:3]], np.float32)] if tmap["minilm"] else [])
+        + ([words.matrix([t["text"] for t in texts_ref[:3]])] if words is not None else []), 1)
+    export.export_synth_checked(g, syn_path, ref_dir, text3)
 
     mf_path = models / "manifest.json"
     mf = json.loads(mf_path.read_text())
     syn = mf["synthesizer"]
     syn["sha256"] = export.sha256(syn_path)
     syn["bytes"] = syn_path.stat().st_size
+    syn["text_features"] = {
+        "minilm": bool(tmap["minilm"]),
+        "words": None if words is None else {
+            "file": words_path.name, "sha256": export.sha256(words_path), "bytes": words_path.stat().st_size,
+            "dim": words.dim, "min_df": WORDS_MIN_DF},
+        "dim": int(text3.shape[1]),
+        "order": "MiniLM embedding (if used), then word features (if used)",
+        "chosen_by": "provenance.conditions.fold_check.text_map",
+    }
     syn["enabled"] = {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
                       "chosen_by": "class-level folds over the 251 base conditions (provenance.conditions.fold_check)"}
     cal = res["calibration"]
@@ -483,6 +551,7 @@ def export_g(res: dict, models: Path) -> None:
         "base_classes": res["classes"],
         "images": res["images"],
         "descriptions": "models/train/descriptions.json (base: 3 per class)" + (" + derm7pt seven-point concept sentences" if res.get("concepts") else ""),
+        "text_map": res.get("text_map", "descriptions"),
         "image_encoder_sha256": mf["image_encoder"]["variants"]["fp32"]["sha256"],
         "chosen": res["config"],
         "fold_check": {k: v for k, v in res["check"].items() if k != "folds"} | {

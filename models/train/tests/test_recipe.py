@@ -390,6 +390,32 @@ def test_concept_sentences_enter_the_text_map_only_for_training_classes():
     assert not np.allclose(proj(None), proj(concepts))
 
 
+def test_word_features_follow_their_definition_and_learn_only_from_the_fitting_classes():
+    from sgps_train import conditions
+    from sgps_train.words import Words, tokens
+
+    assert tokens("Blue-white VEIL; a 2x naevus's") == ["blue", "white", "veil", "2x", "naevus"]
+    w = Words.fit(["red scaly plaque", "red nodule", "scaly red patch", "blue veil"], min_df=2)
+    assert w.vocab == ["red", "scaly"]  # words in fewer than 2 descriptions are left out
+    idf = np.log(5 / np.array([4, 3])) + 1
+    v = w.vector("Red, red and SCALY")
+    raw = np.array([(1 + np.log(2)) * idf[0], idf[1]])
+    assert np.allclose(v, raw / np.linalg.norm(raw), atol=1e-7)
+    assert not w.vector("unknown words only").any()
+    assert Words.from_json(json.loads(json.dumps(w.to_json()))).vocab == w.vocab
+
+    # the vocabulary of a fold's map comes from its training classes' descriptions only
+    desc = {"a/x": ["pink scaly plaque", "pink scaly patch"], "a/y": ["violet lagoons", "violet lagoons"],
+            "a/z": ["pink nodule", "scaly nodule"]}
+    minilm = {c: np.zeros((2, 384), np.float32) for c in desc}
+    tm = conditions.TEXT_MAPS["words"]
+    feats, words = conditions.text_features(tm, minilm, desc, ["a/x", "a/z"])
+    assert "violet" not in words.vocab and "lagoons" not in words.vocab
+    assert not feats["a/y"].any() and feats["a/x"].shape == (2, words.dim)
+    both, _ = conditions.text_features(conditions.TEXT_MAPS["minilm+words"], minilm, desc, ["a/x", "a/z"])
+    assert both["a/x"].shape == (2, 384 + words.dim)
+
+
 # ---------------------------------------------------------------- supervised encoder stage
 
 

@@ -243,7 +243,7 @@ async function loadDevice() {
   const rows = [
     ["Board", d.board], ["Time (UTC)", d.time_utc], ["sgps", d.sgps_version],
     ["Models", d.models_dir], ["Image encoder", d.image_encoder], ["Image encoder SHA-256", d.image_encoder_sha256],
-    ["Text encoder", d.text_encoder], ["Synthesizer SHA-256", d.synthesizer_sha256],
+    ["Text features", d.text_encoder], ["Synthesizer SHA-256", d.synthesizer_sha256],
     ["Classifier", S && S.classifier_id ? S.classifier_id : "none yet"],
     ["Storage", d.storage_dir],
     ["Free storage", d.storage_free_bytes !== undefined ? gib(d.storage_free_bytes) + " of " + gib(d.storage_total_bytes) : "unknown"],

@@ -7,7 +7,7 @@ Base classes only (conditions.load_conditions). Run after `run.py --stage condit
 
     models/train/.venv/bin/python models/train/experiments/conditions_probe.py textmap|lambda|refer
 """
-import sys, json, time, logging
+import sys, os, json, time, logging
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
@@ -190,7 +190,6 @@ elif mode == "bow":
     for fi, fold in enumerate(folds):
         E = views[fi][0]
         tr = [c for c in classes if c not in fold]
-        import os
         vk = eval(os.environ.get("BOW", 'dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, stop_words="english")'))
         vec = TfidfVectorizer(**vk)
         vec.fit([s for c in tr for s in desc[c]])
@@ -203,7 +202,7 @@ elif mode == "bow":
         }
         Ws = {}
         for name, f in feats.items():
-            for lam in (1.0, 3.0):
+            for lam in eval(os.environ.get("LAMS", "(1.0, 3.0)")):
                 X = np.concatenate([f(c) for c in tr]).astype(np.float64)
                 Y = np.concatenate([np.repeat(means[c][None], len(texts[c]), 0) for c in tr]).astype(np.float64)
                 Ws[f"{name}_l{lam}"] = (f, meta.ridge(X, Y, lam))
@@ -229,3 +228,63 @@ elif mode == "bow":
             print(fi, fam, {k: round(float(np.mean(v)), 4) for k, v in acc.items()}, flush=True)
     for (fam, name), v in sorted(res.items()):
         print(f"{fam} {name}: {np.mean(v):.4f} per fold {[round(x, 4) for x in v]}")
+elif mode == "nested":
+    # ridge lambda of the word map chosen inside each fold's training classes (inner class folds,
+    # K = 0 score as the outer rule) instead of fixed; outer score on the held-out fold.
+    from sgps_train import supervise
+    from sgps_train.words import Words
+    views = supervise.fold_views(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", folds, False, 0)
+    LAMS = eval(os.environ.get("LAMS", "(1.0, 3.0, 10.0, 30.0, 100.0)"))
+    def l2(x): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+    def zero_shot(E, feats, W, held, seed, n_ep=200):
+        out = []
+        for fam, n in (("derm", 4), ("skin", 5)):
+            cls = [c for c in held if (C.is_dermoscopic(c) if fam == "derm" else c.split("/")[0] in C.SKIN)]
+            n = min(n, len(cls))
+            if n < 2:
+                out.append(float("nan")); continue
+            rng = np.random.default_rng(seed)
+            acc = []
+            for _ in range(n_ep):
+                chosen = list(rng.choice(cls, size=n, replace=False))
+                q = []; y = []
+                for i, c in enumerate(chosen):
+                    idx = rng.choice(len(E[c]), size=min(15, len(E[c])), replace=False)
+                    q.append(E[c][idx]); y += [i] * len(idx)
+                q = l2(np.concatenate(q)); y = np.asarray(y)
+                t = np.stack([feats[c][rng.integers(len(feats[c]))] for c in chosen])
+                w = np.c_[t, np.ones(len(t))] @ W
+                acc.append(float(((q @ l2(w).T).argmax(-1) == y).mean()))
+            out.append(float(np.mean(acc)))
+        return out
+    def fit(E, feats, cls, lam):
+        means = meta.class_means({c: E[c] for c in cls})
+        X = np.concatenate([feats[c] for c in cls]).astype(np.float64)
+        Y = np.concatenate([np.repeat(means[c][None], len(feats[c]), 0) for c in cls]).astype(np.float64)
+        return meta.ridge(X, Y, lam)
+    res = {"fixed3": [], "nested": []}
+    for fi, fold in enumerate(folds):
+        E = views[fi][0]
+        tr = [c for c in classes if c not in fold]
+        words = Words.fit([s for c in tr for s in desc[c]])
+        feats = {c: words.matrix(desc[c]) for c in classes}
+        inner = C.make_folds(tr, 4, 1)
+        inner_score = {}
+        for lam in LAMS:
+            sc = []
+            for ij, ifold in enumerate(inner):
+                itr = [c for c in tr if c not in ifold]
+                iw = Words.fit([s for c in itr for s in desc[c]])
+                ifeats = {c: iw.matrix(desc[c]) for c in tr}
+                W = fit(E, ifeats, itr, lam)
+                d, k = zero_shot(E, ifeats, W, ifold, 900 + ij)
+                sc.append(np.nanmean([d, k]))
+            inner_score[lam] = float(np.mean(sc))
+        best = max(inner_score, key=inner_score.get)
+        for name, lam in (("fixed3", 3.0), ("nested", best)):
+            d, k = zero_shot(E, feats, fit(E, feats, tr, lam), fold, 500 + fi, 300)
+            res[name].append((d, k))
+        print(fi, "inner", {k: round(v, 4) for k, v in inner_score.items()}, "-> lam", best, {n: [round(x, 4) for x in r[-1]] for n, r in res.items()}, flush=True)
+    for name, r in res.items():
+        d = np.mean([x[0] for x in r]); k = np.mean([x[1] for x in r])
+        print(f"{name}: derm_0 {d:.4f} skin_0 {k:.4f} mean {(d + k) / 2:.4f}")

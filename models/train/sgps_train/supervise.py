@@ -45,6 +45,12 @@ SCALE = 16.0
 CHECK_FOLDS = tuple(range(C.FOLDS))  # the conditions stage's folds (each check is a ~12-minute fine-tune here)
 CENTRE_IMAGES = 1200
 N_EP = 300
+# Candidate "finetuned_anchor": the same fine-tuning plus a dermoscopy anchor, so that learning the
+# clinical-photo conditions does not erode what the self-supervised step learned about dermoscopy:
+# on a batch of `batch` isic_unlabelled images (labels never exist; resized to SIZE, not augmented)
+# per step, `weight` x (1 - cosine) between the encoder's deployed embedding (with the start's
+# centre) and the start encoder's. It replaces the plain fine-tune only by the fold rule.
+ANCHOR = {"weight": 1.0, "batch": 32}
 
 
 def settings() -> dict:
@@ -172,8 +178,21 @@ def sampling(keys: list[str]):
     return classes, y, w / w.sum()
 
 
-def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarray, seed: int, quick: bool) -> dict:
-    """Fine-tune `enc` in place on pool[idx]; then re-centre it on CENTRE_IMAGES of those images."""
+def anchor_items(data_dir: Path, quick: bool):
+    """The isic_unlabelled images (label-free dermoscopy) the anchor reads."""
+    items = [it for it in data.read_manifest(data_dir) if it.dataset == "isic_unlabelled"]
+    return items[:8] if quick else items
+
+
+def _anchor_views(pool_a: torch.Tensor, idx) -> torch.Tensor:
+    x = F.interpolate(pool_a[idx].float() / 255.0, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return ssl.normalise(x).contiguous(memory_format=torch.channels_last)
+
+
+def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarray, seed: int, quick: bool,
+             anchor_pool: torch.Tensor | None = None) -> dict:
+    """Fine-tune `enc` in place on pool[idx]; then re-centre it on CENTRE_IMAGES of those images.
+    With `anchor_pool` (uint8 isic_unlabelled images), add the ANCHOR term."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -192,6 +211,11 @@ def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarra
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[LR, LR * 10], total_steps=steps, pct_start=0.1)
     ty = torch.from_numpy(y).to(dev)
     enc.eval()  # BN frozen (folded identities); gradients still flow through every layer
+    if anchor_pool is not None:
+        centre0 = enc.center.detach().clone()
+        with torch.no_grad():
+            target = torch.cat([F.normalize(uncentred(enc, enc.backbone.features(_anchor_views(anchor_pool, np.arange(i, min(i + 96, len(anchor_pool)))))) - centre0, dim=-1)
+                                for i in range(0, len(anchor_pool), 96)])
     t0, tl = time.time(), 0.0
     with ssl.keep_freed_memory():
         for s in range(1, steps + 1):
@@ -201,6 +225,12 @@ def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarra
                 f = enc.backbone.features(x)
             e = F.normalize(uncentred(enc, f.float()) - enc.center, dim=-1)
             loss = F.cross_entropy(SCALE * e @ F.normalize(head, dim=-1).T, ty[b], label_smoothing=0.1)
+            if anchor_pool is not None:
+                ba = rng.choice(len(anchor_pool), size=min(ANCHOR["batch"], len(anchor_pool)), replace=False)
+                with ssl.bf16_on_gpu(dev):
+                    fa = enc.backbone.features(_anchor_views(anchor_pool, ba))
+                ea = F.normalize(uncentred(enc, fa.float()) - centre0, dim=-1)
+                loss = loss + ANCHOR["weight"] * (1.0 - (ea * target[ba]).sum(-1)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -214,18 +244,22 @@ def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarra
         centre_idx = np.random.default_rng(seed).permutation(idx)[:CENTRE_IMAGES]
         with torch.no_grad():
             enc.center.copy_(uncentred_pool(enc, pool, centre_idx).mean(0))
-    return {"steps": steps, "classes": len(classes), "images": len(idx), "seconds": round(time.time() - t0, 1)}
+    info = {"steps": steps, "classes": len(classes), "images": len(idx), "seconds": round(time.time() - t0, 1)}
+    return info | ({"anchor": ANCHOR | {"images": len(anchor_pool)}} if anchor_pool is not None else {})
 
 
-def finetuned_cached(start: Path, start_sha: str, items, pool, idx, seed: int, quick: bool, work: Path, tag: str):
-    key = C._key(start_sha, json.dumps(settings(), sort_keys=True), seed, quick, *[items[i].path for i in idx])
+def finetuned_cached(start: Path, start_sha: str, items, pool, idx, seed: int, quick: bool, work: Path, tag: str,
+                     anchor_pool: torch.Tensor | None = None):
+    extra = [] if anchor_pool is None else [json.dumps(ANCHOR, sort_keys=True), len(anchor_pool), float(anchor_pool[:64].float().sum())]
+    key = C._key(start_sha, json.dumps(settings(), sort_keys=True), seed, quick, *[items[i].path for i in idx], *extra)
+    tag = tag + ("_anchor" if anchor_pool is not None else "")
     path, rpath = work / f"sup_{tag}_{key}.pt", work / f"sup_{tag}_{key}.json"
     enc = rebuild(start)
     if path.exists() and rpath.exists():
         log.info("cache hit %s", path.name)
         enc.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return enc.eval(), json.loads(rpath.read_text())
-    info = finetune(enc, items, pool, idx, seed, quick)
+    info = finetune(enc, items, pool, idx, seed, quick, anchor_pool)
     save_atomic(path, lambda p: torch.save(enc.state_dict(), p))
     save_atomic(rpath, lambda p: Path(p).write_text(json.dumps(info)))
     return enc.eval(), info
@@ -252,7 +286,8 @@ def score_encoder(enc, items, pool, held_idx, train_idx, texts, n_ep: int, fold:
     return {k: round(v, 4) for k, v in C.score(g, held, {c: texts[c] for c in held}, n_ep, 500 + fold).items()}
 
 
-def fold_check(start: Path, start_sha: str, classes, items, pool, texts, quick: bool, work: Path) -> dict:
+def fold_check(start: Path, start_sha: str, classes, items, pool, texts, quick: bool, work: Path,
+               anchor_pool: torch.Tensor | None = None) -> dict:
     folds = C.make_folds(classes, 2 if quick else C.FOLDS)
     n_ep = 10 if quick else N_EP
     rows = []
@@ -264,6 +299,7 @@ def fold_check(start: Path, start_sha: str, classes, items, pool, texts, quick: 
         cache = work / f"sup_fold{fi}_{key}.json"
         if cache.exists():
             rows.append(json.loads(cache.read_text()))
+            _anchor_row(rows[-1], start, start_sha, items, pool, held_idx, train_idx, texts, n_ep, fi, quick, work, key, anchor_pool)
             continue
         t0 = time.time()
         row = {"fold": fi, "held_out": len({items[i].key for i in held_idx}), "train_images": len(train_idx),
@@ -275,13 +311,36 @@ def fold_check(start: Path, start_sha: str, classes, items, pool, texts, quick: 
         log.info("supervised fold %d: start %s finetuned %s (%.0f s)", fi, row["start"], row["finetuned"], time.time() - t0)
         save_atomic(cache, lambda p: Path(p).write_text(json.dumps(row, indent=1)))
         rows.append(row)
-    means = {n: {k: round(v, 4) for k, v in C.fold_score(rows, n).items()} for n in ("start", "finetuned")}
-    a, b = means["start"], means["finetuned"]
-    chosen = "finetuned" if b["score"] > a["score"] + C.MIN_GAIN and b["derm"] >= a["derm"] - C.MIN_GAIN else "start"
+        _anchor_row(row, start, start_sha, items, pool, held_idx, train_idx, texts, n_ep, fi, quick, work, key, anchor_pool)
+    names = ["start", "finetuned"] + (["finetuned_anchor"] if anchor_pool is not None else [])
+    means = {n: {k: round(v, 4) for k, v in C.fold_score(rows, n).items()} for n in names}
+    chosen = "start"
+    for n in names:  # simplest first: a later one must beat the current choice
+        a, b = means[chosen], means[n]
+        if b["score"] > a["score"] + C.MIN_GAIN and b["derm"] >= a["derm"] - C.MIN_GAIN:
+            chosen = n
     return {"folds": rows, "means": means, "chosen": chosen, "min_gain": C.MIN_GAIN, "episodes": n_ep,
+            "anchor": ANCHOR if anchor_pool is not None else None,
             "rule": "imprinting on held-out classes, score = mean over the checked folds and K in {1,5} of 0.5 * "
-                    "dermoscopic 4-way + 0.5 * skin 5-way; fine-tuned only if the score gains > min_gain and "
+                    "dermoscopic 4-way + 0.5 * skin 5-way; start, fine-tuned, fine-tuned with the dermoscopy anchor "
+                    "in that order, each replacing the current choice only if the score gains > min_gain and "
                     "dermoscopic does not lose more than min_gain"}
+
+
+def _anchor_row(row, start, start_sha, items, pool, held_idx, train_idx, texts, n_ep, fi, quick, work, key, anchor_pool):
+    """Add the dermoscopy-anchor candidate's held-out scores to a fold row (cached on its own)."""
+    if anchor_pool is None:
+        return
+    cache = work / f"sup_fold{fi}_anchor_{C._key(key, json.dumps(ANCHOR, sort_keys=True), len(anchor_pool))}.json"
+    if cache.exists():
+        row.update(json.loads(cache.read_text()))
+        return
+    t0 = time.time()
+    enc, info = finetuned_cached(start, start_sha, items, pool, train_idx, fi, quick, work, f"fold{fi}", anchor_pool)
+    add = {"finetuned_anchor": score_encoder(enc, items, pool, held_idx, train_idx, texts, n_ep, fi), "train_anchor": info}
+    log.info("supervised fold %d: finetuned %s finetuned_anchor %s (%.0f s)", fi, row["finetuned"], add["finetuned_anchor"], time.time() - t0)
+    save_atomic(cache, lambda p: Path(p).write_text(json.dumps(add, indent=1)))
+    row.update(add)
 
 
 # ---------------------------------------------------------------- the fold encoders' views, for the conditions stage
@@ -300,11 +359,13 @@ def fold_views(models: Path, data_dir: Path, work: Path, folds: list, quick: boo
     _, skin = skin_items(data_dir, quick, seed)
     chosen = C.chosen_items(data_dir, quick, seed)
     pool_skin, pool = image_pool(data_dir, skin, work), image_pool(data_dir, chosen, work)
+    anchored = sup.get("fold_check", {}).get("chosen") == "finetuned_anchor"
+    anchor_pool = image_pool(data_dir, anchor_items(data_dir, quick), work) if anchored else None
     views = []
     for fi, fold in enumerate(folds):
         fold = set(fold)
         train_idx = np.asarray([i for i, it in enumerate(skin) if it.key not in fold])
-        enc, _ = finetuned_cached(start, start_sha, skin, pool_skin, train_idx, fi, quick, work, f"fold{fi}")
+        enc, _ = finetuned_cached(start, start_sha, skin, pool_skin, train_idx, fi, quick, work, f"fold{fi}", anchor_pool)
         cache = work / f"cond_foldenc_{C._key(fi, *[float(p.sum()) for p in enc.state_dict().values()], *[it.path for it in chosen])}.npy"
         if cache.exists():
             flat = np.load(cache)
@@ -369,14 +430,16 @@ def run(args) -> dict:
     classes, items = skin_items(args.data, quick, args.seed)
     pool = image_pool(args.data, items, work)
     texts = C.text_embeddings(models, {c: desc[c] for c in sorted({it.key for it in items})}, work)
-    check = fold_check(start, start_sha, classes, items, pool, texts, quick, work)
+    anchor_pool = image_pool(args.data, anchor_items(args.data, quick), work) if ANCHOR else None
+    check = fold_check(start, start_sha, classes, items, pool, texts, quick, work, anchor_pool)
     log.info("supervised fold check means %s -> %s", json.dumps(check["means"]), check["chosen"])
     report = {"stage": "python models/train/run.py --stage supervised", "start_sha256": start_sha,
               "settings": settings(), "classes": len({it.key for it in items}), "images": len(items),
-              "fold_check": check, "shipped": check["chosen"] == "finetuned"}
+              "fold_check": check, "shipped": check["chosen"] != "start"}
     mf_path = models / "manifest.json"
     if report["shipped"]:
-        enc, info = finetuned_cached(start, start_sha, items, pool, np.arange(len(items)), args.seed, quick, work, "all")
+        anchored = anchor_pool if check["chosen"] == "finetuned_anchor" else None
+        enc, info = finetuned_cached(start, start_sha, items, pool, np.arange(len(items)), args.seed, quick, work, "all", anchored)
         report["train"] = info
         report["export"] = export_encoder(enc, models, pool, work, args.seed)
     else:  # the encoder stage's export stays (restored if an earlier run of this stage had replaced it)

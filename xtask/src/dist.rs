@@ -379,13 +379,15 @@ mod tests {
         let rpi5 = fs::read_to_string(root.join("board/rpi5.toml")).unwrap();
         let text = set_top_level_key(&rpi5, "image_variant", "int8");
         let mut b = Board::from_toml("rpi5", Path::new("x"), &text).unwrap();
-        let f: Vec<String> = model_files(&m, &b)
-            .unwrap()
-            .into_iter()
-            .map(|x| x.0)
-            .collect();
+        let names = |m: &Manifest, b: &Board| -> Vec<String> {
+            model_files(m, b)
+                .unwrap()
+                .into_iter()
+                .map(|x| x.0)
+                .collect()
+        };
         assert_eq!(
-            f,
+            names(&m, &b),
             [
                 "image_encoder.int8.onnx",
                 text_file.as_str(),
@@ -397,13 +399,8 @@ mod tests {
         // G reads the word features alone: the text encoder and tokenizer stay behind
         let tf = m.synthesizer.text_features.as_mut().unwrap();
         (tf.minilm, tf.dim) = (false, 2);
-        let f: Vec<String> = model_files(&m, &b)
-            .unwrap()
-            .into_iter()
-            .map(|x| x.0)
-            .collect();
         assert_eq!(
-            f,
+            names(&m, &b),
             [
                 "image_encoder.int8.onnx",
                 "text_words.json",

@@ -55,6 +55,16 @@ def zs(g, held, ht, n_ep=300, fi=0):
         out[fam] = episodes.evaluate(g, held, ht, cls, n, 0, 15, n_ep, True, seed=500 + fi)["acc"]
     return out
 
+def queries(E, cls, n, rng, per=15):
+    """One K = 0 episode's classes and its L2-normalised queries (up to `per` per class) with labels."""
+    chosen = list(rng.choice(cls, size=n, replace=False))
+    q, y = [], []
+    for i, c in enumerate(chosen):
+        idx = rng.choice(len(E[c]), size=min(per, len(E[c])), replace=False)
+        q.append(E[c][idx]); y += [i] * len(idx)
+    q = np.concatenate(q)
+    return chosen, q / (np.linalg.norm(q, axis=-1, keepdims=True) + 1e-8), np.asarray(y)
+
 mode = sys.argv[1] if len(sys.argv) > 1 else "textmap"
 if mode == "textmap":
     res = {}
@@ -158,12 +168,7 @@ elif mode == "centre":
             rng = np.random.default_rng(500 + fi)
             acc = {}
             for _ in range(300):
-                chosen = list(rng.choice(cls, size=n, replace=False))
-                q = []; y = []
-                for i, c in enumerate(chosen):
-                    idx = rng.choice(len(E[c]), size=min(15, len(E[c])), replace=False)
-                    q.append(E[c][idx]); y += [i] * len(idx)
-                q = l2(np.concatenate(q)); y = np.asarray(y)
+                chosen, q, y = queries(E, cls, n, rng)
                 t = np.stack([texts[c][rng.integers(len(texts[c]))] for c in chosen])
                 P = proj(W, t)
                 variants = {"ridge": P, "centred": P - P.mean(0, keepdims=True)}
@@ -212,12 +217,7 @@ elif mode == "bow":
             rng = np.random.default_rng(500 + fi)
             acc = {}
             for _ in range(300):
-                chosen = list(rng.choice(cls, size=n, replace=False))
-                q = []; y = []
-                for i, c in enumerate(chosen):
-                    idx = rng.choice(len(E[c]), size=min(15, len(E[c])), replace=False)
-                    q.append(E[c][idx]); y += [i] * len(idx)
-                q = l2(np.concatenate(q)); y = np.asarray(y)
+                chosen, q, y = queries(E, cls, n, rng)
                 pick = [rng.integers(len(texts[c])) for c in chosen]
                 for name, (f, W) in Ws.items():
                     t = np.stack([f(c)[j] for c, j in zip(chosen, pick)])
@@ -246,12 +246,7 @@ elif mode == "nested":
             rng = np.random.default_rng(seed)
             acc = []
             for _ in range(n_ep):
-                chosen = list(rng.choice(cls, size=n, replace=False))
-                q = []; y = []
-                for i, c in enumerate(chosen):
-                    idx = rng.choice(len(E[c]), size=min(15, len(E[c])), replace=False)
-                    q.append(E[c][idx]); y += [i] * len(idx)
-                q = l2(np.concatenate(q)); y = np.asarray(y)
+                chosen, q, y = queries(E, cls, n, rng)
                 t = np.stack([feats[c][rng.integers(len(feats[c]))] for c in chosen])
                 w = np.c_[t, np.ones(len(t))] @ W
                 acc.append(float(((q @ l2(w).T).argmax(-1) == y).mean()))

@@ -1,8 +1,23 @@
 //! Text encoder E_T: tokenizer (pure-Rust `tokenizers`) + MiniLM ONNX → L2-normalised embedding.
+//!
+//! The tokenizer is behind the `minilm` cargo feature (on by default). A build without it (what
+//! `cargo xtask dist` builds for boards whose synthesizer reads only word features) still runs
+//! every model but this one: loading the text encoder then fails with a message that says so.
 
+#[cfg(feature = "minilm")]
 pub use tokenizers::Tokenizer;
+#[cfg(feature = "minilm")]
 use tokenizers::TruncationParams;
 use tract_onnx::prelude::*;
+
+/// Stand-in for the tokenizer in a build without the `minilm` feature (never constructed).
+#[cfg(not(feature = "minilm"))]
+pub struct Tokenizer(());
+
+#[cfg(not(feature = "minilm"))]
+const NO_MINILM: &str = "this sgps was built without the `minilm` feature (the lean board build), so it cannot \
+                         run the MiniLM text encoder; use a build with default features (`cargo build --release`), \
+                         or the release bundle `cargo xtask dist` makes for models that read MiniLM";
 
 use super::{Dim, Plan, load_onnx, rows, run_f32, tensor};
 use crate::error::{Error, Result};
@@ -116,7 +131,20 @@ impl TextEncoder {
     }
 }
 
+/// Load `tokenizer.json` offline: refused in a build without the `minilm` feature.
+#[cfg(not(feature = "minilm"))]
+pub fn load_tokenizer(_path: &std::path::Path, _max_tokens: usize) -> Result<Tokenizer> {
+    Err(Error::Tokenizer(NO_MINILM.into()))
+}
+
+/// No tokenizer exists in a build without the `minilm` feature.
+#[cfg(not(feature = "minilm"))]
+pub fn tokenize_with(_tok: &Tokenizer, _texts: &[&str]) -> Result<TokenBatch> {
+    Err(Error::Tokenizer(NO_MINILM.into()))
+}
+
 /// Load `tokenizer.json` offline with truncation to `max_tokens` and no padding.
+#[cfg(feature = "minilm")]
 pub fn load_tokenizer(path: &std::path::Path, max_tokens: usize) -> Result<Tokenizer> {
     let mut tok = Tokenizer::from_file(path)
         .map_err(|e| Error::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
@@ -130,6 +158,7 @@ pub fn load_tokenizer(path: &std::path::Path, max_tokens: usize) -> Result<Token
 }
 
 /// Tokenize with an already configured tokenizer (see [`load_tokenizer`]).
+#[cfg(feature = "minilm")]
 pub fn tokenize_with(tok: &Tokenizer, texts: &[&str]) -> Result<TokenBatch> {
     let encs = texts
         .iter()

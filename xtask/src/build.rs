@@ -214,6 +214,24 @@ pub struct BuildOptions {
     pub no_camera: bool,
 }
 
+/// Cargo features of a board binary: `v4l2` unless `no_camera`, `minilm` where the models need it.
+pub fn device_features(opts: &BuildOptions, minilm: bool) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if !opts.no_camera {
+        f.push("v4l2");
+    }
+    if minilm {
+        f.push("minilm");
+    }
+    f
+}
+
+/// Whether the shipped synthesizer reads the MiniLM embedding (`models/manifest.json`); true when
+/// the manifest cannot be read, so that a build never lacks what the models might need.
+pub fn models_use_minilm(root: &Path) -> bool {
+    sgps::manifest::Manifest::load(&root.join("models")).map_or(true, |m| m.uses_minilm())
+}
+
 /// Cargo profile of board binaries (`[profile.device]` in Cargo.toml: release + fat LTO, one
 /// codegen unit, abort on panic, stripped).
 pub const DEVICE_PROFILE: &str = "device";
@@ -233,8 +251,12 @@ pub fn build(root: &Path, board: &Board, opts: &BuildOptions) -> Result<PathBuf>
         "--bin",
         "sgps",
     ]);
-    if opts.no_camera {
-        c.arg("--no-default-features");
+    // only the features the board needs: the camera unless asked not to, the MiniLM tokenizer only
+    // where the shipped synthesizer reads the MiniLM embedding
+    c.arg("--no-default-features");
+    let features = device_features(opts, models_use_minilm(root));
+    if !features.is_empty() {
+        c.args(["--features", &features.join(",")]);
     }
     let target_dir = target_dir(root);
     let bin = match board.target.as_deref() {
@@ -377,7 +399,8 @@ pub fn test_arm(
         .envs(cross_env())
         .envs(emulated_test_env(target, &runner));
     if opts.no_camera {
-        c.arg("--no-default-features");
+        // the tests check every shipped model, the MiniLM text encoder included
+        c.args(["--no-default-features", "--features", "minilm"]);
     }
     for t in tests {
         c.args(["--test", t]);
@@ -438,6 +461,20 @@ mod tests {
             .join(format!("board/{name}.toml"));
         let text = fs::read_to_string(&p).unwrap();
         (p, text)
+    }
+
+    #[test]
+    fn board_builds_carry_only_the_features_their_models_need() {
+        let cam = BuildOptions { no_camera: false };
+        let nocam = BuildOptions { no_camera: true };
+        assert_eq!(device_features(&cam, true), ["v4l2", "minilm"]);
+        assert_eq!(device_features(&cam, false), ["v4l2"]);
+        assert!(device_features(&nocam, false).is_empty());
+        // the shipped models decide; an unreadable manifest keeps the tokenizer
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let m = sgps::manifest::Manifest::load(&root.join("models")).unwrap();
+        assert_eq!(models_use_minilm(root), m.uses_minilm());
+        assert!(models_use_minilm(Path::new("/nonexistent")));
     }
 
     #[test]

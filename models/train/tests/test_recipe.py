@@ -123,7 +123,7 @@ def test_quick_recipe_end_to_end(tmp_path):
     # the supervised stage ran between them, checked a fold, and the conditions stage used its encoder
     sup = m["provenance"]["supervised_encoder"]
     assert sup["fold_check"]["folds"] and sup["fold_check"]["chosen"] in ("start", "finetuned", "finetuned_anchor")
-    assert "finetuned_anchor" in sup["fold_check"]["folds"][0]  # the dermoscopy-anchor candidate was scored
+    assert ("finetuned_anchor" in sup["fold_check"]["folds"][0]) == (supervise_anchor() is not None)
     assert sup["output_sha256"] == m["image_encoder"]["variants"]["fp32"]["sha256"] == cond["image_encoder_sha256"]
     # an encoder trained on the base labels never scores the conditions folds it was trained on
     trained_on_labels = sup["fold_check"]["chosen"] != "start"
@@ -435,6 +435,33 @@ def test_supervised_stage_rebuilds_the_shipped_encoder_exactly():
     enc(torch.from_numpy(x[:1]))[0, :8].sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in enc.backbone.named_parameters() if not n.startswith("_fc."))
+
+
+def supervise_anchor():
+    from sgps_train import supervise
+
+    return supervise.ANCHOR
+
+
+def test_supervised_anchor_candidate_trains_with_its_term_and_is_cached_apart(tmp_path, monkeypatch):
+    from sgps_train import data as D
+    from sgps_train import supervise
+
+    monkeypatch.setattr(supervise, "ANCHOR", dict(supervise.ANCHOR_TRIED, batch=2))
+    start = HERE.parent / "image_encoder.onnx"
+    rng = np.random.default_rng(0)
+    items = [D.Item(f"x/{i}.jpg", "dermnet", c) for i, c in enumerate(["a", "a", "b", "b"])]
+    pool = torch.from_numpy(rng.integers(0, 255, (4, 3, 224, 224), dtype=np.uint8))
+    anchor = torch.from_numpy(rng.integers(0, 255, (3, 3, 224, 224), dtype=np.uint8))
+    idx = np.arange(4)
+    plain, _ = supervise.finetuned_cached(start, "s", items, pool, idx, 0, True, tmp_path, "t")
+    anch, info = supervise.finetuned_cached(start, "s", items, pool, idx, 0, True, tmp_path, "t", anchor)
+    assert info["anchor"]["images"] == 3 and info["steps"] == 2
+    names = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert len(names) == 2 and any(n.startswith("sup_t_anchor_") for n in names)
+    # the anchor term changes what the fine-tuning does
+    a, b = plain.state_dict(), anch.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_supervised_sampling_balances_classes_and_gives_dermoscopy_half():

@@ -283,6 +283,7 @@ def fit_text_proj(g: Synthesizer, emb: dict, texts: dict, lam: float = RIDGE_LAM
 def text_features(tm: dict, minilm: dict, desc: dict, fit_classes) -> tuple[dict, Words | None]:
     """class -> [n_desc, D] text features under text map `tm`: the MiniLM embeddings, the word
     features (vocabulary and idf from the descriptions of `fit_classes` only), or both."""
+    check_no_novel(list(fit_classes) + list(minilm))
     words = Words.fit([s for c in fit_classes for s in desc[c]], WORDS_MIN_DF) if tm["words"] else None
     out = {}
     for c in minilm:

@@ -415,6 +415,12 @@ def test_word_features_follow_their_definition_and_learn_only_from_the_fitting_c
     assert not feats["a/y"].any() and feats["a/x"].shape == (2, words.dim)
     both, _ = conditions.text_features(conditions.TEXT_MAPS["minilm+words"], minilm, desc, ["a/x", "a/z"])
     assert both["a/x"].shape == (2, 384 + words.dim)
+    # a novel class can neither shape the vocabulary nor get features
+    nd = dict(desc, **{"isic/vascular_lesion": ["red lagoons", "red lagoons"]})
+    with pytest.raises(RuntimeError, match="novel"):
+        conditions.text_features(tm, minilm, nd, ["a/x", "isic/vascular_lesion"])
+    with pytest.raises(RuntimeError, match="novel"):
+        conditions.text_features(tm, dict(minilm, **{"isic/vascular_lesion": minilm["a/x"]}), nd, ["a/x"])
 
 
 # ---------------------------------------------------------------- supervised encoder stage

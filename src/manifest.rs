@@ -270,17 +270,20 @@ impl Manifest {
             .collect();
         f.push(&self.text_encoder.tokenizer.file);
         f.push(&self.synthesizer.file);
-        if let Some(w) = self
-            .synthesizer
-            .text_features
-            .as_ref()
-            .and_then(|t| t.words.as_ref())
-        {
+        if let Some(w) = self.words_spec() {
             f.push(&w.file);
         }
         f.sort_unstable();
         f.dedup();
         f
+    }
+
+    /// The word-feature file, where G reads word features.
+    pub fn words_spec(&self) -> Option<&WordsSpec> {
+        self.synthesizer
+            .text_features
+            .as_ref()
+            .and_then(|t| t.words.as_ref())
     }
 
     /// Length of the text feature vector G reads for a class.

@@ -213,7 +213,7 @@ fn tampered_or_missing_model_files_are_refused() {
     );
 
     // the word features G reads are verified like the models
-    if let Some(w) = p_manifest().synthesizer.text_features.and_then(|t| t.words) {
+    if let Some(w) = p_manifest().words_spec().cloned() {
         let path = dir.path().join(&w.file);
         let good = std::fs::read(&path).unwrap();
         let mut bad = good.clone();

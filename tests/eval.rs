@@ -306,11 +306,7 @@ fn bench_smoke_without_onnxruntime() {
     .arg(models_dir());
     // the text rows follow what the shipped synthesizer reads
     let m = sgps::manifest::Manifest::load(&models_dir()).unwrap();
-    let words = m
-        .synthesizer
-        .text_features
-        .as_ref()
-        .is_some_and(|t| t.words.is_some());
+    let words = m.words_spec().is_some();
     let out = succeeds_saying(
         &mut cmd,
         &[

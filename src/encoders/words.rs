@@ -44,12 +44,7 @@ impl WordFeatures {
     /// The word features the manifest names (verified by SHA-256), or `None` when the shipped
     /// synthesizer reads no word features.
     pub fn load(manifest: &Manifest) -> Result<Option<WordFeatures>> {
-        let Some(spec) = manifest
-            .synthesizer
-            .text_features
-            .as_ref()
-            .and_then(|t| t.words.as_ref())
-        else {
+        let Some(spec) = manifest.words_spec() else {
             return Ok(None);
         };
         let path = manifest.verified_path(&spec.file, &spec.sha256)?;

@@ -171,7 +171,7 @@ pub fn model_files(manifest: &Manifest, board: &Board) -> Result<Vec<(String, St
         files.push(("text encoder", &text.file, &text.sha256));
         files.push(("tokenizer", &tok.file, &tok.sha256));
     }
-    if let Some(w) = synth.text_features.as_ref().and_then(|t| t.words.as_ref()) {
+    if let Some(w) = manifest.words_spec() {
         files.push(("word features", &w.file, &w.sha256));
     }
     files.push(("synthesizer", &synth.file, &synth.sha256));

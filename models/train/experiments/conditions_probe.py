@@ -55,6 +55,19 @@ def zs(g, held, ht, n_ep=300, fi=0):
         out[fam] = episodes.evaluate(g, held, ht, cls, n, 0, 15, n_ep, True, seed=500 + fi)["acc"]
     return out
 
+def l2(x): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+
+def family(held, fam):
+    """The held-out classes of an episode family: dermoscopic, or every skin condition."""
+    return [c for c in held if (C.is_dermoscopic(c) if fam == "derm" else c.split("/")[0] in C.SKIN)]
+
+def ridge_to_means(E, feats, cls, lam):
+    """Ridge map (with bias) from each class's text features to its normalised image mean."""
+    means = meta.class_means({c: E[c] for c in cls})
+    X = np.concatenate([feats[c] for c in cls]).astype(np.float64)
+    Y = np.concatenate([np.repeat(means[c][None], len(feats[c]), 0) for c in cls]).astype(np.float64)
+    return meta.ridge(X, Y, lam)
+
 def queries(E, cls, n, rng, per=15):
     """One K = 0 episode's classes and its L2-normalised queries (up to `per` per class) with labels."""
     chosen = list(rng.choice(cls, size=n, replace=False))
@@ -62,8 +75,7 @@ def queries(E, cls, n, rng, per=15):
     for i, c in enumerate(chosen):
         idx = rng.choice(len(E[c]), size=min(per, len(E[c])), replace=False)
         q.append(E[c][idx]); y += [i] * len(idx)
-    q = np.concatenate(q)
-    return chosen, q / (np.linalg.norm(q, axis=-1, keepdims=True) + 1e-8), np.asarray(y)
+    return chosen, l2(np.concatenate(q)), np.asarray(y)
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "textmap"
 if mode == "textmap":
@@ -146,12 +158,7 @@ elif mode == "centre":
     from sgps_train import supervise
     RIDGE = C.RIDGE_LAM
     views = supervise.fold_views(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", folds, False, 0)
-    def l2(x): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
-    def fit(E, cls):
-        means = meta.class_means({c: E[c] for c in cls})
-        X = np.concatenate([texts[c] for c in cls]).astype(np.float64)
-        Y = np.concatenate([np.repeat(means[c][None], len(texts[c]), 0) for c in cls]).astype(np.float64)
-        return meta.ridge(X, Y, RIDGE)
+    def fit(E, cls): return ridge_to_means(E, texts, cls, RIDGE)
     def proj(W, t): return np.c_[t, np.ones(len(t))] @ W
     res = {}
     for fi, fold in enumerate(folds):
@@ -163,7 +170,7 @@ elif mode == "centre":
         mi = np.mean([meta.class_means({c: E[c]})[c] for c in tr_d], 0)
         mp = np.mean([proj(W, texts[c]).mean(0) for c in tr_d], 0)
         for fam, n in (("derm", 4), ("skin", 5)):
-            cls = [c for c in fold if (C.is_dermoscopic(c) if fam == "derm" else c.split("/")[0] in C.SKIN)]
+            cls = family(fold, fam)
             n = min(n, len(cls))
             rng = np.random.default_rng(500 + fi)
             acc = {}
@@ -190,7 +197,6 @@ elif mode == "bow":
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sgps_train import supervise
     views = supervise.fold_views(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", folds, False, 0)
-    def l2(x): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
     res = {}
     for fi, fold in enumerate(folds):
         E = views[fi][0]
@@ -199,7 +205,6 @@ elif mode == "bow":
         vec = TfidfVectorizer(**vk)
         vec.fit([s for c in tr for s in desc[c]])
         bow = {c: vec.transform(desc[c]).toarray() for c in classes}
-        means = meta.class_means({c: E[c] for c in tr})
         feats = {
             "minilm": lambda c: texts[c],
             "bow": lambda c: bow[c],
@@ -208,11 +213,9 @@ elif mode == "bow":
         Ws = {}
         for name, f in feats.items():
             for lam in eval(os.environ.get("LAMS", "(1.0, 3.0)")):
-                X = np.concatenate([f(c) for c in tr]).astype(np.float64)
-                Y = np.concatenate([np.repeat(means[c][None], len(texts[c]), 0) for c in tr]).astype(np.float64)
-                Ws[f"{name}_l{lam}"] = (f, meta.ridge(X, Y, lam))
+                Ws[f"{name}_l{lam}"] = (f, ridge_to_means(E, {c: f(c) for c in tr}, tr, lam))
         for fam, n in (("derm", 4), ("skin", 5)):
-            cls = [c for c in fold if (C.is_dermoscopic(c) if fam == "derm" else c.split("/")[0] in C.SKIN)]
+            cls = family(fold, fam)
             n = min(n, len(cls))
             rng = np.random.default_rng(500 + fi)
             acc = {}
@@ -235,11 +238,10 @@ elif mode == "nested":
     from sgps_train.words import Words
     views = supervise.fold_views(HERE.parent, HERE.parent.parent.parent / "shared" / "data", here / "out", folds, False, 0)
     LAMS = eval(os.environ.get("LAMS", "(1.0, 3.0, 10.0, 30.0, 100.0)"))
-    def l2(x): return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
     def zero_shot(E, feats, W, held, seed, n_ep=200):
         out = []
         for fam, n in (("derm", 4), ("skin", 5)):
-            cls = [c for c in held if (C.is_dermoscopic(c) if fam == "derm" else c.split("/")[0] in C.SKIN)]
+            cls = family(held, fam)
             n = min(n, len(cls))
             if n < 2:
                 out.append(float("nan")); continue
@@ -252,11 +254,7 @@ elif mode == "nested":
                 acc.append(float(((q @ l2(w).T).argmax(-1) == y).mean()))
             out.append(float(np.mean(acc)))
         return out
-    def fit(E, feats, cls, lam):
-        means = meta.class_means({c: E[c] for c in cls})
-        X = np.concatenate([feats[c] for c in cls]).astype(np.float64)
-        Y = np.concatenate([np.repeat(means[c][None], len(feats[c]), 0) for c in cls]).astype(np.float64)
-        return meta.ridge(X, Y, lam)
+    fit = ridge_to_means
     res = {"fixed3": [], "nested": []}
     for fi, fold in enumerate(folds):
         E = views[fi][0]

@@ -78,6 +78,19 @@ def check_no_novel(keys) -> None:
         raise RuntimeError(f"novel classes reached a training list: {bad}")
 
 
+def choose_simplest(means: dict, score: str = "score", derm: str = "derm") -> str:
+    """The selection rule over candidates listed simplest first (`means`: name -> figures, in that
+    order): a later candidate replaces the current choice only if its `score` is higher by more than
+    MIN_GAIN and its `derm` figure is not lower by more than MIN_GAIN."""
+    names = list(means)
+    chosen = names[0]
+    for name in names[1:]:
+        m, cur = means[name], means[chosen]
+        if m[score] > cur[score] + MIN_GAIN and m[derm] >= cur[derm] - MIN_GAIN:
+            chosen = name
+    return chosen
+
+
 def make_folds(classes: list[str], n: int = FOLDS, seed: int = 0) -> list[list[str]]:
     """Deal the classes into n folds: dermoscopic ones round-robin first (4 per fold for the 16),
     then the rest, each group in a seeded shuffle, so every fold has its share of both."""
@@ -371,11 +384,7 @@ def text_map_check(emb: dict, minilm: dict, desc: dict, concepts: list, quick: b
         out[name] = {"derm_0": round(d, 4), "skin_0": round(k, 4), "mean": round(0.5 * d + 0.5 * k, 4),
                      "derm_0_per_fold": [round(x, 4) for x in fams["derm"]]}
         log.info("text map %s: %s", name, out[name])
-    chosen = "descriptions"
-    for name in out:
-        m, cur = out[name], out[chosen]
-        if m["mean"] > cur["mean"] + MIN_GAIN and m["derm_0"] >= cur["derm_0"] - MIN_GAIN:
-            chosen = name
+    chosen = choose_simplest(out, "mean", "derm_0")
     out["chosen"] = chosen
     out["maps"] = {n: TEXT_MAPS[n] for n in out if n in TEXT_MAPS}
     out["concept_pairs"] = len(concepts)
@@ -414,11 +423,7 @@ def fold_check(emb: dict, fold_texts: list, quick: bool, seed: int, work: Path, 
             log.info("fold %d %s: %s (%.0f s)", fi, name, row[name], time.time() - t0)
         rows.append(row)
     means = {name: {k: round(v, 4) for k, v in fold_score(rows, name).items()} for name in CONFIGS}
-    chosen = "imprinting"
-    for name in CONFIGS:  # simplest first: a later one must beat the current choice
-        m, cur = means[name], means[chosen]
-        if m["score"] > cur["score"] + MIN_GAIN and m["derm"] >= cur["derm"] - MIN_GAIN:
-            chosen = name
+    chosen = choose_simplest(means)
     report = {"folds": rows, "means": means, "chosen": chosen, "min_gain": MIN_GAIN, "episodes": n_ep,
               "rule": "score = mean over folds and K in {1,5} of 0.5 * dermoscopic 4-way + 0.5 * skin 5-way (with text); "
                       "a configuration replaces the simpler one only if its score is higher by > min_gain and its dermoscopic "

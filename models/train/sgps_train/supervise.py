@@ -317,11 +317,7 @@ def fold_check(start: Path, start_sha: str, classes, items, pool, texts, quick: 
         _anchor_row(row, start, start_sha, items, pool, held_idx, train_idx, texts, n_ep, fi, quick, work, key, anchor_pool)
     names = ["start", "finetuned"] + (["finetuned_anchor"] if anchor_pool is not None else [])
     means = {n: {k: round(v, 4) for k, v in C.fold_score(rows, n).items()} for n in names}
-    chosen = "start"
-    for n in names:  # simplest first: a later one must beat the current choice
-        a, b = means[chosen], means[n]
-        if b["score"] > a["score"] + C.MIN_GAIN and b["derm"] >= a["derm"] - C.MIN_GAIN:
-            chosen = n
+    chosen = C.choose_simplest(means)
     return {"folds": rows, "means": means, "chosen": chosen, "min_gain": C.MIN_GAIN, "episodes": n_ep,
             "anchor": ANCHOR if anchor_pool is not None else None,
             "rule": "imprinting on held-out classes, score = mean over the checked folds and K in {1,5} of 0.5 * "

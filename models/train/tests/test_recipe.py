@@ -367,6 +367,17 @@ def test_fold_score_weighs_dermoscopy_and_skin_equally():
     assert abs(s["score"] - 0.7) < 1e-9
 
 
+def test_selection_rule_takes_a_later_candidate_only_for_a_clear_gain_without_a_dermoscopy_loss():
+    from sgps_train import conditions
+
+    g = conditions.MIN_GAIN
+    means = {"a": {"score": 0.60, "derm": 0.60}, "b": {"score": 0.60 + g / 2, "derm": 0.70},
+             "c": {"score": 0.60 + 2 * g, "derm": 0.60 - 2 * g}, "d": {"score": 0.60 + 2 * g, "derm": 0.60}}
+    assert conditions.choose_simplest(dict(list(means.items())[:3])) == "a"  # too small; loses dermoscopy
+    assert conditions.choose_simplest(means) == "d"
+    assert conditions.choose_simplest({"x": {"m": 0.1, "d": 0.1}, "y": {"m": 0.2, "d": 0.1}}, "m", "d") == "y"
+
+
 def test_concept_sentences_enter_the_text_map_only_for_training_classes():
     from sgps_train import conditions
 

@@ -1,7 +1,7 @@
 //! The ONNX encoders (image E_I, text E_T) and the shared tract loading helper.
 
 pub mod image;
-mod layout;
+mod kernels;
 pub mod text;
 pub mod words;
 
@@ -81,18 +81,11 @@ pub(crate) fn load_onnx(
                 "outputs {outputs:?} not found ({e}); the model does not match models/manifest.json"
             ),
         })?;
-    let mut typed = model
-        .into_typed()
-        .and_then(|m| m.into_decluttered())
-        .map_err(err)?;
-    let moved = layout::channels_last_depthwise(&mut typed).map_err(err)?;
-    if moved > 0 {
-        log::debug!(
-            "{}: {moved} depthwise convolutions run channel-last",
-            path.display()
-        );
-    }
     let typed = if precision == Precision::F16 {
+        let mut typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(err)?;
         let f16 = tract_onnx::tract_core::transform::get_transform("f32_to_f16")
             .map_err(err)?
             .ok_or_else(|| Error::ModelLoad {
@@ -102,7 +95,7 @@ pub(crate) fn load_onnx(
         f16.transform(&mut typed).map_err(err)?;
         typed.into_optimized()
     } else {
-        typed.into_optimized()
+        model.into_optimized()
     };
     let plan = typed.and_then(|m| m.into_runnable()).map_err(err)?;
     Ok(plan)

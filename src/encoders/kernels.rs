@@ -26,42 +26,9 @@
 /// Every input, kernel and bias value named above must be readable and every output value
 /// writable; the CPU must support AVX (tract calls it only where it does).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn depthwise_c_f32(
-    input: *const f32,
-    output: *mut f32,
-    kernel: *const f32,
-    tap_indices: &[usize],
-    offsets: &[isize],
-    bias: *const f32,
-    channels: usize,
-    k_stride: usize,
-    len: usize,
-    in_stride: isize,
-    out_stride: isize,
-) {
-    // SAFETY: the caller's contract, and tract selects this kernel only on CPUs with AVX.
-    unsafe {
-        avx(
-            input,
-            output,
-            kernel,
-            tap_indices,
-            offsets,
-            bias,
-            channels,
-            k_stride,
-            len,
-            in_stride,
-            out_stride,
-        )
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn avx(
+pub unsafe fn depthwise_c_f32(
     input: *const f32,
     output: *mut f32,
     kernel: *const f32,

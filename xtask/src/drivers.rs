@@ -213,6 +213,13 @@ fn build_gpio_sim(root: &Path, version: &str) -> Result<PathBuf> {
     let kdir = tree
         .join("usr/src")
         .join(format!("linux-headers-{version}"));
+    // The flavour's Makefile includes the common one by its installed path
+    // (`include /usr/src/linux-headers-<abi>-common/Makefile`); point it into the extracted tree.
+    let makefile = kdir.join("Makefile");
+    let text =
+        fs::read_to_string(&makefile).with_context(|| format!("reading {}", makefile.display()))?;
+    let local = format!("include {}/", tree.join("usr/src").display());
+    fs::write(&makefile, text.replace("include /usr/src/", &local))?;
     tools::run(
         Command::new("make")
             .arg("-C")

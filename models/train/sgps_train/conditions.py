@@ -64,6 +64,9 @@ CONFIGS = {
     "imprinting": {"text_with_images": False, "image_delta": False, "train": False},
     "text_mix": {"text_with_images": True, "image_delta": False, "train": True},
     "text_and_image_delta": {"text_with_images": True, "image_delta": True, "train": True},
+    # G also reads where each class sits between clinical photos and dermoscopy (Synthesizer.domain),
+    # and its dermoscopic training tasks draw from every dermoscopic class (ISIC base + derm7pt)
+    "text_and_image_delta+domain": {"text_with_images": True, "image_delta": True, "train": True, "domain": True},
 }
 
 
@@ -306,10 +309,21 @@ def text_features(tm: dict, minilm: dict, desc: dict, fit_classes) -> tuple[dict
 
 
 def make_g(cfg: dict, dim: int, text_dim: int = 384) -> Synthesizer:
-    g = Synthesizer(dim=dim, text_dim=text_dim, init_scale=10.0)
+    g = Synthesizer(dim=dim, text_dim=text_dim, init_scale=10.0, domain=cfg.get("domain", False))
     g.text_with_images = cfg["text_with_images"]
     g.image_delta = cfg["image_delta"]
     return g
+
+
+def set_domain(g: Synthesizer, emb: dict) -> None:
+    """G's domain reading from the classes it is trained on: dermoscopic against the clinical skin
+    photos (all other classes when there are none)."""
+    check_no_novel(emb)
+    means = meta.class_means(emb)
+    derm = [c for c in sorted(means) if is_dermoscopic(c)]
+    other = [c for c in sorted(means) if not is_dermoscopic(c) and c.split("/")[0] in SKIN] or \
+        [c for c in sorted(means) if not is_dermoscopic(c)]
+    g.set_domain(np.stack([means[c] for c in derm]), np.stack([means[c] for c in other]))
 
 
 def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=None, lam: float = RIDGE_LAM) -> Synthesizer:
@@ -317,6 +331,8 @@ def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=
     torch.manual_seed(seed)  # G's initial weights do not depend on what ran (or was cached) before
     g = make_g(cfg, dim, next(iter(texts.values())).shape[1])
     fit_text_proj(g, emb, texts, lam=lam, concepts=concepts)
+    if g.domain:
+        set_domain(g, emb)
     if cfg["train"]:
         tr, va = split_images(emb, 0.8, seed)
         g, _, _ = meta.meta_train(g, tr, va, texts, quick=quick, seed=seed, steps=1500, ridge_lam=lam)
@@ -538,6 +554,7 @@ def export_g(res: dict, models: Path) -> None:
         "chosen_by": "provenance.conditions.fold_check.text_map",
     }
     syn["enabled"] = {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
+                      "domain": bool(g.domain),
                       "chosen_by": "class-level folds over the 251 base conditions (provenance.conditions.fold_check)"}
     cal = res["calibration"]
     head = mf["head"]

@@ -1,7 +1,8 @@
 """Episodic meta-training of the synthesizer G on cached base-class embeddings.
 
-Tasks mix (i) ISIC-base tasks (2-4 of the 4 dermoscopy base classes), (ii) tasks inside one other
-base dataset and (iii) tasks across all 16 base classes; K in 0..10 (per-class shots randomly
+Tasks mix (i) dermoscopic tasks (the ISIC base classes; with a domain-aware G every dermoscopic
+class, ISIC base + derm7pt), (ii) tasks inside one other base dataset and (iii) tasks across all
+base classes; K in 0..10 (per-class shots randomly
 dropped), text present or dropped per episode and per class. The text weight fed to G during
 training comes from a text->embedding projection fitted WITHOUT the episode's class (leave-one-
 class-out ridge), so G learns how much to trust text on classes the projection never saw - the
@@ -23,6 +24,7 @@ from .synth import Synthesizer, l2n, logits
 log = logging.getLogger("sgps_train.meta")
 
 ISIC_PREFIX = "isic/"
+DERM7PT_PREFIX = "derm7pt/"
 
 
 def ridge(X: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
@@ -52,17 +54,20 @@ def loo_text_weights(emb: dict, texts: dict, lam: float) -> dict:
 
 
 class TaskSampler:
-    def __init__(self, emb: dict, tw: dict, texts: dict, rng: np.random.Generator, text_with_images: bool = True):
+    def __init__(self, emb: dict, tw: dict, texts: dict, rng: np.random.Generator, text_with_images: bool = True,
+                 derm_pool: bool = False):
         self.text_with_images = text_with_images
         self.emb = {c: torch.from_numpy(e).float() for c, e in emb.items()}
         self.tw = {c: torch.from_numpy(v).float() for c, v in tw.items()}
         self.texts = {c: torch.from_numpy(v).float() for c, v in texts.items()}
         self.classes = list(emb)
-        self.isic = [c for c in self.classes if c.startswith(ISIC_PREFIX)]
+        # the dermoscopic task pool: ISIC base classes, or (derm_pool) every dermoscopic class
+        prefixes = (ISIC_PREFIX, DERM7PT_PREFIX) if derm_pool else (ISIC_PREFIX,)
+        self.isic = [c for c in self.classes if c.startswith(prefixes)]
         self.by_ds = {}
         for c in self.classes:
             ds = c.split("/")[0]
-            if ds != "isic":
+            if ds != "isic" and not (derm_pool and f"{ds}/" == DERM7PT_PREFIX):
                 self.by_ds.setdefault(ds, []).append(c)
         self.rng = rng
         self.dim = next(iter(self.emb.values())).shape[1]
@@ -137,7 +142,8 @@ def meta_train(g: Synthesizer, emb_train: dict, emb_val: dict, texts: dict, quic
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tw = loo_text_weights(emb_train, texts, ridge_lam)
-    sampler = TaskSampler(emb_train, tw, texts, rng, text_with_images=g.text_with_images)
+    sampler = TaskSampler(emb_train, tw, texts, rng, text_with_images=g.text_with_images,
+                          derm_pool=getattr(g, "domain", False))
     if quick:
         steps, eval_every = 4, 2
     n_val = 10 if quick else 150

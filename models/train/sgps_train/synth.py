@@ -87,6 +87,7 @@ class Synthesizer(nn.Module):
         dropout: float = 0.0,
         init_scale: float = 10.0,
         max_shots: int = 20,
+        domain: bool = False,
     ):
         super().__init__()
         self.dim = dim
@@ -94,7 +95,14 @@ class Synthesizer(nn.Module):
         self.max_shots = max_shots
         # text -> image-embedding space (fitted by ridge regression on base classes, then frozen)
         self.text_proj = nn.Linear(text_dim, dim)
-        self.inp = nn.Linear(self.N_FEATS, d_model)
+        # optional ninth class feature: where the class sits between clinical photos (-0.5) and
+        # dermoscopy (+0.5), a fixed linear reading of its base weight (set_domain), so G can treat
+        # text and corrections differently in the two imaging domains
+        self.domain = domain
+        if domain:
+            self.register_buffer("domain_w", torch.zeros(dim))
+            self.register_buffer("domain_b", torch.zeros(()))
+        self.inp = nn.Linear(self.N_FEATS + int(domain), d_model)
         self.blocks = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(layers)])
         self.ln = LN(d_model)
         self.coef = nn.Linear(d_model, 2)  # alpha (text mix), beta (task-centre mix)
@@ -108,6 +116,19 @@ class Synthesizer(nn.Module):
         # shots, and apply the learned image-side corrections (task-centre mix, bias, scale offset)
         self.text_with_images = True
         self.image_delta = True
+
+    @torch.no_grad()
+    def set_domain(self, derm_means, other_means):
+        """Fix the domain reading from L2-normalised class means ([n, D] arrays) of dermoscopic and
+        of other classes: the unit direction between the two group means, scaled and shifted so the
+        groups' mean projections land on +0.5 and -0.5."""
+        d = torch.as_tensor(derm_means, dtype=torch.float32)
+        o = torch.as_tensor(other_means, dtype=torch.float32)
+        u = d.mean(0) - o.mean(0)
+        u = u / u.norm()
+        pd, po = float((d @ u).mean()), float((o @ u).mean())
+        self.domain_w.copy_(u / (pd - po))
+        self.domain_b.fill_(-0.5 * (pd + po) / (pd - po))
 
     def base_weights(self, support, support_mask, text, text_mask, text_weight=None):
         """support [...,N,K,D], masks [...,N,K]/[...,N], text [...,N,T] -> prototype, text weight.
@@ -148,7 +169,8 @@ class Synthesizer(nn.Module):
                 max_other,
                 cons * has_img,
                 torch.log(n_cls.unsqueeze(-1)) / math.log(16.0),
-            ],
+            ]
+            + ([(base * self.domain_w).sum(-1, keepdim=True) + self.domain_b] if self.domain else []),
             dim=-1,
         )
         h = self.inp(feats)

@@ -54,6 +54,34 @@ def test_untrained_synthesizer_is_exact_imprinting():
     assert s.shape == (1,)
 
 
+def test_domain_reading_places_the_two_domains_apart_and_untrained_g_stays_imprinting():
+    from sgps_train import conditions, meta
+
+    rng = np.random.default_rng(0)
+    axis = np.zeros(32, np.float32)
+    axis[0] = 1.0
+    emb = {}
+    for i in range(6):  # dermoscopic classes lean one way along axis 0, clinical photos the other
+        emb[f"isic/d{i}" if i < 3 else f"derm7pt/d{i}"] = (rng.normal(size=(5, 32)) + 3 * axis).astype(np.float32)
+        emb[f"dermnet/c{i}"] = (rng.normal(size=(5, 32)) - 3 * axis).astype(np.float32)
+    g = synth.Synthesizer(dim=32, text_dim=8, domain=True).eval()
+    conditions.set_domain(g, emb)
+    means = meta.class_means(emb)
+    read = {c: float(torch.from_numpy(m) @ g.domain_w + g.domain_b) for c, m in means.items()}
+    derm = [v for c, v in read.items() if conditions.is_dermoscopic(c)]
+    clin = [v for c, v in read.items() if not conditions.is_dermoscopic(c)]
+    assert abs(np.mean(derm) - 0.5) < 1e-5 and abs(np.mean(clin) + 0.5) < 1e-5
+    assert min(derm) > max(clin)
+    # the ninth feature enters G, yet with its zero-initialised outputs G is still imprinting
+    sup = torch.from_numpy(np.stack([emb["isic/d0"][:2], emb["dermnet/c3"][:2]]))
+    w, b, _ = g(sup, torch.ones(2, 2), torch.randn(2, 8), torch.ones(2))
+    assert g.inp.in_features == synth.Synthesizer.N_FEATS + 1
+    assert torch.allclose(w, synth.l2n(sup.mean(1)), atol=1e-5) and torch.all(b == 0)
+    # the domain reading is fitted on training classes only
+    with pytest.raises(RuntimeError, match="novel"):
+        conditions.set_domain(g, emb | {"isic/dermatofibroma": emb["isic/d0"]})
+
+
 def test_text_only_class_falls_back_to_projected_text():
     g = synth.Synthesizer(dim=32, text_dim=8).eval()
     sup = torch.zeros(2, 1, 32)
@@ -118,8 +146,13 @@ def test_quick_recipe_end_to_end(tmp_path):
     assert 0.0 < m["head"]["refer_threshold"] < 1.0
     # the conditions stage ran after the encoder stage and recorded its fold check
     cond = m["provenance"]["conditions"]
-    assert cond["chosen"] in ("imprinting", "text_mix", "text_and_image_delta")
+    from sgps_train import conditions
+
+    assert cond["chosen"] in conditions.CONFIGS
     assert cond["fold_check"]["folds"] and cond["base_classes"] > 16
+    # every candidate was scored on the folds, the domain-aware G included
+    assert all(set(conditions.CONFIGS) <= set(f) for f in cond["fold_check"]["folds"])
+    assert m["synthesizer"]["enabled"]["domain"] == (cond["chosen"] == "text_and_image_delta+domain")
     # the supervised stage ran between them, checked a fold, and the conditions stage used its encoder
     sup = m["provenance"]["supervised_encoder"]
     assert sup["fold_check"]["folds"] and sup["fold_check"]["chosen"] in ("start", "finetuned", "finetuned_anchor")

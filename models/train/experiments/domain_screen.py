@@ -1,0 +1,60 @@
+"""Screen for the domain-aware G (conditions.CONFIGS "text_and_image_delta+domain") while the fold
+encoders are not built: the conditions stage's own fold check (same folds, episodes, seeds, rule)
+on embeddings from the ImageNet EfficientNet-Lite0 (sqrt of the pooled features, L2-normalised),
+an encoder that never saw a base label, so every fold is held out for it as well as for G. It is a
+weaker encoder than the shipped one: the screen says whether the domain reading helps G in
+principle, not by how much it will on the shipped encoder's folds. Text: the shipped text map
+(word features, ridge lambda 3, each fold's vocabulary from its training descriptions).
+Base classes only (conditions.chosen_items refuses novel ones).
+
+    models/train/.venv/bin/python models/train/experiments/domain_screen.py
+"""
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sgps_train import conditions as C, data, export, lite0  # noqa: E402
+from sgps_train.cache import save_atomic  # noqa: E402
+
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+logging.getLogger("sgps_train").setLevel(logging.INFO)
+log = logging.getLogger("sgps_train.screen")
+torch.set_num_threads(2)
+DATA = HERE.parent.parent.parent / "shared" / "data"
+WORK = HERE / "out" / "domain_screen"
+WORK.mkdir(parents=True, exist_ok=True)
+
+items = C.chosen_items(DATA, False, 0)
+cache = WORK / f"imagenet_{C._key(*[it.path for it in items])}.npy"
+if cache.exists():
+    emb = np.load(cache)
+else:
+    enc = export.ImageEncoder(lite0.load_imagenet(lite0.pth_path("lite0"), "lite0"), None, power=True).eval()
+    mf = json.loads((HERE.parent / "manifest.json").read_text())["image_encoder"]["preprocess"]
+    out, t0 = [], time.time()
+    with torch.no_grad():
+        for i in range(0, len(items), 32):
+            x = np.stack([data.preprocess_file(DATA / it.path, mf["mean"], mf["std"]) for it in items[i : i + 32]])
+            out.append(enc(torch.from_numpy(x)).numpy())
+            if (i // 32) % 40 == 0:
+                log.info("embedded %d / %d (%.0f s)", i + len(x), len(items), time.time() - t0)
+    emb = np.concatenate(out).astype(np.float32)
+    save_atomic(cache, lambda p: np.save(open(p, "wb"), emb))
+by = C.group_by_class(items, emb)
+desc = json.loads((HERE / "descriptions.json").read_text())["base"]
+tmap = C.TEXT_MAPS["words_lam3"]
+classes = sorted(by)
+folds = C.make_folds(classes)
+names = {c: None for c in classes}  # text_features reads only the keys when the map has no MiniLM part
+fold_texts = [C.text_features(tmap, names, desc, [c for c in classes if c not in f])[0] for f in folds]
+rep = C.fold_check(by, fold_texts, False, 0, WORK, None, None, tmap["lam"])
+print(json.dumps({"means": rep["means"], "chosen": rep["chosen"], "seconds": rep["seconds"]}, indent=1))
+for r in rep["folds"]:
+    print(r["fold"], {n: {k: r[n][k] for k in ("derm_1", "derm_5", "skin_1", "skin_5")} for n in C.CONFIGS})

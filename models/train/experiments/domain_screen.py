@@ -12,7 +12,6 @@ Base classes only (conditions.chosen_items refuses novel ones).
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
@@ -20,12 +19,11 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sgps_train import conditions as C, data, export, lite0  # noqa: E402
+from sgps_train import conditions as C, export, lite0, supervise  # noqa: E402
 from sgps_train.cache import save_atomic  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 logging.getLogger("sgps_train").setLevel(logging.INFO)
-log = logging.getLogger("sgps_train.screen")
 torch.set_num_threads(2)
 DATA = HERE.parent.parent.parent / "shared" / "data"
 WORK = HERE / "out" / "domain_screen"
@@ -36,16 +34,9 @@ cache = WORK / f"imagenet_{C._key(*[it.path for it in items])}.npy"
 if cache.exists():
     emb = np.load(cache)
 else:
+    # the supervised stage's decoded pool (deployed resize + crop, cached in out/) and its embedding
     enc = export.ImageEncoder(lite0.load_imagenet(lite0.pth_path("lite0"), "lite0"), None, power=True).eval()
-    mf = json.loads((HERE.parent / "manifest.json").read_text())["image_encoder"]["preprocess"]
-    out, t0 = [], time.time()
-    with torch.no_grad():
-        for i in range(0, len(items), 32):
-            x = np.stack([data.preprocess_file(DATA / it.path, mf["mean"], mf["std"]) for it in items[i : i + 32]])
-            out.append(enc(torch.from_numpy(x)).numpy())
-            if (i // 32) % 40 == 0:
-                log.info("embedded %d / %d (%.0f s)", i + len(x), len(items), time.time() - t0)
-    emb = np.concatenate(out).astype(np.float32)
+    emb = supervise.embed(enc, supervise.image_pool(DATA, items, HERE / "out"), np.arange(len(items))).astype(np.float32)
     save_atomic(cache, lambda p: np.save(open(p, "wb"), emb))
 by = C.group_by_class(items, emb)
 desc = json.loads((HERE / "descriptions.json").read_text())["base"]

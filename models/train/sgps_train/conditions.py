@@ -70,8 +70,7 @@ CONFIGS = {
 }
 
 
-def is_dermoscopic(c: str) -> bool:
-    return c.startswith("isic/") or c.startswith("derm7pt/")
+is_dermoscopic = data.is_dermoscopic
 
 
 def check_no_novel(keys) -> None:

@@ -126,6 +126,11 @@ def preprocess_file(path: Path, mean, std, size: int = INPUT_SIZE) -> np.ndarray
     return to_tensor(resize_center_crop(load_rgb(path), size), mean, std)
 
 
+def is_dermoscopic(key: str) -> bool:
+    """A dermoscopic class ("dataset/class"): ISIC or derm7pt; the rest are clinical photos or other modalities."""
+    return key.startswith(("isic/", "derm7pt/"))
+
+
 ISIC_BASE = ["isic/basal_cell_carcinoma", "isic/melanoma", "isic/nevus", "isic/pigmented_benign_keratosis"]
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import is_dermoscopic
 from .synth import Synthesizer, l2n, logits
 
 log = logging.getLogger("sgps_train.meta")
 
 ISIC_PREFIX = "isic/"
-DERM7PT_PREFIX = "derm7pt/"
 
 
 def ridge(X: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
@@ -61,14 +61,13 @@ class TaskSampler:
         self.tw = {c: torch.from_numpy(v).float() for c, v in tw.items()}
         self.texts = {c: torch.from_numpy(v).float() for c, v in texts.items()}
         self.classes = list(emb)
-        # the dermoscopic task pool: ISIC base classes, or (derm_pool) every dermoscopic class
-        prefixes = (ISIC_PREFIX, DERM7PT_PREFIX) if derm_pool else (ISIC_PREFIX,)
-        self.isic = [c for c in self.classes if c.startswith(prefixes)]
+        # the dermoscopic task pool: ISIC base classes, or (derm_pool) every dermoscopic class;
+        # the other classes are pooled by dataset
+        self.isic = [c for c in self.classes if (is_dermoscopic(c) if derm_pool else c.startswith(ISIC_PREFIX))]
         self.by_ds = {}
         for c in self.classes:
-            ds = c.split("/")[0]
-            if ds != "isic" and not (derm_pool and f"{ds}/" == DERM7PT_PREFIX):
-                self.by_ds.setdefault(ds, []).append(c)
+            if c not in self.isic:
+                self.by_ds.setdefault(c.split("/")[0], []).append(c)
         self.rng = rng
         self.dim = next(iter(self.emb.values())).shape[1]
         self.tdim = next(iter(self.texts.values())).shape[1]
@@ -143,7 +142,7 @@ def meta_train(g: Synthesizer, emb_train: dict, emb_val: dict, texts: dict, quic
     rng = np.random.default_rng(seed)
     tw = loo_text_weights(emb_train, texts, ridge_lam)
     sampler = TaskSampler(emb_train, tw, texts, rng, text_with_images=g.text_with_images,
-                          derm_pool=getattr(g, "domain", False))
+                          derm_pool=g.domain)
     if quick:
         steps, eval_every = 4, 2
     n_val = 10 if quick else 150

@@ -7,7 +7,10 @@ principle, not by how much it will on the shipped encoder's folds. Text: the shi
 (word features, ridge lambda 3, each fold's vocabulary from its training descriptions).
 Base classes only (conditions.chosen_items refuses novel ones).
 
-    models/train/.venv/bin/python models/train/experiments/domain_screen.py
+    models/train/.venv/bin/python models/train/experiments/domain_screen.py [CONFIG ...]
+
+With CONFIG names (conditions.CONFIGS keys), only those are trained and scored, in the stage's
+order (e.g. `imprinting text_and_image_delta text_and_image_delta+calib` for the calibrating G).
 """
 import json
 import logging
@@ -29,6 +32,11 @@ DATA = HERE.parent.parent.parent / "shared" / "data"
 WORK = HERE / "out" / "domain_screen"
 WORK.mkdir(parents=True, exist_ok=True)
 
+if sys.argv[1:]:
+    unknown = sorted(set(sys.argv[1:]) - set(C.CONFIGS))
+    if unknown:
+        sys.exit(f"unknown configurations {unknown}; known: {list(C.CONFIGS)}")
+    C.CONFIGS = {n: c for n, c in C.CONFIGS.items() if n in sys.argv[1:]}
 items = C.chosen_items(DATA, False, 0)
 cache = WORK / f"imagenet_{C._key(*[it.path for it in items])}.npy"
 if cache.exists():

@@ -67,6 +67,9 @@ CONFIGS = {
     # G also reads where each class sits between clinical photos and dermoscopy (Synthesizer.domain),
     # and its dermoscopic training tasks draw from every dermoscopic class (ISIC base + derm7pt)
     "text_and_image_delta+domain": {"text_with_images": True, "image_delta": True, "train": True, "domain": True},
+    # each prototype is first pulled toward the means of its nearest base skin conditions, by kappa / K
+    # (Synthesizer.calib; memory = the skin classes G is trained on, per fold its training classes)
+    "text_and_image_delta+calib": {"text_with_images": True, "image_delta": True, "train": True, "calib": True},
 }
 
 
@@ -308,7 +311,8 @@ def text_features(tm: dict, minilm: dict, desc: dict, fit_classes) -> tuple[dict
 
 
 def make_g(cfg: dict, dim: int, text_dim: int = 384) -> Synthesizer:
-    g = Synthesizer(dim=dim, text_dim=text_dim, init_scale=10.0, domain=cfg.get("domain", False))
+    g = Synthesizer(dim=dim, text_dim=text_dim, init_scale=10.0, domain=cfg.get("domain", False),
+                    calib=cfg.get("calib", False))
     g.text_with_images = cfg["text_with_images"]
     g.image_delta = cfg["image_delta"]
     return g
@@ -325,6 +329,15 @@ def set_domain(g: Synthesizer, emb: dict) -> None:
     g.set_domain(np.stack([means[c] for c in derm]), np.stack([means[c] for c in other]))
 
 
+def set_memory(g: Synthesizer, emb: dict) -> None:
+    """A calibrating G's base-class memory: the L2-normalised means of the skin classes it is
+    trained on (never a novel class)."""
+    check_no_novel(emb)
+    means = meta.class_means(emb)
+    keys = [c for c in sorted(means) if c.split("/")[0] in SKIN]
+    g.set_memory(keys, np.stack([means[c] for c in keys]))
+
+
 def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=None, lam: float = RIDGE_LAM) -> Synthesizer:
     dim = next(iter(emb.values())).shape[1]
     torch.manual_seed(seed)  # G's initial weights do not depend on what ran (or was cached) before
@@ -332,6 +345,8 @@ def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=
     fit_text_proj(g, emb, texts, lam=lam, concepts=concepts)
     if g.domain:
         set_domain(g, emb)
+    if g.calib:
+        set_memory(g, emb)
     if cfg["train"]:
         tr, va = split_images(emb, 0.8, seed)
         g, _, _ = meta.meta_train(g, tr, va, texts, quick=quick, seed=seed, steps=1500, ridge_lam=lam)
@@ -554,6 +569,7 @@ def export_g(res: dict, models: Path) -> None:
     }
     syn["enabled"] = {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
                       "domain": bool(g.domain),
+                      "calib": {"memory_classes": len(g.memory_keys), "temperature": g.calib_temp, "kappa": g.calib_kappa} if g.calib else False,
                       "chosen_by": "class-level folds over the 251 base conditions (provenance.conditions.fold_check)"}
     cal = res["calibration"]
     head = mf["head"]

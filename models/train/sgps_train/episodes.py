@@ -47,7 +47,9 @@ def text_for(chosen, texts: dict, rng: np.random.Generator, use_text: bool, t_di
 
 
 @torch.no_grad()
-def run_g(g, support: np.ndarray, text: np.ndarray, text_mask: np.ndarray, tw=None):
+def run_g(g, support: np.ndarray, text: np.ndarray, text_mask: np.ndarray, tw=None, chosen=()):
+    """G on one episode; `chosen` (the episode's class keys) hides those classes from a calibrating
+    G's base-class memory."""
     n, k, d = support.shape
     if k == 0:
         sup = torch.zeros(n, 1, d)
@@ -55,8 +57,9 @@ def run_g(g, support: np.ndarray, text: np.ndarray, text_mask: np.ndarray, tw=No
     else:
         sup = torch.from_numpy(support).float()
         sm = torch.ones(n, k)
+    ex = g.memory_exclude(chosen) if getattr(g, "calib", False) else None
     return g(sup, sm, torch.from_numpy(text), torch.from_numpy(text_mask),
-             None if tw is None else torch.from_numpy(tw))
+             None if tw is None else torch.from_numpy(tw), memory_exclude=ex)
 
 
 def evaluate(g, emb: dict, texts: dict, classes: list[str], n_way: int, k: int, q: int,
@@ -70,7 +73,7 @@ def evaluate(g, emb: dict, texts: dict, classes: list[str], n_way: int, k: int, 
     for _ in range(episodes):
         s, qx, y, chosen = sample_episode(rng, emb, classes, n_way, k, q)
         t, tm, tw = text_for(chosen, texts, rng, use_text, t_dim, text_weights)
-        w, b, sc = run_g(g, s, t, tm, tw)
+        w, b, sc = run_g(g, s, t, tm, tw, chosen)
         lg = logits(torch.from_numpy(qx).float(), w, b, sc) * temp
         p = torch.softmax(lg, -1).numpy()
         accs.append(float((p.argmax(-1) == y).mean()))
@@ -145,7 +148,7 @@ def collect_logits(g, emb, texts, classes, n_way, k, q, episodes, use_text, seed
     for _ in range(episodes):
         s, qx, y, chosen = sample_episode(rng, emb, classes, n_way, k, q)
         t, tm, tw = text_for(chosen, texts, rng, use_text, t_dim, text_weights)
-        w, b, sc = run_g(g, s, t, tm, tw)
+        w, b, sc = run_g(g, s, t, tm, tw, chosen)
         out.append((logits(torch.from_numpy(qx).float(), w, b, sc).numpy(), y))
     return out
 

@@ -72,7 +72,11 @@ class Synthesizer(nn.Module):
     class tokens outputs, per class, the mixing coefficients of
         w_c = base_c + alpha_c * t_c + beta_c * m,   m = mean_c base_c (task centre),
     a bias b_c, and one task-level log-scale offset. All output layers are zero-initialised: an
-    untrained G is exactly prototype imprinting (text-only fallback when K = 0).
+    untrained G is exactly prototype imprinting (text-only fallback when K = 0). With `calib`, the
+    prototype of a class with K shots is first replaced by normalize(p_c + kappa / K * n_c), n_c the
+    softmax-weighted mean of the base-class means nearest to p_c (the mean part of "distribution
+    calibration", Yang et al. 2021, as shrinkage toward a prior worth kappa shots); an untrained
+    calibrating G is calibrated imprinting.
     """
 
     N_FEATS = 8
@@ -88,6 +92,9 @@ class Synthesizer(nn.Module):
         init_scale: float = 10.0,
         max_shots: int = 20,
         domain: bool = False,
+        calib: bool = False,
+        calib_temp: float = 70.0,
+        calib_kappa: float = 1.5,
     ):
         super().__init__()
         self.dim = dim
@@ -102,6 +109,15 @@ class Synthesizer(nn.Module):
         if domain:
             self.register_buffer("domain_w", torch.zeros(dim))
             self.register_buffer("domain_b", torch.zeros(()))
+        # optional base-class memory (set_memory): the L2-normalised class means of the base classes
+        # G was trained on; a class's prototype is pulled toward the mean of its nearest ones
+        # (softmax at calib_temp over cosines) with weight calib_kappa / K before G reads it
+        self.calib = calib
+        self.calib_temp = calib_temp
+        self.calib_kappa = calib_kappa
+        self.memory_keys: list[str] = []
+        if calib:
+            self.register_buffer("memory", torch.zeros(0, dim))
         self.inp = nn.Linear(self.N_FEATS + int(domain), d_model)
         self.blocks = nn.ModuleList([Block(d_model, heads, dropout) for _ in range(layers)])
         self.ln = LN(d_model)
@@ -130,7 +146,28 @@ class Synthesizer(nn.Module):
         self.domain_w.copy_(u / (pd - po))
         self.domain_b.fill_(-0.5 * (pd + po) / (pd - po))
 
-    def base_weights(self, support, support_mask, text, text_mask, text_weight=None):
+    @torch.no_grad()
+    def set_memory(self, keys, means):
+        """The base-class memory: class keys and their L2-normalised means ([n, D])."""
+        self.memory_keys = list(keys)
+        self.memory = torch.as_tensor(means, dtype=torch.float32).clone()
+
+    def memory_exclude(self, classes) -> torch.Tensor | None:
+        """[B] mask of the memory rows that belong to `classes` (1 = hidden): an episode on base classes
+        must not be pulled toward its own classes' means, which a user's new class never has."""
+        if not self.calib:
+            return None
+        cs = set(classes)
+        return torch.tensor([1.0 if k in cs else 0.0 for k in self.memory_keys])
+
+    def neighbours(self, base, exclude=None):
+        """[..., N, D] -> the softmax-weighted mean of the memory rows nearest to each base weight."""
+        sim = torch.matmul(base, self.memory.transpose(0, 1))  # [..., N, B]
+        if exclude is not None:
+            sim = sim - 1e4 * exclude.unsqueeze(-2)
+        return torch.matmul(torch.softmax(self.calib_temp * sim, dim=-1), self.memory)
+
+    def base_weights(self, support, support_mask, text, text_mask, text_weight=None, memory_exclude=None):
         """support [...,N,K,D], masks [...,N,K]/[...,N], text [...,N,T] -> prototype, text weight.
 
         `text_weight` (training only) replaces normalize(P text) by a precomputed text weight
@@ -138,14 +175,17 @@ class Synthesizer(nn.Module):
         m = support_mask.unsqueeze(-1)
         count = support_mask.sum(-1, keepdim=True)  # [..., N, 1]
         proto = l2n((support * m).sum(-2) / torch.clamp(count, min=1.0))
+        if self.calib:  # shrink toward the near base classes, as a prior worth calib_kappa shots
+            shrink = self.calib_kappa / torch.clamp(count, min=1.0) * (count > 0.5).to(proto.dtype)
+            proto = l2n(proto + shrink * self.neighbours(proto, memory_exclude))
         tw = l2n(self.text_proj(text)) if text_weight is None else text_weight
         tw = tw * text_mask.unsqueeze(-1)
         has_img = (count > 0.5).to(proto.dtype)
         base = has_img * proto + (1.0 - has_img) * tw
         return proto, tw, base, count, has_img
 
-    def forward(self, support, support_mask, text, text_mask, text_weight=None):
-        proto, tw, base, count, has_img = self.base_weights(support, support_mask, text, text_mask, text_weight)
+    def forward(self, support, support_mask, text, text_mask, text_weight=None, memory_exclude=None):
+        proto, tw, base, count, has_img = self.base_weights(support, support_mask, text, text_mask, text_weight, memory_exclude)
         tmask = text_mask.unsqueeze(-1)
         # pairwise class similarities without the diagonal
         sim = torch.matmul(base, base.transpose(-1, -2))  # [..., N, N]

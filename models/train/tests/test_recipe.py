@@ -82,6 +82,64 @@ def test_domain_reading_places_the_two_domains_apart_and_untrained_g_stays_impri
         conditions.set_domain(g, emb | {"isic/dermatofibroma": emb["isic/d0"]})
 
 
+def test_calibrating_g_pulls_prototypes_toward_near_base_means_and_hides_an_episodes_own_classes():
+    from sgps_train import conditions, episodes
+
+    rng = np.random.default_rng(1)
+    emb = {f"dermnet/c{i}": rng.normal(size=(4, 32)).astype(np.float32) for i in range(5)}
+    emb["blood_cells/x"] = rng.normal(size=(4, 32)).astype(np.float32)
+    g = synth.Synthesizer(dim=32, text_dim=8, calib=True, calib_kappa=1.0).eval()
+    conditions.set_memory(g, emb)
+    assert g.memory_keys == [f"dermnet/c{i}" for i in range(5)]  # skin classes only
+    mem = g.memory.numpy()
+    # one shot sitting on class c2's mean: the prototype moves toward it (softmax at calib_temp picks it)
+    shot = torch.from_numpy(mem[2] + 0.3 * rng.normal(size=32).astype(np.float32))[None, None]
+    other = torch.from_numpy(rng.normal(size=(1, 1, 32)).astype(np.float32))
+    sup = torch.cat([shot, other])
+    w, b, _ = g(sup, torch.ones(2, 1), torch.zeros(2, 8), torch.zeros(2))
+    proto = synth.l2n(sup[:, 0])
+    assert torch.allclose(w, synth.l2n(proto + g.neighbours(proto)), atol=1e-5) and torch.all(b == 0)
+    # a prior worth kappa shots: with 4 shots the same mean moves a quarter as far
+    w4s, _, _ = g(sup.expand(2, 4, 32), torch.ones(2, 4), torch.zeros(2, 8), torch.zeros(2))
+    assert torch.allclose(w4s, synth.l2n(proto + 0.25 * g.neighbours(proto)), atol=1e-5)
+    cos = lambda a, v: float(synth.l2n(a.detach()) @ torch.from_numpy(v))
+    assert cos(w[0], mem[2]) > cos(proto[0], mem[2]) + 0.05
+    # an episode on base class c2 must not see c2's own mean: hidden, the pull toward it is gone
+    ex = g.memory_exclude(["dermnet/c2", "dermnet/zz"])
+    assert ex.tolist() == [0, 0, 1, 0, 0]
+    w2, _, _ = g(sup, torch.ones(2, 1), torch.zeros(2, 8), torch.zeros(2), memory_exclude=ex)
+    assert cos(w2[0], mem[2]) < cos(w[0], mem[2]) - 0.05
+    # run_g hides the episode's classes by itself
+    w3, _, _ = episodes.run_g(g, sup.numpy(), np.zeros((2, 8), np.float32), np.zeros(2, np.float32), None, ["dermnet/c2"])
+    assert torch.allclose(w3, w2, atol=1e-6)
+    # a class without shots (text only) is left as the projected text
+    text = torch.randn(2, 8)
+    w4, _, _ = g(torch.zeros(2, 1, 32), torch.zeros(2, 1), text, torch.ones(2))
+    assert torch.allclose(w4, synth.l2n(g.text_proj(text)), atol=1e-6)
+    # the memory holds training classes only
+    with pytest.raises(RuntimeError, match="novel"):
+        conditions.set_memory(g, emb | {"isic/vascular_lesion": emb["dermnet/c0"]})
+
+
+def test_calibrating_g_exports_with_its_memory_and_matches_onnxruntime(tmp_path):
+    from sgps_train import conditions, export
+
+    rng = np.random.default_rng(2)
+    g = synth.Synthesizer(dim=32, text_dim=8, calib=True)
+    conditions.set_memory(g, {f"sd198/c{i}": rng.normal(size=(3, 32)).astype(np.float32) for i in range(7)})
+    with torch.no_grad():  # every part exercised (the heads start at zero)
+        for lin in (g.coef, g.bias_head, g.scale_head):
+            lin.weight.normal_(0, 0.1)
+    g.eval()
+    (tmp_path / "ref").mkdir()
+    # raises if onnxruntime and PyTorch disagree; the memory is a constant of the graph, no new input
+    export.export_synth_checked(g, tmp_path / "synthesizer.onnx", tmp_path / "ref", rng.normal(size=(3, 8)).astype(np.float32))
+    import onnx
+
+    m = onnx.load(str(tmp_path / "synthesizer.onnx"))
+    assert [i.name for i in m.graph.input] == ["support", "support_mask", "text", "text_mask"]
+
+
 def test_text_only_class_falls_back_to_projected_text():
     g = synth.Synthesizer(dim=32, text_dim=8).eval()
     sup = torch.zeros(2, 1, 32)
@@ -150,9 +208,10 @@ def test_quick_recipe_end_to_end(tmp_path):
 
     assert cond["chosen"] in conditions.CONFIGS
     assert cond["fold_check"]["folds"] and cond["base_classes"] > 16
-    # every candidate was scored on the folds, the domain-aware G included
+    # every candidate was scored on the folds, the domain-aware and the calibrating G included
     assert all(set(conditions.CONFIGS) <= set(f) for f in cond["fold_check"]["folds"])
     assert m["synthesizer"]["enabled"]["domain"] == (cond["chosen"] == "text_and_image_delta+domain")
+    assert bool(m["synthesizer"]["enabled"]["calib"]) == (cond["chosen"] == "text_and_image_delta+calib")
     # the supervised stage ran between them, checked a fold, and the conditions stage used its encoder
     sup = m["provenance"]["supervised_encoder"]
     assert sup["fold_check"]["folds"] and sup["fold_check"]["chosen"] in ("start", "finetuned", "finetuned_anchor")

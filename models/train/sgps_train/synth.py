@@ -162,7 +162,8 @@ class Synthesizer(nn.Module):
 
     def neighbours(self, base, exclude=None):
         """[..., N, D] -> the softmax-weighted mean of the memory rows nearest to each base weight."""
-        sim = torch.matmul(base, self.memory.transpose(0, 1))  # [..., N, B]
+        # memory @ base^T, transposed: the exported graph holds the memory once, not also its transpose
+        sim = torch.matmul(self.memory, base.transpose(-1, -2)).transpose(-1, -2)  # [..., N, B]
         if exclude is not None:
             sim = sim - 1e4 * exclude.unsqueeze(-2)
         return torch.matmul(torch.softmax(self.calib_temp * sim, dim=-1), self.memory)

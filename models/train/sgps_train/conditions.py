@@ -520,7 +520,10 @@ def run(args, fold_views=None) -> dict:
     log.info("fold check means %s -> %s", json.dumps(check["means"]), check["chosen"])
     cfg = CONFIGS[check["chosen"]]
     g = train_g(cfg, emb, texts, quick, args.seed, concepts, tmap["lam"])
-    # calibrate where every class is embedded by an encoder that never saw it (as a user's new class)
+    # calibrate where every class is embedded by an encoder that never saw it (as a user's new class).
+    # Approximation: G's text map, and a calibrating G's memory, come from the shipped encoder's
+    # embeddings, while these come from the fold encoders (close relatives: same start, other classes);
+    # a calibrating G hides each episode's own classes from its memory (episodes.run_g)
     cal_emb = {c: views[fi][0][c] for fi, fold in enumerate(folds) for c in fold} if views else emb
     cal = calibrate(g, cal_emb, texts, quick, args.seed, tmap["lam"])
     cal["on_embeddings"] = check["embeddings"]

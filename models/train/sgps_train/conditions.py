@@ -570,6 +570,11 @@ def export_g(res: dict, models: Path) -> None:
         "order": "MiniLM embedding (if used), then word features (if used)",
         "chosen_by": "provenance.conditions.fold_check.text_map",
     }
+    if g.calib:
+        syn["parameterisation"] = (
+            f"weight = p' + delta(Transformer over class tokens), p' = normalize(p + {g.calib_kappa} / K * n), "
+            f"p = normalize(masked mean of support), n = softmax({g.calib_temp} * cosine)-weighted mean of the "
+            f"{len(g.memory_keys)} base skin-class means (a constant of the graph); normalize(P text) when K = 0")
     syn["enabled"] = {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
                       "domain": bool(g.domain),
                       "calib": {"memory_classes": len(g.memory_keys), "temperature": g.calib_temp, "kappa": g.calib_kappa} if g.calib else False,

@@ -575,6 +575,9 @@ def export_g(res: dict, models: Path) -> None:
             f"weight = p' + delta(Transformer over class tokens), p' = normalize(p + {g.calib_kappa} / K * n), "
             f"p = normalize(masked mean of support), n = softmax({g.calib_temp} * cosine)-weighted mean of the "
             f"{len(g.memory_keys)} base skin-class means (a constant of the graph); normalize(P text) when K = 0")
+    else:
+        syn["parameterisation"] = ("weight = normalize(masked mean of support) (or normalize(P text) when K = 0) "
+                                   "+ delta(Transformer over class tokens)")
     syn["enabled"] = {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
                       "domain": bool(g.domain),
                       "calib": {"memory_classes": len(g.memory_keys), "temperature": g.calib_temp, "kappa": g.calib_kappa} if g.calib else False,

@@ -6,7 +6,8 @@ base classes; K in 0..10 (per-class shots randomly
 dropped), text present or dropped per episode and per class. The text weight fed to G during
 training comes from a text->embedding projection fitted WITHOUT the episode's class (leave-one-
 class-out ridge), so G learns how much to trust text on classes the projection never saw - the
-situation of a user's new class. Model selection on held-out base images (split B2).
+situation of a user's new class. For the same reason a calibrating G (Synthesizer.calib) never sees
+an episode's own classes in its base-class memory. Model selection on held-out base images (split B2).
 """
 
 from __future__ import annotations

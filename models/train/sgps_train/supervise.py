@@ -40,6 +40,9 @@ SIZE = 160  # training resolution (the deployed input is 224; 160 px is what two
 EPOCHS = 3
 LR = 1e-4
 BATCH = 64
+# a fine-tune writes its whole training state every this many steps (a few minutes on 2 cores),
+# so a run cut by the end of a session goes on from there
+CHECKPOINT_EVERY = 40
 DERM_WEIGHT = 0.5
 SCALE = 16.0
 CHECK_FOLDS = tuple(range(C.FOLDS))  # the conditions stage's folds (each check is a ~12-minute fine-tune here)
@@ -193,9 +196,13 @@ def _anchor_views(pool_a: torch.Tensor, idx) -> torch.Tensor:
 
 
 def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarray, seed: int, quick: bool,
-             anchor_pool: torch.Tensor | None = None) -> dict:
+             anchor_pool: torch.Tensor | None = None, checkpoint: Path | None = None,
+             checkpoint_every: int = CHECKPOINT_EVERY) -> dict:
     """Fine-tune `enc` in place on pool[idx]; then re-centre it on CENTRE_IMAGES of those images.
-    With `anchor_pool` (uint8 isic_unlabelled images), add the ANCHOR term."""
+    With `anchor_pool` (uint8 isic_unlabelled images), add the ANCHOR term. With `checkpoint`, the
+    training state (weights, head, optimiser, schedule, both random generators) is written there
+    every `checkpoint_every` steps, and a run that finds it goes on after that step: a cut run loses
+    at most that many steps, and the resumed weights equal an uncut run's."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -219,9 +226,20 @@ def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarra
         with torch.no_grad():
             target = torch.cat([F.normalize(uncentred(enc, enc.backbone.features(_anchor_views(anchor_pool, np.arange(i, min(i + 96, len(anchor_pool)))))) - centre0, dim=-1)
                                 for i in range(0, len(anchor_pool), 96)])
-    t0, tl = time.time(), 0.0
+    t0, tl, first = time.time(), 0.0, 1
+    if checkpoint is not None and checkpoint.exists():
+        st = torch.load(checkpoint, map_location=dev, weights_only=False)
+        enc.load_state_dict(st["enc"])
+        with torch.no_grad():
+            head.copy_(st["head"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        rng.bit_generator.state = st["rng"]
+        gen.set_state(st["gen"])
+        first = st["step"] + 1
+        log.info("supervised: resumed from %s after step %d/%d", checkpoint.name, st["step"], steps)
     with ssl.keep_freed_memory():
-        for s in range(1, steps + 1):
+        for s in range(first, steps + 1):
             b = rng.choice(len(y), size=min(BATCH, len(y)), p=w)
             x = ssl.augment(pool[idx[b]], SIZE, gen).contiguous(memory_format=torch.channels_last)
             with ssl.bf16_on_gpu(dev):
@@ -242,6 +260,10 @@ def finetune(enc: export.ImageEncoder, items, pool: torch.Tensor, idx: np.ndarra
             if s % 25 == 0 or s == steps:
                 log.info("supervised step %d/%d loss %.4f (%.0f s)", s, steps, tl / (s - 25 * ((s - 1) // 25)), time.time() - t0)
                 tl = 0.0
+            if checkpoint is not None and s % checkpoint_every == 0 and s < steps:
+                st = {"enc": enc.state_dict(), "head": head.detach().clone(), "opt": opt.state_dict(),
+                      "sched": sched.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(), "step": s}
+                save_atomic(checkpoint, lambda p: torch.save(st, p))
     enc.backbone.to(memory_format=torch.contiguous_format)
     if enc.center.abs().sum() > 0:  # a centred export stays centred, on the new features
         centre_idx = np.random.default_rng(seed).permutation(idx)[:CENTRE_IMAGES]
@@ -262,9 +284,11 @@ def finetuned_cached(start: Path, start_sha: str, items, pool, idx, seed: int, q
         log.info("cache hit %s", path.name)
         enc.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return enc.eval(), json.loads(rpath.read_text())
-    info = finetune(enc, items, pool, idx, seed, quick, anchor_pool)
+    resume = work / f"sup_{tag}_{key}.resume.pt"
+    info = finetune(enc, items, pool, idx, seed, quick, anchor_pool, checkpoint=resume)
     save_atomic(path, lambda p: torch.save(enc.state_dict(), p))
     save_atomic(rpath, lambda p: Path(p).write_text(json.dumps(info)))
+    resume.unlink(missing_ok=True)
     return enc.eval(), info
 
 

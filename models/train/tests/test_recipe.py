@@ -265,6 +265,43 @@ def test_ssl_resumes_a_cut_run_exactly_from_its_checkpoint(tmp_path):
     assert not torch.equal(one.state_dict()["_conv_stem.weight"], a["_conv_stem.weight"])
 
 
+def test_supervised_finetune_resumes_a_cut_run_exactly_from_its_checkpoint(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sgps_train import export, supervise
+
+    rng = np.random.default_rng(4)
+    pool = torch.from_numpy((rng.random((6, 3, 40, 40)) * 255).astype(np.uint8))
+    items = [SimpleNamespace(key=k) for k in ("isic/nevus", "isic/nevus", "dermnet/a", "dermnet/a", "sd198/b", "sd198/b")]
+    idx = np.arange(6)
+    monkeypatch.setattr(supervise, "BATCH", 4)
+    monkeypatch.setattr(supervise, "SIZE", 48)
+    monkeypatch.setattr(supervise, "CENTRE_IMAGES", 6)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        enc = export.ImageEncoder(lite0.Lite0().eval(), torch.full((lite0.FEATURE_DIM,), 0.1), power=True)
+        supervise.finetune(enc, items, pool, idx, seed=3, quick=True, **kw)
+        return enc.state_dict()
+
+    steps = []  # one augmented batch per training step
+    augment = supervise.ssl.augment
+    monkeypatch.setattr(supervise.ssl, "augment", lambda *a: steps.append(1) or augment(*a))
+    uncut = run()
+    assert len(steps) == 2  # quick: 2 steps
+    ck = tmp_path / "sup.resume.pt"
+    # a checkpoint after step 1 (none after the last); a run that finds it does only step 2 and must
+    # end exactly where the uncut run ended
+    cut = run(checkpoint=ck, checkpoint_every=1)
+    assert ck.exists() and torch.load(ck, weights_only=False)["step"] == 1
+    steps.clear()
+    resumed = run(checkpoint=ck, checkpoint_every=1)
+    assert len(steps) == 1
+    for a in (cut, resumed):
+        assert all(torch.equal(uncut[k], a[k]) for k in uncut)
+    assert not torch.equal(uncut["backbone._conv_stem.weight"], lite0.Lite0().state_dict()["_conv_stem.weight"])
+
+
 def test_ssl_low_memory_recomputation_trains_exactly_like_the_plain_run():
     from sgps_train import ssl
 

@@ -57,9 +57,8 @@ def run_g(g, support: np.ndarray, text: np.ndarray, text_mask: np.ndarray, tw=No
     else:
         sup = torch.from_numpy(support).float()
         sm = torch.ones(n, k)
-    ex = g.memory_exclude(chosen) if getattr(g, "calib", False) else None
     return g(sup, sm, torch.from_numpy(text), torch.from_numpy(text_mask),
-             None if tw is None else torch.from_numpy(tw), memory_exclude=ex)
+             None if tw is None else torch.from_numpy(tw), memory_exclude=g.memory_exclude(chosen))
 
 
 def evaluate(g, emb: dict, texts: dict, classes: list[str], n_way: int, k: int, q: int,

@@ -56,10 +56,10 @@ def loo_text_weights(emb: dict, texts: dict, lam: float) -> dict:
 
 class TaskSampler:
     def __init__(self, emb: dict, tw: dict, texts: dict, rng: np.random.Generator, text_with_images: bool = True,
-                 derm_pool: bool = False, memory_keys=()):
+                 derm_pool: bool = False, memory_exclude=None):
         self.text_with_images = text_with_images
-        # a calibrating G's memory rows: each episode hides its own classes' rows (memory_exclude)
-        self.memory_row = {c: i for i, c in enumerate(memory_keys)}
+        # a calibrating G's Synthesizer.memory_exclude: each episode hides its own classes' memory rows
+        self.memory_exclude = memory_exclude
         self.emb = {c: torch.from_numpy(e).float() for c, e in emb.items()}
         self.tw = {c: torch.from_numpy(v).float() for c, v in tw.items()}
         self.texts = {c: torch.from_numpy(v).float() for c, v in texts.items()}
@@ -95,14 +95,12 @@ class TaskSampler:
         T = torch.zeros(b, n, self.tdim)
         TW = torch.zeros(b, n, self.dim)
         TM = torch.zeros(b, n)
-        EX = torch.zeros(b, len(self.memory_row))
-        Q, Y = [], []
+        Q, Y, EX = [], [], []
         use_text_ep = (self.rng.random() < 0.6 and self.text_with_images) or k == 0
         for e in range(b):
             cls = list(self.rng.choice(pool_cls, size=n, replace=False))
-            for c in cls:
-                if c in self.memory_row:
-                    EX[e, self.memory_row[c]] = 1.0
+            if self.memory_exclude is not None:
+                EX.append(self.memory_exclude(cls))
             qs, ys = [], []
             for i, c in enumerate(cls):
                 pool = self.emb[c]
@@ -122,7 +120,7 @@ class TaskSampler:
             Y.append(torch.cat(ys))
         if k == 0:  # every class needs text when there are no shots
             TM[:] = 1.0
-        return S, SM, T, TW, TM, torch.stack(Q), torch.stack(Y), EX
+        return S, SM, T, TW, TM, torch.stack(Q), torch.stack(Y), torch.stack(EX) if EX else None
 
 
 @torch.no_grad()
@@ -149,7 +147,7 @@ def meta_train(g: Synthesizer, emb_train: dict, emb_val: dict, texts: dict, quic
     rng = np.random.default_rng(seed)
     tw = loo_text_weights(emb_train, texts, ridge_lam)
     sampler = TaskSampler(emb_train, tw, texts, rng, text_with_images=g.text_with_images,
-                          derm_pool=g.domain, memory_keys=g.memory_keys)
+                          derm_pool=g.domain, memory_exclude=g.memory_exclude if g.calib else None)
     if quick:
         steps, eval_every = 4, 2
     n_val = 10 if quick else 150
@@ -163,7 +161,7 @@ def meta_train(g: Synthesizer, emb_train: dict, emb_val: dict, texts: dict, quic
     run_loss = 0.0
     for step in range(1, steps + 1):
         S, SM, T, TW, TM, Q, Y, EX = sampler.batch(batch)
-        w, b, sc = g(S, SM, T, TM, text_weight=TW, memory_exclude=EX if g.calib else None)
+        w, b, sc = g(S, SM, T, TM, text_weight=TW, memory_exclude=EX)
         lg = logits(Q, w, b, sc)
         loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), Y.reshape(-1))
         opt.zero_grad()

@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::Value;
-use tract_onnx::prelude::*;
-use tract_onnx::tract_core::plan::SimpleState;
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::plan::SimpleState;
 
 /// Environment variable naming the Python interpreter that has onnxruntime.
 pub const PYTHON_ENV: &str = "SGPS_PYTHON";
@@ -182,7 +182,7 @@ pub fn profile_ops(
     for run in 0..reps {
         state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
             let t = Instant::now();
-            let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+            let out = tract_nnef::tract_core::plan::eval(ctx, op_state, node, input);
             let ms = by_node.entry(node.id).or_default();
             ms.resize(run + 1, 0.0);
             ms[run] += t.elapsed().as_secs_f64() * 1e3;

@@ -2,9 +2,9 @@
 
 use std::collections::HashSet;
 
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
-use crate::encoders::{Dim, Plan, load_onnx, run_f32, tensor};
+use crate::encoders::{Dim, ModelFile, Plan, run_f32, tensor};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Precision};
 
@@ -207,36 +207,55 @@ pub struct Synthesizer {
 }
 
 impl Synthesizer {
-    /// Verify and load `synthesizer.onnx`, with symbolic N (classes) and K (shots).
-    pub fn load(manifest: &Manifest) -> Result<Synthesizer> {
+    /// The synthesizer file, checked against its SHA-256, with symbolic N (classes) and K (shots).
+    fn model_file(manifest: &Manifest) -> Result<ModelFile<'_>> {
         let s = &manifest.synthesizer;
         let path = manifest.verified_path(&s.file, &s.sha256)?;
         let limits = SynthLimits::from_manifest(manifest);
         let (d, t) = (limits.image_dim, limits.text_dim);
         let f = f32::datum_type();
-        let plan = load_onnx(
-            &path,
-            &[
+        Ok(ModelFile {
+            path,
+            inputs: vec![
                 (
                     s.inputs.support.as_str(),
                     f,
-                    &[Dim::Sym("N"), Dim::Sym("K"), Dim::Fixed(d)],
+                    vec![Dim::Sym("N"), Dim::Sym("K"), Dim::Fixed(d)],
                 ),
                 (
                     s.inputs.support_mask.as_str(),
                     f,
-                    &[Dim::Sym("N"), Dim::Sym("K")],
+                    vec![Dim::Sym("N"), Dim::Sym("K")],
                 ),
-                (s.inputs.text.as_str(), f, &[Dim::Sym("N"), Dim::Fixed(t)]),
-                (s.inputs.text_mask.as_str(), f, &[Dim::Sym("N")]),
+                (
+                    s.inputs.text.as_str(),
+                    f,
+                    vec![Dim::Sym("N"), Dim::Fixed(t)],
+                ),
+                (s.inputs.text_mask.as_str(), f, vec![Dim::Sym("N")]),
             ],
-            &[
+            outputs: vec![
                 s.outputs.weight.as_str(),
                 s.outputs.bias.as_str(),
                 s.outputs.scale.as_str(),
             ],
-            Precision::F32,
-        )?;
+            precision: Precision::F32,
+        })
+    }
+
+    /// Translate the synthesizer to an NNEF archive at `out` (see [`crate::encoders`]).
+    #[cfg(feature = "onnx")]
+    pub fn write_nnef(manifest: &Manifest, out: &std::path::Path) -> Result<()> {
+        Self::model_file(manifest)?.write_nnef(out)
+    }
+
+    /// Verify and load the synthesizer (ONNX, or the NNEF archive of a board bundle).
+    pub fn load(manifest: &Manifest) -> Result<Synthesizer> {
+        let s = &manifest.synthesizer;
+        let file = Self::model_file(manifest)?;
+        let limits = SynthLimits::from_manifest(manifest);
+        let plan = file.load()?;
+        let path = file.path;
         log::info!("loaded synthesizer ({})", path.display());
         Ok(Synthesizer {
             plan,

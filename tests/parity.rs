@@ -318,3 +318,72 @@ fn word_features_match_the_recipe() {
         assert_eq!(&feats[feats.len() - words.dim()..], &got[..]);
     }
 }
+
+/// The NNEF archives `cargo xtask dist` writes for board binaries without the ONNX reader run
+/// like the ONNX files they come from: same inputs, same outputs up to float rounding, for every
+/// model a bundle can carry. A wrong translation here would reach every board.
+#[test]
+fn nnef_translation_runs_like_the_onnx_models() {
+    use sgps::encoders::nnef::translate_models;
+    use sgps::synthesizer::Synthesizer;
+    let p = pipeline();
+    let m = p.manifest();
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(models_dir().join("manifest.json")).unwrap();
+    let (text_variant, _) = m.text_variant(None).unwrap();
+    let image_variant = p.image_encoder().variant.clone();
+    let out = translate_models(m, &text, &image_variant, Some(text_variant), dir.path()).unwrap();
+    std::fs::write(dir.path().join("manifest.json"), out).unwrap();
+    for f in ["tokenizer.json", "text_words.json"] {
+        std::fs::copy(models_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let n = Manifest::load(dir.path()).unwrap();
+    let (_, img) = n.image_variant(Some(&image_variant)).unwrap();
+    let (_, txt) = n.text_variant(Some(text_variant)).unwrap();
+    for f in [&img.file, &txt.file, &n.synthesizer.file] {
+        assert!(f.ends_with(".nnef.tar"), "{f} was not translated");
+        let bytes = std::fs::metadata(dir.path().join(f)).unwrap().len();
+        println!("{f}: {:.1} MB", bytes as f64 / 1e6);
+    }
+
+    let nnef_img = ImageEncoder::load(&n, Some(&image_variant)).unwrap();
+    let mut worst = 0.0f32;
+    for r in image_refs() {
+        if ref_file(m, &r).is_some_and(|f| f != m.image_variant(None).unwrap().1.file) {
+            continue;
+        }
+        let (_, input) = read_npy(&reference().join(r["input"].as_str().unwrap()));
+        let a = p.image_encoder().embed_tensor(&input, 1).unwrap().remove(0);
+        let b = nnef_img.embed_tensor(&input, 1).unwrap().remove(0);
+        worst = worst.max(max_abs_diff(&a, &b));
+    }
+    println!("image encoder NNEF vs ONNX: max abs diff {worst:.2e}");
+    assert!(worst < 1e-5, "image encoder NNEF vs ONNX: {worst}");
+
+    let texts = ["Asymmetric brown-black macule with irregular borders and several colours"];
+    let onnx_txt = TextEncoder::load(m, Some(text_variant)).unwrap();
+    let nnef_txt = TextEncoder::load(&n, Some(text_variant)).unwrap();
+    let d = max_abs_diff(
+        &onnx_txt.embed(&texts).unwrap()[0],
+        &nnef_txt.embed(&texts).unwrap()[0],
+    );
+    println!("text encoder NNEF vs ONNX: max abs diff {d:.2e}");
+    assert!(d < 1e-5, "text encoder NNEF vs ONNX: {d}");
+
+    let r = reference();
+    let (ss, support) = read_npy(&r.join("synth_support.npy"));
+    let inp = SynthInputs {
+        n: ss[0],
+        k: ss[1],
+        support,
+        support_mask: read_npy(&r.join("synth_support_mask.npy")).1,
+        text: read_npy(&r.join("synth_text.npy")).1,
+        text_mask: read_npy(&r.join("synth_text_mask.npy")).1,
+    };
+    let a = p.synthesizer().run_inputs(&inp).unwrap();
+    let b = Synthesizer::load(&n).unwrap().run_inputs(&inp).unwrap();
+    let dw = max_abs_diff(&a.weight.concat(), &b.weight.concat());
+    let db = max_abs_diff(&a.bias, &b.bias);
+    println!("synthesizer NNEF vs ONNX: max abs diff weight {dw:.2e}, bias {db:.2e}");
+    assert!(dw < 1e-5 && db < 1e-5 && (a.scale - b.scale).abs() < 1e-5);
+}

@@ -1,9 +1,9 @@
 //! Image encoder E_I: preprocessed NCHW batch → L2-normalised embedding per image.
 
 use image::RgbImage;
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
-use super::{Dim, Plan, conform_inputs, load_onnx, rows, run_f32, tensor};
+use super::{Dim, ModelFile, Plan, conform_inputs, rows, run_f32, tensor};
 use crate::error::Result;
 use crate::manifest::Manifest;
 use crate::preprocess::Preprocess;
@@ -26,19 +26,43 @@ pub struct ImageEncoder {
 }
 
 impl ImageEncoder {
-    /// Verify and load the image encoder `variant` (`None` = manifest default).
-    pub fn load(manifest: &Manifest, variant: Option<&str>) -> Result<ImageEncoder> {
+    /// The image encoder file `variant` (`None` = manifest default), checked against its
+    /// SHA-256, with the batch-1 input the runtime feeds it.
+    pub(crate) fn model_file<'m>(
+        manifest: &'m Manifest,
+        variant: Option<&str>,
+    ) -> Result<(&'m str, &'m crate::manifest::FileEntry, ModelFile<'m>)> {
         let spec = &manifest.image_encoder;
         let (name, entry) = manifest.image_variant(variant)?;
         let path = manifest.verified_path(&entry.file, &entry.sha256)?;
         let [h, w] = spec.input_size;
-        let shape1 = [Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(h), Dim::Fixed(w)];
-        let plan1 = load_onnx(
-            &path,
-            &[(spec.input.as_str(), f32::datum_type(), &shape1)],
-            &[spec.output.as_str()],
-            entry.precision,
-        )?;
+        let shape1 = vec![Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(h), Dim::Fixed(w)];
+        let file = ModelFile {
+            path,
+            inputs: vec![(spec.input.as_str(), f32::datum_type(), shape1)],
+            outputs: vec![spec.output.as_str()],
+            precision: entry.precision,
+        };
+        Ok((name, entry, file))
+    }
+
+    /// Translate the image encoder `variant` to an NNEF archive at `out` (see
+    /// [`crate::encoders`]): what a board binary without the ONNX reader loads.
+    #[cfg(feature = "onnx")]
+    pub fn write_nnef(
+        manifest: &Manifest,
+        variant: Option<&str>,
+        out: &std::path::Path,
+    ) -> Result<()> {
+        Self::model_file(manifest, variant)?.2.write_nnef(out)
+    }
+
+    /// Verify and load the image encoder `variant` (`None` = manifest default).
+    pub fn load(manifest: &Manifest, variant: Option<&str>) -> Result<ImageEncoder> {
+        let spec = &manifest.image_encoder;
+        let (name, entry, file) = Self::model_file(manifest, variant)?;
+        let plan1 = file.load()?;
+        let path = file.path;
         log::info!("loaded image encoder {name} ({})", path.display());
         Ok(ImageEncoder {
             plan1,

@@ -225,8 +225,7 @@ mod tests {
     /// does on aarch64): without the kernel it keeps them all channel-first.
     #[test]
     fn tract_selects_the_kernel_and_runs_the_image_encoder_channel_last() {
-        use tract_onnx::prelude::*;
-        use tract_onnx::tract_core::ops::cnn::Conv;
+        use tract_nnef::tract_core::ops::cnn::Conv;
         if !has_avx() {
             return;
         }
@@ -237,14 +236,8 @@ mod tests {
         ));
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         let manifest = crate::manifest::Manifest::load(&models).expect("models/manifest.json");
-        let (_, entry) = manifest.image_variant(None).unwrap();
-        let path = manifest.verified_path(&entry.file, &entry.sha256).unwrap();
-        let [h, w] = manifest.image_encoder.input_size;
-        let mut model = tract_onnx::onnx().model_for_path(path).unwrap();
-        model
-            .set_input_fact(0, f32::fact([1, 3, h, w]).into())
-            .unwrap();
-        let model = model.into_typed().unwrap().into_decluttered().unwrap();
+        let (_, _, file) = crate::encoders::ImageEncoder::model_file(&manifest, None).unwrap();
+        let model = file.typed().unwrap();
         let (mut last, mut all) = (0, 0);
         for node in model.nodes() {
             let Some(conv) = node.op_as::<Conv>() else {

@@ -8,7 +8,7 @@
 pub use tokenizers::Tokenizer;
 #[cfg(feature = "minilm")]
 use tokenizers::TruncationParams;
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
 /// Stand-in for the tokenizer in a build without the `minilm` feature (never constructed).
 #[cfg(not(feature = "minilm"))]
@@ -19,7 +19,7 @@ const NO_MINILM: &str = "this sgps was built without the `minilm` feature (the l
                          run the MiniLM text encoder; use a build with default features (`cargo build --release`), \
                          or the release bundle `cargo xtask dist` makes for models that read MiniLM";
 
-use super::{Dim, Plan, load_onnx, rows, run_f32, tensor};
+use super::{Dim, ModelFile, Plan, rows, run_f32, tensor};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 
@@ -45,30 +45,54 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
+    /// The text encoder file `variant` (`None` = manifest default), checked against its SHA-256,
+    /// with the token inputs the runtime feeds it (symbolic batch and length).
+    pub(crate) fn model_file<'m>(
+        manifest: &'m Manifest,
+        variant: Option<&str>,
+    ) -> Result<(&'m str, &'m crate::manifest::FileEntry, ModelFile<'m>)> {
+        let spec = &manifest.text_encoder;
+        let (name, entry) = manifest.text_variant(variant)?;
+        let path = manifest.verified_path(&entry.file, &entry.sha256)?;
+        let shape = || vec![Dim::Sym("N"), Dim::Sym("S")];
+        let mut inputs = vec![
+            (spec.inputs.input_ids.as_str(), i64::datum_type(), shape()),
+            (
+                spec.inputs.attention_mask.as_str(),
+                i64::datum_type(),
+                shape(),
+            ),
+        ];
+        if let Some(tt) = &spec.inputs.token_type_ids {
+            inputs.push((tt.as_str(), i64::datum_type(), shape()));
+        }
+        let file = ModelFile {
+            path,
+            inputs,
+            outputs: vec![spec.output.as_str()],
+            precision: entry.precision,
+        };
+        Ok((name, entry, file))
+    }
+
+    /// Translate the text encoder `variant` to an NNEF archive at `out` (see [`crate::encoders`]).
+    #[cfg(feature = "onnx")]
+    pub fn write_nnef(
+        manifest: &Manifest,
+        variant: Option<&str>,
+        out: &std::path::Path,
+    ) -> Result<()> {
+        Self::model_file(manifest, variant)?.2.write_nnef(out)
+    }
+
     /// Verify and load the tokenizer and text encoder `variant` (`None` = manifest default).
     pub fn load(manifest: &Manifest, variant: Option<&str>) -> Result<TextEncoder> {
         let spec = &manifest.text_encoder;
         let tok_path = manifest.verified_path(&spec.tokenizer.file, &spec.tokenizer.sha256)?;
         let tokenizer = load_tokenizer(&tok_path, spec.max_tokens)?;
-        let (name, entry) = manifest.text_variant(variant)?;
-        let path = manifest.verified_path(&entry.file, &entry.sha256)?;
-        let shape = [Dim::Sym("N"), Dim::Sym("S")];
-        let mut inputs = vec![
-            (
-                spec.inputs.input_ids.as_str(),
-                i64::datum_type(),
-                &shape[..],
-            ),
-            (
-                spec.inputs.attention_mask.as_str(),
-                i64::datum_type(),
-                &shape[..],
-            ),
-        ];
-        if let Some(tt) = &spec.inputs.token_type_ids {
-            inputs.push((tt.as_str(), i64::datum_type(), &shape[..]));
-        }
-        let plan = load_onnx(&path, &inputs, &[spec.output.as_str()], entry.precision)?;
+        let (name, entry, file) = Self::model_file(manifest, variant)?;
+        let plan = file.load()?;
+        let path = file.path;
         log::info!("loaded text encoder {name} ({})", path.display());
         Ok(TextEncoder {
             plan,

@@ -177,7 +177,7 @@ pub fn arm_count(root: &Path, a: &ArmCountArgs) -> Result<()> {
         None => {
             let mut b = boards[0].clone();
             b.glibc = None;
-            build::build(root, &b, &BuildOptions::default())?
+            build::build(root, &b, &BuildOptions::onnx_reader())?
         }
     };
     let candidates_dir = tempfile::tempdir()?;

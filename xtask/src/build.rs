@@ -212,9 +212,25 @@ fn python_ziglang_present() -> bool {
 pub struct BuildOptions {
     /// Build without the V4L2 camera feature.
     pub no_camera: bool,
+    /// Keep the ONNX reader (cargo feature `onnx`). The binary a bundle ships (`dist`, `build`)
+    /// has none: its models are NNEF archives translated by `dist` (~6 MB less code). The tools
+    /// that run the board binary on the repository's ONNX models (bench, soak, arm-count, drivers,
+    /// qemu) keep it.
+    pub onnx: bool,
 }
 
-/// Cargo features of a board binary: `v4l2` unless `no_camera`, `minilm` where the models need it.
+impl BuildOptions {
+    /// A board binary that reads the repository's ONNX models (for the measuring tools).
+    pub fn onnx_reader() -> BuildOptions {
+        BuildOptions {
+            onnx: true,
+            ..BuildOptions::default()
+        }
+    }
+}
+
+/// Cargo features of a board binary: `v4l2` unless `no_camera`, `minilm` where the models need it,
+/// `onnx` only where asked.
 pub fn device_features(opts: &BuildOptions, minilm: bool) -> Vec<&'static str> {
     let mut f = Vec::new();
     if !opts.no_camera {
@@ -222,6 +238,9 @@ pub fn device_features(opts: &BuildOptions, minilm: bool) -> Vec<&'static str> {
     }
     if minilm {
         f.push("minilm");
+    }
+    if opts.onnx {
+        f.push("onnx");
     }
     f
 }
@@ -399,8 +418,8 @@ pub fn test_arm(
         .envs(cross_env())
         .envs(emulated_test_env(target, &runner));
     if opts.no_camera {
-        // the tests check every shipped model, the MiniLM text encoder included
-        c.args(["--no-default-features", "--features", "minilm"]);
+        // the tests check every shipped model (ONNX), the MiniLM text encoder included
+        c.args(["--no-default-features", "--features", "minilm,onnx"]);
     }
     for t in tests {
         c.args(["--test", t]);
@@ -465,11 +484,19 @@ mod tests {
 
     #[test]
     fn board_builds_carry_only_the_features_their_models_need() {
-        let cam = BuildOptions { no_camera: false };
-        let nocam = BuildOptions { no_camera: true };
+        let cam = BuildOptions::default();
+        let nocam = BuildOptions {
+            no_camera: true,
+            ..BuildOptions::default()
+        };
         assert_eq!(device_features(&cam, true), ["v4l2", "minilm"]);
         assert_eq!(device_features(&cam, false), ["v4l2"]);
         assert!(device_features(&nocam, false).is_empty());
+        // the measuring tools run the board binary on the repository's ONNX models
+        assert_eq!(
+            device_features(&BuildOptions::onnx_reader(), false),
+            ["v4l2", "onnx"]
+        );
         // the shipped models decide; an unreadable manifest keeps the tokenizer
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let m = sgps::manifest::Manifest::load(&root.join("models")).unwrap();

@@ -36,6 +36,9 @@ pub struct DistInputs<'a> {
     pub out_dir: &'a Path,
     /// Also build a `.deb` (needs `dpkg-deb`).
     pub deb: bool,
+    /// Ship the models as NNEF archives (what a board binary without the ONNX reader loads);
+    /// false copies the ONNX files as they are.
+    pub nnef: bool,
 }
 
 /// What `dist` produced.
@@ -61,7 +64,7 @@ pub fn make_bundle(i: &DistInputs) -> Result<DistOutput> {
     fs::create_dir_all(dir.join("bin"))?;
     copy_exec(i.binary, &dir.join("bin/sgps"))?;
     strip(i.board, &dir.join("bin/sgps"));
-    copy_models(i.models_dir, &dir.join("models"), i.board)?;
+    board_models(i.models_dir, &dir.join("models"), i.board, i.nnef)?;
     fs::create_dir_all(dir.join("board"))?;
     let profile_name = format!("{}.toml", i.board.name);
     let profile_text = fs::read_to_string(&i.board.profile)
@@ -186,7 +189,11 @@ pub fn model_files(manifest: &Manifest, board: &Board) -> Result<Vec<(String, St
         .collect()
 }
 
-fn copy_models(models: &Path, out: &Path, board: &Board) -> Result<()> {
+/// Writes the models `board` needs into `out`: the manifest and the files [`model_files`] names,
+/// each checked against its SHA-256. With `nnef`, the image encoder, the text encoder (where the
+/// synthesizer reads MiniLM) and the synthesizer are translated to NNEF archives first and the
+/// manifest written names them (`sgps::encoders::nnef`); tokenizer and word features are copied.
+pub fn board_models(models: &Path, out: &Path, board: &Board, nnef: bool) -> Result<()> {
     let manifest_path = models.join("manifest.json");
     let text = fs::read_to_string(&manifest_path).with_context(|| {
         format!(
@@ -195,11 +202,44 @@ fn copy_models(models: &Path, out: &Path, board: &Board) -> Result<()> {
         )
     })?;
     let manifest =
-        Manifest::from_json(&text).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
+        Manifest::load(models).map_err(|e| anyhow!("{}: {e}", manifest_path.display()))?;
     fs::create_dir_all(out)?;
-    copy(&manifest_path, &out.join("manifest.json"))?;
-    for (file, sha) in model_files(&manifest, board)? {
-        let src = models.join(&file);
+    let shipped = if nnef {
+        let on_board = |e: sgps::error::Error| anyhow!("board {}: {e}", board.name);
+        let (image, _) = manifest
+            .image_variant(board.image_variant.as_deref())
+            .map_err(on_board)?;
+        let text_variant = if manifest.uses_minilm() {
+            Some(
+                manifest
+                    .text_variant(board.text_variant.as_deref())
+                    .map_err(on_board)?
+                    .0,
+            )
+        } else {
+            None
+        };
+        let translated =
+            sgps::encoders::nnef::translate_models(&manifest, &text, image, text_variant, out)
+                .map_err(|e| {
+                    anyhow!(
+                        "translating the models to NNEF for board {}: {e}",
+                        board.name
+                    )
+                })?;
+        fs::write(out.join("manifest.json"), &translated)?;
+        Manifest::from_json(&translated).map_err(|e| anyhow!("translated manifest: {e}"))?
+    } else {
+        copy(&manifest_path, &out.join("manifest.json"))?;
+        manifest
+    };
+    for (file, sha) in model_files(&shipped, board)? {
+        let dst = out.join(&file);
+        let src = if nnef && dst.is_file() {
+            dst.clone() // translated above
+        } else {
+            models.join(&file)
+        };
         if !src.is_file() {
             bail!(
                 "{} (listed in manifest.json) is missing; export the models first (`cargo xtask train`)",
@@ -214,11 +254,12 @@ fn copy_models(models: &Path, out: &Path, board: &Board) -> Result<()> {
                 src.display()
             );
         }
-        let dst = out.join(&file);
-        if let Some(d) = dst.parent() {
-            fs::create_dir_all(d)?;
+        if src != dst {
+            if let Some(d) = dst.parent() {
+                fs::create_dir_all(d)?;
+            }
+            copy(&src, &dst)?;
         }
-        copy(&src, &dst)?;
     }
     Ok(())
 }
@@ -351,6 +392,49 @@ pub fn deb_version(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bundle's models: the shipped ONNX models translated to NNEF for the board, with a
+    /// manifest that names and verifies the archives; the runtime loads them (with or without
+    /// the ONNX reader) and a tampered source file is refused before any translation.
+    #[test]
+    fn board_models_are_nnef_archives_the_runtime_loads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let rpi5 = fs::read_to_string(root.join("board/rpi5.toml")).unwrap();
+        let b = Board::from_toml("rpi5", Path::new("x"), &rpi5).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        board_models(&root.join("models"), out.path(), &b, true).unwrap();
+        let m = Manifest::load(out.path()).unwrap();
+        let shipped = model_files(&m, &b).unwrap();
+        assert!(
+            shipped.iter().any(|(f, _)| f.ends_with(".nnef.tar")),
+            "{shipped:?}"
+        );
+        for (f, sha) in &shipped {
+            let on_disk = tools::sha256_file(&out.path().join(f)).unwrap();
+            assert!(on_disk.eq_ignore_ascii_case(sha), "{f}");
+            assert!(!f.ends_with(".onnx"), "{f} shipped untranslated");
+        }
+        let enc = sgps::encoders::ImageEncoder::load(&m, b.image_variant.as_deref()).unwrap();
+        assert_eq!(enc.embedding_dim, m.image_encoder.embedding_dim);
+        sgps::synthesizer::Synthesizer::load(&m).unwrap();
+
+        // a changed model file is refused before it is translated
+        let bad = tempfile::tempdir().unwrap();
+        for f in fs::read_dir(root.join("models")).unwrap() {
+            let f = f.unwrap().path();
+            if f.is_file() {
+                fs::copy(&f, bad.path().join(f.file_name().unwrap())).unwrap();
+            }
+        }
+        let synth = bad
+            .path()
+            .join(&m.synthesizer.file.replace(".nnef.tar", ".onnx"));
+        let mut bytes = fs::read(&synth).unwrap();
+        bytes[100] ^= 1;
+        fs::write(&synth, bytes).unwrap();
+        let e = board_models(bad.path(), &bad.path().join("out"), &b, true).unwrap_err();
+        assert!(format!("{e:#}").contains("synthesizer"), "{e:#}");
+    }
 
     #[test]
     fn model_files_follow_board_variant_and_reject_unknown() {

@@ -509,7 +509,7 @@ pub fn drivers(root: &Path, args: &DriversArgs) -> Result<()> {
         .to_string();
     let bin = match &args.binary {
         Some(b) => b.clone(),
-        None => build::build(root, &Board::host(root), &BuildOptions::default())?,
+        None => build::build(root, &Board::host(root), &BuildOptions::onnx_reader())?,
     };
     let gpio_sim = build_gpio_sim(root, &version)?;
     let initrd = work.join("initramfs.cpio");

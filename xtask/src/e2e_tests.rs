@@ -128,6 +128,8 @@ impl Fixture {
             key: &self.key,
             out_dir: &out,
             deb,
+            // stand-in model files: copied as they are, not translated
+            nnef: false,
         })
         .unwrap()
     }

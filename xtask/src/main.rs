@@ -87,6 +87,14 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write the models a board's bundle carries into a directory: the board's variants, translated
+    /// to NNEF (what the board binary, built without the ONNX reader, loads), with their manifest.
+    BoardModels {
+        #[arg(long, default_value = "sim")]
+        board: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generate the ed25519 release signing key pair.
     Keygen {
         /// Secret key path (written with mode 0600).
@@ -204,10 +212,22 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Build { board, no_camera } => {
             let b = Board::load(&root, &board)?;
-            let bin = build::build(&root, &b, &BuildOptions { no_camera })?;
+            let bin = build::build(
+                &root,
+                &b,
+                &BuildOptions {
+                    no_camera,
+                    ..BuildOptions::default()
+                },
+            )?;
             println!("{}", bin.display());
         }
         Cmd::ArmCount(a) => armcount::arm_count(&root, &a)?,
+        Cmd::BoardModels { board, out } => {
+            let b = Board::load(&root, &board)?;
+            dist::board_models(&root.join("models"), &out, &b, true)?;
+            println!("{}", out.display());
+        }
         Cmd::TestArm {
             board,
             tests,
@@ -215,11 +235,20 @@ fn run(cli: Cli) -> Result<()> {
             args,
         } => {
             let b = Board::load(&root, &board)?;
-            build::test_arm(&root, &b, &tests, &args, &BuildOptions { no_camera })?;
+            build::test_arm(
+                &root,
+                &b,
+                &tests,
+                &args,
+                &BuildOptions {
+                    no_camera,
+                    ..BuildOptions::default()
+                },
+            )?;
         }
         Cmd::Qemu { board, args } => {
             let b = Board::load(&root, &board)?;
-            let bin = build::build(&root, &b, &BuildOptions::default())?;
+            let bin = build::build(&root, &b, &BuildOptions::onnx_reader())?;
             let q = build::qemu_command(&root, &b)?;
             let status = std::process::Command::new(&q[0])
                 .args(&q[1..])
@@ -416,7 +445,14 @@ fn dist_for(
     let key = sign::load_secret(&key.unwrap_or_else(sign::default_secret_path))?;
     let binary = match binary {
         Some(b) => b,
-        None => build::build(root, board, &BuildOptions { no_camera })?,
+        None => build::build(
+            root,
+            board,
+            &BuildOptions {
+                no_camera,
+                ..BuildOptions::default()
+            },
+        )?,
     };
     let out = out.unwrap_or_else(|| build::target_dir(root).join("dist"));
     std::fs::create_dir_all(&out)?;
@@ -429,6 +465,7 @@ fn dist_for(
         key: &key,
         out_dir: &out,
         deb,
+        nnef: true,
     })
 }
 

@@ -89,7 +89,7 @@ pub fn soak(root: &Path, args: &SoakArgs) -> Result<()> {
     }
     let bin = match &args.binary {
         Some(b) => b.clone(),
-        None => build::build(root, &Board::host(root), &BuildOptions::default())?,
+        None => build::build(root, &Board::host(root), &BuildOptions::onnx_reader())?,
     };
     let work = tempfile::Builder::new().prefix("sgps-soak").tempdir()?;
     // frames: every shipped sample image, replayed in a loop

@@ -297,3 +297,36 @@ fn corrupt_foreign_version_and_foreign_encoder_classifiers_are_refused() {
     // Classifier::load directly, same checks
     assert!(Classifier::load(&good, "0000").is_err());
 }
+
+/// A board's NNEF archive that is not the model the manifest describes (here the image encoder's
+/// archive under the synthesizer's name, with a matching SHA-256) is refused by name, saying
+/// which inputs it has and which the manifest expects.
+#[test]
+fn an_nnef_archive_of_another_model_is_refused_with_its_inputs() {
+    let m = p_manifest();
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(models_dir().join("manifest.json")).unwrap();
+    let (image_variant, _) = m.image_variant(None).unwrap();
+    let out =
+        sgps::encoders::nnef::translate_models(&m, &text, image_variant, None, dir.path()).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let image = doc["image_encoder"]["variants"][image_variant].clone();
+    let synth = doc["synthesizer"]["file"].as_str().unwrap().to_string();
+    std::fs::copy(
+        dir.path().join(image["file"].as_str().unwrap()),
+        dir.path().join(&synth),
+    )
+    .unwrap();
+    doc["synthesizer"]["sha256"] = image["sha256"].clone();
+    std::fs::write(dir.path().join("manifest.json"), doc.to_string()).unwrap();
+    let n = sgps::manifest::Manifest::load(dir.path()).unwrap();
+    let e = sgps::synthesizer::Synthesizer::load(&n)
+        .err()
+        .expect("a foreign archive must be refused");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::ModelLoad { .. }), "{msg}");
+    assert!(
+        msg.contains(&synth) && msg.contains("inputs are") && msg.contains("support"),
+        "{msg}"
+    );
+}

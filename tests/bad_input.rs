@@ -302,6 +302,7 @@ fn corrupt_foreign_version_and_foreign_encoder_classifiers_are_refused() {
 /// archive under the synthesizer's name, with a matching SHA-256) is refused by name, saying
 /// which inputs it has and which the manifest expects.
 #[test]
+#[cfg(feature = "onnx")] // translates the ONNX files
 fn an_nnef_archive_of_another_model_is_refused_with_its_inputs() {
     let m = p_manifest();
     let dir = tempfile::tempdir().unwrap();

@@ -323,6 +323,7 @@ fn word_features_match_the_recipe() {
 /// like the ONNX files they come from: same inputs, same outputs up to float rounding, for every
 /// model a bundle can carry. A wrong translation here would reach every board.
 #[test]
+#[cfg(feature = "onnx")] // translates the ONNX files
 fn nnef_translation_runs_like_the_onnx_models() {
     use sgps::encoders::nnef::translate_models;
     use sgps::synthesizer::Synthesizer;

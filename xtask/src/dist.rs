@@ -428,7 +428,7 @@ mod tests {
         }
         let synth = bad
             .path()
-            .join(&m.synthesizer.file.replace(".nnef.tar", ".onnx"));
+            .join(m.synthesizer.file.replace(".nnef.tar", ".onnx"));
         let mut bytes = fs::read(&synth).unwrap();
         bytes[100] ^= 1;
         fs::write(&synth, bytes).unwrap();

@@ -70,6 +70,10 @@ CONFIGS = {
     # each prototype is first pulled toward the means of its nearest base skin conditions, by kappa / K
     # (Synthesizer.calib; memory = the skin classes G is trained on, per fold its training classes)
     "text_and_image_delta+calib": {"text_with_images": True, "image_delta": True, "train": True, "calib": True},
+    # the same, but only the classes G's domain reading puts on the dermoscopic side are calibrated
+    # (the screen's clinical-photo loss came where the text mix already pulls a prototype)
+    "text_and_image_delta+calib_derm": {"text_with_images": True, "image_delta": True, "train": True, "calib": True,
+                                        "calib_domain": True},
 }
 
 
@@ -312,7 +316,7 @@ def text_features(tm: dict, minilm: dict, desc: dict, fit_classes) -> tuple[dict
 
 def make_g(cfg: dict, dim: int, text_dim: int = 384) -> Synthesizer:
     g = Synthesizer(dim=dim, text_dim=text_dim, init_scale=10.0, domain=cfg.get("domain", False),
-                    calib=cfg.get("calib", False))
+                    calib=cfg.get("calib", False), calib_domain=cfg.get("calib_domain", False))
     g.text_with_images = cfg["text_with_images"]
     g.image_delta = cfg["image_delta"]
     return g
@@ -343,7 +347,7 @@ def train_g(cfg: dict, emb: dict, texts: dict, quick: bool, seed: int, concepts=
     torch.manual_seed(seed)  # G's initial weights do not depend on what ran (or was cached) before
     g = make_g(cfg, dim, next(iter(texts.values())).shape[1])
     fit_text_proj(g, emb, texts, lam=lam, concepts=concepts)
-    if g.domain:
+    if g.domain or g.calib_domain:
         set_domain(g, emb)
     if g.calib:
         set_memory(g, emb)
@@ -572,7 +576,8 @@ def export_g(res: dict, models: Path) -> None:
     }
     if g.calib:
         syn["parameterisation"] = (
-            f"weight = p' + delta(Transformer over class tokens), p' = normalize(p + {g.calib_kappa} / K * n), "
+            f"weight = p' + delta(Transformer over class tokens), p' = normalize(p + {g.calib_kappa} / K * n"
+            f"{' * [domain reading of p > 0]' if g.calib_domain else ''}), "
             f"p = normalize(masked mean of support), n = softmax({g.calib_temp} * cosine)-weighted mean of the "
             f"{len(g.memory_keys)} base skin-class means (a constant of the graph); normalize(P text) when K = 0")
     else:
@@ -580,7 +585,8 @@ def export_g(res: dict, models: Path) -> None:
                                    "+ delta(Transformer over class tokens)")
     syn["enabled"] = {"text_with_images": bool(g.text_with_images), "image_delta": bool(g.image_delta),
                       "domain": bool(g.domain),
-                      "calib": {"memory_classes": len(g.memory_keys), "temperature": g.calib_temp, "kappa": g.calib_kappa} if g.calib else False,
+                      "calib": {"memory_classes": len(g.memory_keys), "temperature": g.calib_temp, "kappa": g.calib_kappa,
+                                "dermoscopic_only": bool(g.calib_domain)} if g.calib else False,
                       "chosen_by": "class-level folds over the 251 base conditions (provenance.conditions.fold_check)"}
     cal = res["calibration"]
     head = mf["head"]

@@ -95,6 +95,7 @@ class Synthesizer(nn.Module):
         calib: bool = False,
         calib_temp: float = 70.0,
         calib_kappa: float = 1.5,
+        calib_domain: bool = False,
     ):
         super().__init__()
         self.dim = dim
@@ -106,7 +107,10 @@ class Synthesizer(nn.Module):
         # dermoscopy (+0.5), a fixed linear reading of its base weight (set_domain), so G can treat
         # text and corrections differently in the two imaging domains
         self.domain = domain
-        if domain:
+        # calib_domain: calibrate only the classes the domain reading puts on the dermoscopic side
+        # (reading > 0), leaving clinical photos' prototypes as they are
+        self.calib_domain = calib and calib_domain
+        if domain or self.calib_domain:
             self.register_buffer("domain_w", torch.zeros(dim))
             self.register_buffer("domain_b", torch.zeros(()))
         # optional base-class memory (set_memory): the L2-normalised class means of the base classes
@@ -178,6 +182,9 @@ class Synthesizer(nn.Module):
         proto = l2n((support * m).sum(-2) / torch.clamp(count, min=1.0))
         if self.calib:  # shrink toward the near base classes, as a prior worth calib_kappa shots
             shrink = self.calib_kappa / torch.clamp(count, min=1.0) * (count > 0.5).to(proto.dtype)
+            if self.calib_domain:
+                reading = (proto * self.domain_w).sum(-1, keepdim=True) + self.domain_b
+                shrink = shrink * (reading > 0).to(proto.dtype)
             proto = l2n(proto + shrink * self.neighbours(proto, memory_exclude))
         tw = l2n(self.text_proj(text)) if text_weight is None else text_weight
         tw = tw * text_mask.unsqueeze(-1)

@@ -140,6 +140,28 @@ def test_calibrating_g_exports_with_its_memory_and_matches_onnxruntime(tmp_path)
     assert [i.name for i in m.graph.input] == ["support", "support_mask", "text", "text_mask"]
 
 
+def test_dermoscopic_only_calibration_leaves_clinical_prototypes_and_exports(tmp_path):
+    from sgps_train import conditions, export
+
+    rng = np.random.default_rng(3)
+    # two imaging domains: dermoscopic classes around +u, clinical photos around -u
+    u = rng.normal(size=32).astype(np.float32)
+    emb = {f"derm7pt/d{i}": (2 * u + rng.normal(size=(4, 32))).astype(np.float32) for i in range(3)}
+    emb |= {f"dermnet/c{i}": (-2 * u + rng.normal(size=(4, 32))).astype(np.float32) for i in range(3)}
+    g = conditions.make_g(conditions.CONFIGS["text_and_image_delta+calib_derm"], 32, 8)
+    conditions.set_domain(g, emb)
+    conditions.set_memory(g, emb)
+    g.eval()
+    sup = torch.from_numpy(np.stack([emb["derm7pt/d0"][:1] + 0.1, emb["dermnet/c0"][:1] + 0.1]))
+    w, _, _ = g(sup, torch.ones(2, 1), torch.zeros(2, 8), torch.zeros(2))
+    proto = synth.l2n(sup[:, 0])
+    # the dermoscopic class is calibrated, the clinical one keeps its prototype
+    assert torch.allclose(w[0], synth.l2n(proto[:1] + g.calib_kappa * g.neighbours(proto[:1]))[0], atol=1e-5)
+    assert torch.allclose(w[1], proto[1], atol=1e-6)
+    (tmp_path / "ref").mkdir()
+    export.export_synth_checked(g, tmp_path / "synthesizer.onnx", tmp_path / "ref", rng.normal(size=(3, 8)).astype(np.float32))
+
+
 def test_text_only_class_falls_back_to_projected_text():
     g = synth.Synthesizer(dim=32, text_dim=8).eval()
     sup = torch.zeros(2, 1, 32)

@@ -208,7 +208,7 @@ pub struct Synthesizer {
 
 impl Synthesizer {
     /// The synthesizer file, checked against its SHA-256, with symbolic N (classes) and K (shots).
-    fn model_file(manifest: &Manifest) -> Result<ModelFile<'_>> {
+    pub(crate) fn model_file(manifest: &Manifest) -> Result<ModelFile<'_>> {
         let s = &manifest.synthesizer;
         let path = manifest.verified_path(&s.file, &s.sha256)?;
         let limits = SynthLimits::from_manifest(manifest);
@@ -241,12 +241,6 @@ impl Synthesizer {
             ],
             precision: Precision::F32,
         })
-    }
-
-    /// Translate the synthesizer to an NNEF archive at `out` (see [`crate::encoders`]).
-    #[cfg(feature = "onnx")]
-    pub fn write_nnef(manifest: &Manifest, out: &std::path::Path) -> Result<()> {
-        Self::model_file(manifest)?.write_nnef(out)
     }
 
     /// Verify and load the synthesizer (ONNX, or the NNEF archive of a board bundle).

@@ -46,17 +46,6 @@ impl ImageEncoder {
         Ok((name, entry, file))
     }
 
-    /// Translate the image encoder `variant` to an NNEF archive at `out` (see
-    /// [`crate::encoders`]): what a board binary without the ONNX reader loads.
-    #[cfg(feature = "onnx")]
-    pub fn write_nnef(
-        manifest: &Manifest,
-        variant: Option<&str>,
-        out: &std::path::Path,
-    ) -> Result<()> {
-        Self::model_file(manifest, variant)?.2.write_nnef(out)
-    }
-
     /// Verify and load the image encoder `variant` (`None` = manifest default).
     pub fn load(manifest: &Manifest, variant: Option<&str>) -> Result<ImageEncoder> {
         let spec = &manifest.image_encoder;

@@ -31,16 +31,20 @@ pub fn translate_models(
     })?;
     let (_, image) = manifest.image_variant(Some(image_variant))?;
     let target = out.join(nnef_name(&image.file));
-    ImageEncoder::write_nnef(manifest, Some(image_variant), &target)?;
+    ImageEncoder::model_file(manifest, Some(image_variant))?
+        .2
+        .write_nnef(&target)?;
     rename_variants(&mut doc["image_encoder"]["variants"], &image.file, &target)?;
     if let Some(tv) = text_variant {
         let (_, text) = manifest.text_variant(Some(tv))?;
         let target = out.join(nnef_name(&text.file));
-        TextEncoder::write_nnef(manifest, Some(tv), &target)?;
+        TextEncoder::model_file(manifest, Some(tv))?
+            .2
+            .write_nnef(&target)?;
         rename_variants(&mut doc["text_encoder"]["variants"], &text.file, &target)?;
     }
     let target = out.join(nnef_name(&manifest.synthesizer.file));
-    Synthesizer::write_nnef(manifest, &target)?;
+    Synthesizer::model_file(manifest)?.write_nnef(&target)?;
     set_file(&mut doc["synthesizer"], &target)?;
     serde_json::to_string_pretty(&doc).map_err(|e| Error::Invalid(format!("manifest.json: {e}")))
 }

@@ -75,16 +75,6 @@ impl TextEncoder {
         Ok((name, entry, file))
     }
 
-    /// Translate the text encoder `variant` to an NNEF archive at `out` (see [`crate::encoders`]).
-    #[cfg(feature = "onnx")]
-    pub fn write_nnef(
-        manifest: &Manifest,
-        variant: Option<&str>,
-        out: &std::path::Path,
-    ) -> Result<()> {
-        Self::model_file(manifest, variant)?.2.write_nnef(out)
-    }
-
     /// Verify and load the tokenizer and text encoder `variant` (`None` = manifest default).
     pub fn load(manifest: &Manifest, variant: Option<&str>) -> Result<TextEncoder> {
         let spec = &manifest.text_encoder;

@@ -160,6 +160,9 @@ def test_dermoscopic_only_calibration_leaves_clinical_prototypes_and_exports(tmp
     assert torch.allclose(w[1], proto[1], atol=1e-6)
     (tmp_path / "ref").mkdir()
     export.export_synth_checked(g, tmp_path / "synthesizer.onnx", tmp_path / "ref", rng.normal(size=(3, 8)).astype(np.float32))
+    # the domain reading, like the memory, is fitted on training classes only
+    with pytest.raises(RuntimeError, match="novel"):
+        conditions.set_domain(g, emb | {"isic/dermatofibroma": emb["derm7pt/d0"]})
 
 
 def test_text_only_class_falls_back_to_projected_text():

@@ -147,7 +147,7 @@ def meta_train(g: Synthesizer, emb_train: dict, emb_val: dict, texts: dict, quic
     rng = np.random.default_rng(seed)
     tw = loo_text_weights(emb_train, texts, ridge_lam)
     sampler = TaskSampler(emb_train, tw, texts, rng, text_with_images=g.text_with_images,
-                          derm_pool=g.domain, memory_exclude=g.memory_exclude if g.calib else None)
+                          derm_pool=g.derm_pool, memory_exclude=g.memory_exclude if g.calib else None)
     if quick:
         steps, eval_every = 4, 2
     n_val = 10 if quick else 150

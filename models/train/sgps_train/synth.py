@@ -107,6 +107,9 @@ class Synthesizer(nn.Module):
         # dermoscopy (+0.5), a fixed linear reading of its base weight (set_domain), so G can treat
         # text and corrections differently in the two imaging domains
         self.domain = domain
+        # training only (meta.meta_train): dermoscopic tasks drawn from every dermoscopic class, not the
+        # ISIC base classes alone; on with the domain reading unless a configuration says otherwise
+        self.derm_pool = domain
         # calib_domain: calibrate only the classes the domain reading puts on the dermoscopic side
         # (reading > 0), leaving clinical photos' prototypes as they are
         self.calib_domain = calib and calib_domain

@@ -82,6 +82,37 @@ def test_domain_reading_places_the_two_domains_apart_and_untrained_g_stays_impri
         conditions.set_domain(g, emb | {"isic/dermatofibroma": emb["isic/d0"]})
 
 
+def test_dermoscopic_task_pool_is_a_training_switch_of_its_own(monkeypatch):
+    """`+derm_pool`: G's dermoscopic meta-training tasks draw from every dermoscopic class (ISIC base and
+    derm7pt), without the domain feature: same exported graph as the shipped form."""
+    from sgps_train import conditions, meta
+
+    g = conditions.make_g(conditions.CONFIGS["text_and_image_delta+derm_pool"], 32, 8)
+    assert g.derm_pool and not g.domain and g.inp.in_features == synth.Synthesizer.N_FEATS
+    assert conditions.make_g(conditions.CONFIGS["text_and_image_delta+domain"], 32, 8).derm_pool
+    assert not conditions.make_g(conditions.CONFIGS["text_and_image_delta"], 32, 8).derm_pool
+    rng = np.random.default_rng(2)
+    emb = {k: rng.normal(size=(6, 32)).astype(np.float32)
+           for k in ["isic/a", "isic/b", "derm7pt/c", "derm7pt/d", "dermnet/e", "dermnet/f", "sd198/g"]}
+    texts = {k: rng.normal(size=(3, 8)).astype(np.float32) for k in emb}
+    tw = {k: rng.normal(size=32).astype(np.float32) for k in emb}
+    pools = {flag: meta.TaskSampler(emb, tw, texts, np.random.default_rng(0), derm_pool=flag).isic for flag in (False, True)}
+    assert sorted(pools[False]) == ["isic/a", "isic/b"]
+    assert sorted(pools[True]) == ["derm7pt/c", "derm7pt/d", "isic/a", "isic/b"]
+    # meta-training hands the switch to its sampler
+    seen = []
+    orig = meta.TaskSampler
+
+    def spy(*a, **kw):
+        seen.append(kw["derm_pool"])
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(meta, "TaskSampler", spy)
+    tr, va = conditions.split_images(emb, 0.8, 0)
+    meta.meta_train(g, tr, va, texts, quick=True, seed=0, steps=4)
+    assert seen == [True]
+
+
 def test_calibrating_g_pulls_prototypes_toward_near_base_means_and_hides_an_episodes_own_classes():
     from sgps_train import conditions, episodes
 
@@ -236,6 +267,8 @@ def test_quick_recipe_end_to_end(tmp_path):
     # every candidate was scored on the folds, the domain-aware and the calibrating G included
     assert all(set(conditions.CONFIGS) <= set(f) for f in cond["fold_check"]["folds"])
     assert m["synthesizer"]["enabled"]["domain"] == (cond["chosen"] == "text_and_image_delta+domain")
+    assert m["synthesizer"]["enabled"]["dermoscopic_task_pool"] == (
+        cond["chosen"] in ("text_and_image_delta+derm_pool", "text_and_image_delta+domain"))
     assert bool(m["synthesizer"]["enabled"]["calib"]) == (cond["chosen"] == "text_and_image_delta+calib")
     # the supervised stage ran between them, checked a fold, and the conditions stage used its encoder
     sup = m["provenance"]["supervised_encoder"]

@@ -54,10 +54,11 @@ if args:
         sys.exit(f"unknown configurations {unknown}; known: {list(C.CONFIGS)}")
     C.CONFIGS = {n: c for n, c in C.CONFIGS.items() if n in args}
 items = C.chosen_items(DATA, False, 0)
+classes = sorted({it.key for it in items})
+folds = C.make_folds(classes)
 views = None
 if run_dir is not None:
-    classes = sorted({it.key for it in items})
-    views = supervise.fold_views(run_dir, DATA, HERE / "out", C.make_folds(classes), False, 0)
+    views = supervise.fold_views(run_dir, DATA, HERE / "out", folds, False, 0)
     if views is None:
         sys.exit(f"{run_dir}: its image encoder is not the supervised stage's (no fold encoders to screen on)")
     by = views[0][0]  # the class keys; every fold is scored on its own view
@@ -74,8 +75,6 @@ else:
     by = C.group_by_class(items, emb)
 desc = json.loads((HERE / "descriptions.json").read_text())["base"]
 tmap = C.TEXT_MAPS["words_lam3"]
-classes = sorted(by)
-folds = C.make_folds(classes)
 names = {c: None for c in classes}  # text_features reads only the keys when the map has no MiniLM part
 fold_texts = [C.text_features(tmap, names, desc, [c for c in classes if c not in f])[0] for f in folds]
 rep = C.fold_check(by, fold_texts, False, 0, WORK, None, views, tmap["lam"])

@@ -9,6 +9,7 @@ pub mod image;
 mod kernels;
 #[cfg(feature = "onnx")]
 pub mod nnef;
+pub mod stem;
 pub mod text;
 pub mod words;
 
@@ -212,6 +213,9 @@ impl ModelFile<'_> {
                     reason: "this tract has no f32_to_f16 transform".into(),
                 })?;
             f16.transform(&mut typed).map_err(err)?;
+        } else {
+            // the image encoder's stem as a direct convolution where the CPU runs it (x86_64)
+            stem::rewrite(&mut typed).map_err(err)?;
         }
         typed
             .into_optimized()

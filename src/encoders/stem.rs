@@ -1,0 +1,785 @@
+//! The image encoder's stem as a direct convolution (x86_64 with AVX2 and FMA).
+//!
+//! EfficientNet-Lite's first layer is a 3x3, stride-2 convolution from the 3 colour planes to 32
+//! channels on the full 224x224 frame, followed by a ReLU6 clip. tract runs it as a lazy im2col
+//! feeding a matrix product (m 32, k 27, n 12544): its direct spatial convolution would suit
+//! the shape, but tract takes that path only for output rows of at least 128 points (the stem's
+//! are 112), and a single panel of 32 output channels sends it to the lazy gather, which costs
+//! 1.8 ms at one thread on the development machine, against 0.27 ms for onnxruntime's direct
+//! kernel (issue 19's profile). tract has no knob for either rule.
+//!
+//! [`rewrite`] replaces such a convolution (f32, NCHW, one group, at most [`MAX_INPUT_CHANNELS`]
+//! input channels, any kernel size, stride and explicit padding, batch 1), together with the
+//! `Max(lo)` / `Min(hi)` clip that follows it when there is one, by [`ThinConv`]: each input
+//! channel is copied once, zero-padded, into `stride` column phases (phase `p` holds the padded
+//! columns `p, p + stride, ...`), so that every tap of every output run reads contiguous memory;
+//! then four output channels by sixteen output points at a time are accumulated with fused
+//! multiply-adds, the taps in the order of the weight tensor, clipped and stored. The graph is
+//! rewritten only on a CPU with AVX2 and FMA (where tract's own x86_64 kernels run); elsewhere,
+//! the boards included, tract's plan is untouched. Outputs differ from tract's im2col product by
+//! float rounding only (the parity tests compare the embeddings; `tests` below compare the op with
+//! a double-precision convolution and its vector path with its scalar one, bit for bit).
+
+use tract_nnef::internal::*;
+use tract_nnef::tract_core::ops::binary::TypedBinOp;
+use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_nnef::tract_core::ops::math::{Max, Min};
+use tract_nnef::tract_core::ops::nn::DataFormat;
+
+/// Input channels above which a convolution is left to tract (the stem has 3; wide inputs are
+/// what tract's matrix products are for).
+pub const MAX_INPUT_CHANNELS: usize = 4;
+/// Output points per vector run (one AVX-512 register, two AVX ones).
+const RUN: usize = 16;
+/// Output channels per block (each tap's input run is loaded once for all of them; the AVX2
+/// path takes them four at a time).
+const OC_BLOCK: usize = 8;
+
+/// Which instructions run the blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Path {
+    /// The widest this CPU runs.
+    fn native() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Path::Avx512;
+            }
+            if available() {
+                return Path::Avx2;
+            }
+        }
+        Path::Scalar
+    }
+}
+
+/// A direct convolution for a thin input: see the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinConv {
+    /// input channels, height, width (batch 1, NCHW)
+    input: [usize; 3],
+    /// output channels, height, width
+    output: [usize; 3],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    /// padding before (top, left) and after (bottom, right)
+    pad_before: [usize; 2],
+    pad_after: [usize; 2],
+    /// weights packed by blocks of OC_BLOCK output channels: [block][tap][OC_BLOCK], the taps in
+    /// (input channel, ky, kx) order, zero for the channels past the last
+    packed: Arc<Tensor>,
+    /// bias padded to whole blocks
+    bias: Arc<Tensor>,
+    /// the clip (low, high) applied before the store, as f32 bits (the op must be `Eq`)
+    clip: Option<[u32; 2]>,
+}
+
+impl ThinConv {
+    fn taps(&self) -> usize {
+        self.input[0] * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Padded width of a phase row: what the widest run reads, rounded up to whole runs.
+    fn phase_len(&self) -> usize {
+        self.output[2].div_ceil(RUN) * RUN + (self.kernel[1] - 1) / self.stride[1]
+    }
+
+    fn padded_height(&self) -> usize {
+        self.input[1] + self.pad_before[0] + self.pad_after[0]
+    }
+
+    /// The zero-padded input, split into column phases: [channel][phase][padded row][phase_len].
+    fn split(&self, x: &[f32]) -> Vec<f32> {
+        let [c_in, h, w] = self.input;
+        let (s, hp, len) = (self.stride[1], self.padded_height(), self.phase_len());
+        let mut out = vec![0f32; c_in * s * hp * len];
+        let (top, left) = (self.pad_before[0], self.pad_before[1]);
+        for c in 0..c_in {
+            for y in 0..h {
+                let row = &x[(c * h + y) * w..][..w];
+                for p in 0..s {
+                    // phase p, point j holds padded column j * s + p, i.e. input column
+                    // j * s + p - left: the first j at or after `left`, while inside the row
+                    let j0 = (left.saturating_sub(p)).div_ceil(s);
+                    let dst = &mut out[((c * s + p) * hp + y + top) * len..][..len];
+                    let first = j0 * s + p - left;
+                    for (d, v) in dst[j0..]
+                        .iter_mut()
+                        .zip(row[first.min(w)..].iter().step_by(s))
+                    {
+                        *d = *v;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Where tap `t`'s input for output row `oy`, point 0, starts in the split buffer.
+    fn tap_offset(&self, t: usize, oy: usize) -> usize {
+        let [kh, kw] = self.kernel;
+        let (c, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
+        let (s, hp, len) = (self.stride[1], self.padded_height(), self.phase_len());
+        ((c * s + kx % s) * hp + oy * self.stride[0] + ky) * len + kx / s
+    }
+
+    fn run(&self, x: &[f32], out: &mut [f32], path: Path) {
+        let split = self.split(x);
+        let [c_out, oh, ow] = self.output;
+        let taps = self.taps();
+        let packed = f32s(&self.packed).expect("f32 weights");
+        let bias = f32s(&self.bias).expect("f32 bias");
+        let (lo, hi) = match self.clip {
+            Some([lo, hi]) => (f32::from_bits(lo), f32::from_bits(hi)),
+            None => (f32::NEG_INFINITY, f32::INFINITY),
+        };
+        let mut offsets = vec![0usize; taps];
+        let mut tile = [[0f32; RUN]; OC_BLOCK];
+        for oy in 0..oh {
+            for (t, o) in offsets.iter_mut().enumerate() {
+                *o = self.tap_offset(t, oy);
+            }
+            for (block, w) in packed.chunks_exact(taps * OC_BLOCK).enumerate() {
+                let b = &bias[block * OC_BLOCK..][..OC_BLOCK];
+                for x0 in (0..ow).step_by(RUN) {
+                    match path {
+                        Path::Scalar => block_scalar(&split, &offsets, x0, w, b, lo, hi, &mut tile),
+                        // SAFETY: Path::native chose these only where the CPU has them; every
+                        // read stays inside `split` (phase rows are padded to whole runs past
+                        // the last tap; the kernels assert it).
+                        #[cfg(target_arch = "x86_64")]
+                        Path::Avx2 => unsafe {
+                            block_avx2(&split, &offsets, x0, w, b, lo, hi, &mut tile)
+                        },
+                        #[cfg(target_arch = "x86_64")]
+                        Path::Avx512 => unsafe {
+                            block_avx512(&split, &offsets, x0, w, b, lo, hi, &mut tile)
+                        },
+                    }
+                    let n = RUN.min(ow - x0);
+                    for (i, row) in tile.iter().enumerate() {
+                        let o = block * OC_BLOCK + i;
+                        if o < c_out {
+                            out[(o * oh + oy) * ow + x0..][..n].copy_from_slice(&row[..n]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One run of RUN points for OC_BLOCK channels, one multiply-add per tap in tap order (the
+/// arithmetic of [`block_avx2`], lane for lane).
+#[allow(clippy::too_many_arguments)]
+fn block_scalar(
+    split: &[f32],
+    offsets: &[usize],
+    x0: usize,
+    w: &[f32],
+    bias: &[f32],
+    lo: f32,
+    hi: f32,
+    tile: &mut [[f32; RUN]; OC_BLOCK],
+) {
+    for (i, row) in tile.iter_mut().enumerate() {
+        row.fill(bias[i]);
+    }
+    for (t, &off) in offsets.iter().enumerate() {
+        let xs = &split[off + x0..][..RUN];
+        for (i, row) in tile.iter_mut().enumerate() {
+            let k = w[t * OC_BLOCK + i];
+            for (acc, x) in row.iter_mut().zip(xs) {
+                *acc = x.mul_add(k, *acc);
+            }
+        }
+    }
+    for row in tile.iter_mut() {
+        for v in row.iter_mut() {
+            *v = v.max(lo).min(hi);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2 and FMA; `split[offsets[t] + x0 ..][..RUN]` must be in bounds for
+/// every tap.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2(
+    split: &[f32],
+    offsets: &[usize],
+    x0: usize,
+    w: &[f32],
+    bias: &[f32],
+    lo: f32,
+    hi: f32,
+    tile: &mut [[f32; RUN]; OC_BLOCK],
+) {
+    use std::arch::x86_64::*;
+    assert!(offsets.iter().all(|o| o + x0 + RUN <= split.len()));
+    assert!(w.len() >= offsets.len() * OC_BLOCK && bias.len() >= OC_BLOCK);
+    // SAFETY: bounds asserted above; unaligned loads and stores throughout.
+    unsafe {
+        let sp = split.as_ptr().add(x0);
+        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        // four channels at a time: 8 accumulators of the 16 registers
+        for half in 0..OC_BLOCK / 4 {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let b = _mm256_set1_ps(bias[half * 4 + i]);
+                *a = [b, b];
+            }
+            let mut wp = w.as_ptr().add(half * 4);
+            for &off in offsets {
+                let x_lo = _mm256_loadu_ps(sp.add(off));
+                let x_hi = _mm256_loadu_ps(sp.add(off + 8));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let k = _mm256_broadcast_ss(&*wp.add(i));
+                    a[0] = _mm256_fmadd_ps(x_lo, k, a[0]);
+                    a[1] = _mm256_fmadd_ps(x_hi, k, a[1]);
+                }
+                wp = wp.add(OC_BLOCK);
+            }
+            for (a, row) in acc.iter().zip(tile[half * 4..].iter_mut()) {
+                // max then min, as the clip's Max and Min ops
+                let v0 = _mm256_min_ps(_mm256_max_ps(a[0], lo), hi);
+                let v1 = _mm256_min_ps(_mm256_max_ps(a[1], lo), hi);
+                _mm256_storeu_ps(row.as_mut_ptr(), v0);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), v1);
+            }
+        }
+    }
+}
+
+/// As [`block_avx2`], the run in one AVX-512 register and all OC_BLOCK channels at once.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `split[offsets[t] + x0 ..][..RUN]` must be in bounds for every
+/// tap.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512(
+    split: &[f32],
+    offsets: &[usize],
+    x0: usize,
+    w: &[f32],
+    bias: &[f32],
+    lo: f32,
+    hi: f32,
+    tile: &mut [[f32; RUN]; OC_BLOCK],
+) {
+    use std::arch::x86_64::*;
+    assert!(offsets.iter().all(|o| o + x0 + RUN <= split.len()));
+    assert!(w.len() >= offsets.len() * OC_BLOCK && bias.len() >= OC_BLOCK);
+    // SAFETY: bounds asserted above; unaligned loads and stores throughout.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); OC_BLOCK];
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_set1_ps(bias[i]);
+        }
+        let sp = split.as_ptr().add(x0);
+        let mut wp = w.as_ptr();
+        for &off in offsets {
+            let x = _mm512_loadu_ps(sp.add(off));
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(x, _mm512_set1_ps(*wp.add(i)), *a);
+            }
+            wp = wp.add(OC_BLOCK);
+        }
+        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        for (a, row) in acc.iter().zip(tile.iter_mut()) {
+            _mm512_storeu_ps(row.as_mut_ptr(), _mm512_min_ps(_mm512_max_ps(*a, lo), hi));
+        }
+    }
+}
+
+/// A dense f32 tensor's values.
+fn f32s(t: &Tensor) -> TractResult<&[f32]> {
+    t.try_as_plain_ram()?.as_slice::<f32>()
+}
+
+/// Whether this CPU runs the vector path (and so whether [`rewrite`] touches a graph).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Op for ThinConv {
+    fn name(&self) -> StaticName {
+        "SgpsThinConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "input {:?} output {:?} kernel {:?} stride {:?} clip {:?}",
+            self.input,
+            self.output,
+            self.kernel,
+            self.stride,
+            self.clip.map(|c| c.map(f32::from_bits))
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for ThinConv {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let [c, h, w] = self.input;
+        ensure!(
+            x.shape() == [1, c, h, w],
+            "SgpsThinConv expects 1x{c}x{h}x{w}, got {:?}",
+            x.shape()
+        );
+        let [oc, oh, ow] = self.output;
+        // SAFETY: every value is written by `run` (all channels, rows and points)
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, oc, oh, ow])? };
+        self.run(
+            f32s(&x)?,
+            out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+            Path::native(),
+        );
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for ThinConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        let [oc, oh, ow] = self.output;
+        Ok(tvec!(f32::fact([1, oc, oh, ow])))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let [oc, oh, ow] = self.output;
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            (oc * oh * ow * self.taps()).to_dim()
+        )))
+    }
+
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+}
+
+/// The constant scalar operand of a binary node, if the other operand is `from`.
+fn scalar_operand(model: &TypedModel, node: &TypedNode, from: OutletId) -> Option<f32> {
+    let [a, b] = node.inputs[..] else { return None };
+    let other = if a == from {
+        b
+    } else if b == from {
+        a
+    } else {
+        return None;
+    };
+    let k = model.outlet_fact(other).ok()?.konst.clone()?;
+    (k.len() == 1 && k.datum_type() == f32::datum_type())
+        .then(|| k.cast_to_scalar::<f32>().ok())
+        .flatten()
+}
+
+/// The only node reading `outlet`, if exactly one does and the outlet is not a model output.
+fn sole_successor(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
+    if model.outputs.contains(&outlet) {
+        return None;
+    }
+    let succ = &model.outlet_successors(outlet);
+    let [one] = succ[..] else { return None };
+    Some(model.node(one.node))
+}
+
+/// A `ThinConv` for `node`, if it is a convolution the op covers (with its constant weights and
+/// bias), and the clip node after it (whose output the op's replaces) when there is one.
+fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> {
+    let conv = node.op_as::<Conv>()?;
+    let spec = &conv.pool_spec;
+    if conv.q_params.is_some()
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || spec.kernel_shape.len() != 2
+        || spec.input_channels > MAX_INPUT_CHANNELS
+        || spec
+            .dilations
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|&d| d != 1))
+        || node.inputs.len() != 3
+    {
+        return None;
+    }
+    let PaddingSpec::Explicit(before, after) = &spec.padding else {
+        return None;
+    };
+    let xf = model.outlet_fact(node.inputs[0]).ok()?;
+    let shape = xf.shape.as_concrete()?;
+    if xf.datum_type != f32::datum_type() || shape.len() != 4 || shape[0] != 1 {
+        return None;
+    }
+    let wf = model.outlet_fact(node.inputs[1]).ok()?.konst.clone()?;
+    let bf = model.outlet_fact(node.inputs[2]).ok()?.konst.clone()?;
+    let of = model.outlet_fact(OutletId::new(node.id, 0)).ok()?;
+    let oshape = of.shape.as_concrete()?;
+    let (c_in, c_out) = (spec.input_channels, spec.output_channels);
+    let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+    let strides = spec.strides.clone().unwrap_or_else(|| tvec!(1, 1));
+    if wf.shape() != [c_out, c_in, kh, kw]
+        || wf.datum_type() != f32::datum_type()
+        || bf.datum_type() != f32::datum_type()
+        || (bf.len() != c_out && bf.len() != 1)
+        || oshape != [1, c_out, oshape[2], oshape[3]]
+        || strides.len() != 2
+        || strides[0] == 0
+        || strides[1] == 0
+    {
+        return None;
+    }
+    let w = f32s(&wf).ok()?;
+    let b = f32s(&bf).ok()?;
+    let taps = c_in * kh * kw;
+    let blocks = c_out.div_ceil(OC_BLOCK);
+    let mut packed = vec![0f32; blocks * taps * OC_BLOCK];
+    let mut bias = vec![0f32; blocks * OC_BLOCK];
+    for o in 0..c_out {
+        let (block, i) = (o / OC_BLOCK, o % OC_BLOCK);
+        for t in 0..taps {
+            packed[(block * taps + t) * OC_BLOCK + i] = w[o * taps + t];
+        }
+        bias[o] = if b.len() == 1 { b[0] } else { b[o] };
+    }
+    let mut op = ThinConv {
+        input: [shape[1], shape[2], shape[3]],
+        output: [c_out, oshape[2], oshape[3]],
+        kernel: [kh, kw],
+        stride: [strides[0], strides[1]],
+        pad_before: [before[0], before[1]],
+        pad_after: [after[0], after[1]],
+        packed: Arc::new(tensor1(&packed)),
+        bias: Arc::new(tensor1(&bias)),
+        clip: None,
+    };
+    // the output geometry tract computed must be the one the op's loops assume
+    let span = |i: usize, k: usize, s: usize, b: usize, a: usize| {
+        (i + b + a).checked_sub(k).map(|v| v / s + 1)
+    };
+    if span(op.input[1], kh, op.stride[0], before[0], after[0]) != Some(op.output[1])
+        || span(op.input[2], kw, op.stride[1], before[1], after[1]) != Some(op.output[2])
+        || shape[1] != c_in
+    {
+        return None;
+    }
+    // a clip right after: Max(lo) then Min(hi), each the only reader of what it reads
+    let mut last = node.id;
+    if let Some(max) = sole_successor(model, OutletId::new(node.id, 0))
+        && max.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Max>())
+        && let Some(lo) = scalar_operand(model, max, OutletId::new(node.id, 0))
+        && let Some(min) = sole_successor(model, OutletId::new(max.id, 0))
+        && min.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Min>())
+        && let Some(hi) = scalar_operand(model, min, OutletId::new(max.id, 0))
+        && model.outlet_fact(OutletId::new(min.id, 0)).ok()?.shape == of.shape
+        && lo <= hi
+    {
+        op.clip = Some([lo.to_bits(), hi.to_bits()]);
+        last = min.id;
+    }
+    Some((op, last))
+}
+
+/// Replace every convolution [`ThinConv`] covers (and its clip) in a typed, decluttered f32
+/// graph; returns how many. Does nothing where [`available`] is false.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    if !available() {
+        return Ok(0);
+    }
+    let found: Vec<(usize, ThinConv, usize)> = model
+        .nodes()
+        .iter()
+        .filter_map(|n| candidate(model, n).map(|(op, last)| (n.id, op, last)))
+        .collect();
+    for (id, op, last) in &found {
+        let mut patch = TypedModelPatch::new("sgps thin conv");
+        let node = model.node(*id);
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let name = format!("{}.sgps_thin", node.name);
+        let y = patch.wire_node(name, op.clone(), &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(*last, 0), y)?;
+        patch.apply(model)?;
+    }
+    if !found.is_empty() {
+        *model = model.clone().into_decluttered()?;
+    }
+    Ok(found.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random convolution with the stem's geometry (or another), as a one-node graph, its
+    /// input and a double-precision reference output.
+    fn conv_case(
+        c_in: usize,
+        c_out: usize,
+        hw: [usize; 2],
+        k: [usize; 2],
+        s: [usize; 2],
+        pad: ([usize; 2], [usize; 2]),
+        clip: bool,
+    ) -> (TypedModel, Tensor, Vec<f64>, [usize; 3]) {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        };
+        let w: Vec<f32> = (0..c_out * c_in * k[0] * k[1]).map(|_| rnd()).collect();
+        let b: Vec<f32> = (0..c_out).map(|_| rnd()).collect();
+        let x: Vec<f32> = (0..c_in * hw[0] * hw[1]).map(|_| rnd()).collect();
+        let mut model = TypedModel::default();
+        let src = model
+            .add_source("x", f32::fact([1, c_in, hw[0], hw[1]]))
+            .unwrap();
+        let wk = model
+            .add_const(
+                "w",
+                tensor1(&w).into_shape(&[c_out, c_in, k[0], k[1]]).unwrap(),
+            )
+            .unwrap();
+        let bk = model.add_const("b", tensor1(&b)).unwrap();
+        let spec = tract_nnef::tract_core::ops::cnn::PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(k[0], k[1]),
+            padding: PaddingSpec::Explicit(tvec!(pad.0[0], pad.0[1]), tvec!(pad.1[0], pad.1[1])),
+            dilations: None,
+            strides: Some(tvec!(s[0], s[1])),
+            input_channels: c_in,
+            output_channels: c_out,
+        };
+        let conv = Conv {
+            pool_spec: spec,
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: None,
+        };
+        let mut y = model.wire_node("conv", conv, &[src, wk, bk]).unwrap()[0];
+        if clip {
+            let lo = model
+                .add_const("lo", tensor0(0f32).broadcast_into_rank(4).unwrap())
+                .unwrap();
+            let hi = model
+                .add_const("hi", tensor0(6f32).broadcast_into_rank(4).unwrap())
+                .unwrap();
+            y = model
+                .wire_node("max", TypedBinOp(Box::new(Max), None), &[y, lo])
+                .unwrap()[0];
+            y = model
+                .wire_node("min", TypedBinOp(Box::new(Min), None), &[y, hi])
+                .unwrap()[0];
+        }
+        model.select_output_outlets(&[y]).unwrap();
+        let oh = (hw[0] + pad.0[0] + pad.1[0] - k[0]) / s[0] + 1;
+        let ow = (hw[1] + pad.0[1] + pad.1[1] - k[1]) / s[1] + 1;
+        let mut reference = vec![0f64; c_out * oh * ow];
+        for o in 0..c_out {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = b[o] as f64;
+                    for c in 0..c_in {
+                        for ky in 0..k[0] {
+                            for kx in 0..k[1] {
+                                let (iy, ix) = (
+                                    (oy * s[0] + ky) as isize - pad.0[0] as isize,
+                                    (ox * s[1] + kx) as isize - pad.0[1] as isize,
+                                );
+                                if iy < 0 || ix < 0 || iy >= hw[0] as isize || ix >= hw[1] as isize
+                                {
+                                    continue;
+                                }
+                                let xv = x[(c * hw[0] + iy as usize) * hw[1] + ix as usize] as f64;
+                                acc += xv * w[((o * c_in + c) * k[0] + ky) * k[1] + kx] as f64;
+                            }
+                        }
+                    }
+                    reference[(o * oh + oy) * ow + ox] =
+                        if clip { acc.clamp(0.0, 6.0) } else { acc };
+                }
+            }
+        }
+        let input = tensor1(&x).into_shape(&[1, c_in, hw[0], hw[1]]).unwrap();
+        (model, input, reference, [c_out, oh, ow])
+    }
+
+    fn run(model: TypedModel, input: &Tensor) -> Vec<f32> {
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let out = plan.run(tvec!(input.clone().into_tvalue())).unwrap();
+        f32s(&out[0]).unwrap().to_vec()
+    }
+
+    /// Without AVX2 + FMA the graph is never rewritten; say so, and fail under CI=true (CI
+    /// machines are expected to have them).
+    fn has_simd() -> bool {
+        if available() {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: this x86_64 CPU lacks AVX2/FMA, the stem rewrite is untested"
+        );
+        eprintln!("skipped: the CPU lacks AVX2/FMA, so the stem rewrite never applies here");
+        false
+    }
+
+    /// The stem's geometry (3 -> 32, 3x3, stride 2, TF-style padding after only, ReLU6) and
+    /// others (odd widths, stride 1 and 3, symmetric padding, channels not a multiple of four,
+    /// no clip): the rewritten graph holds one ThinConv and nothing of the convolution or clip,
+    /// and its output is the convolution's to float rounding.
+    #[test]
+    fn rewritten_convolutions_compute_the_convolution() {
+        if !has_simd() {
+            return;
+        }
+        let cases = [
+            (3, 32, [224, 224], [3, 3], [2, 2], ([0, 0], [1, 1]), true),
+            (3, 30, [37, 45], [3, 3], [2, 2], ([1, 1], [1, 1]), true),
+            (1, 5, [20, 33], [5, 3], [1, 1], ([2, 1], [2, 1]), false),
+            (4, 8, [31, 50], [3, 5], [3, 2], ([0, 2], [0, 2]), true),
+        ];
+        for (c_in, c_out, hw, k, s, pad, clip) in cases {
+            let (mut model, input, reference, _) = conv_case(c_in, c_out, hw, k, s, pad, clip);
+            assert_eq!(rewrite(&mut model).unwrap(), 1);
+            let ops: Vec<String> = model
+                .nodes()
+                .iter()
+                .map(|n| n.op.name().to_string())
+                .collect();
+            assert!(ops.iter().any(|o| o == "SgpsThinConv"), "{ops:?}");
+            assert!(
+                !ops.iter()
+                    .any(|o| o.contains("Conv") && o != "SgpsThinConv"),
+                "{ops:?}"
+            );
+            assert!(
+                !ops.iter().any(|o| o.contains("Max") || o.contains("Min")),
+                "{ops:?}"
+            );
+            let got = run(model, &input);
+            assert_eq!(got.len(), reference.len());
+            for (g, r) in got.iter().zip(&reference) {
+                assert!(
+                    (*g as f64 - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                    "{g} vs {r}"
+                );
+            }
+        }
+    }
+
+    /// The vector path and the scalar one do the same arithmetic in the same order.
+    #[test]
+    fn vector_and_scalar_paths_agree_bit_for_bit() {
+        if !has_simd() {
+            return;
+        }
+        let (model, input, _, [oc, oh, ow]) =
+            conv_case(3, 32, [61, 64], [3, 3], [2, 2], ([0, 0], [1, 1]), true);
+        let node = model.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
+        let (op, _) = candidate(&model, node).unwrap();
+        let x = f32s(&input).unwrap();
+        let mut scalar = vec![0f32; oc * oh * ow];
+        op.run(x, &mut scalar, Path::Scalar);
+        let mut paths = vec![Path::Avx2];
+        if Path::native() == Path::Avx512 {
+            paths.push(Path::Avx512);
+        } else {
+            eprintln!("no AVX-512 on this CPU: its path is not compared here");
+        }
+        for path in paths {
+            let mut v = vec![f32::NAN; oc * oh * ow];
+            op.run(x, &mut v, path);
+            assert!(
+                v.iter()
+                    .zip(&scalar)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{path:?}"
+            );
+        }
+    }
+
+    /// The shipped image encoder's stem is the one convolution rewritten, clip included, and the
+    /// plan the runtime loads runs it (the parity tests compare that plan's embeddings with
+    /// onnxruntime's).
+    #[test]
+    fn the_shipped_encoder_loads_with_its_stem_rewritten() {
+        if !has_simd() {
+            return;
+        }
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let manifest = crate::manifest::Manifest::load(&models).expect("models/manifest.json");
+        let (_, _, file) = crate::encoders::ImageEncoder::model_file(&manifest, None).unwrap();
+        let mut model = file.typed().unwrap();
+        assert_eq!(rewrite(&mut model).unwrap(), 1);
+        let thin: Vec<&ThinConv> = model
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<ThinConv>())
+            .collect();
+        assert_eq!(thin.len(), 1);
+        assert_eq!(
+            (thin[0].input, thin[0].output),
+            ([3, 224, 224], [32, 112, 112])
+        );
+        assert_eq!(
+            thin[0].clip.map(|c| c.map(f32::from_bits)),
+            Some([0.0, 6.0])
+        );
+        let plan = file.load().unwrap();
+        assert!(plan.model().nodes().iter().any(|n| n.op_is::<ThinConv>()));
+    }
+
+    /// What the op does not cover stays with tract: grouped, wide-input or dilated convolutions.
+    #[test]
+    fn other_convolutions_are_left_alone() {
+        if !has_simd() {
+            return;
+        }
+        let (mut model, ..) = conv_case(8, 16, [20, 20], [3, 3], [1, 1], ([1, 1], [1, 1]), true);
+        assert_eq!(rewrite(&mut model).unwrap(), 0, "8 input channels");
+        let (mut model, ..) = conv_case(3, 16, [20, 20], [3, 3], [1, 1], ([1, 1], [1, 1]), true);
+        let conv = model.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap().id;
+        let op = model.node_mut(conv).op_as_mut::<Conv>().unwrap();
+        op.pool_spec.dilations = Some(tvec!(2, 2));
+        assert_eq!(rewrite(&mut model).unwrap(), 0, "dilated");
+    }
+}

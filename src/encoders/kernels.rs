@@ -99,6 +99,109 @@ pub unsafe fn depthwise_c_f32(
     }
 }
 
+/// [`depthwise_c_f32`] with AVX-512 registers: 64 channels at a time (four 16-lane sums per tap),
+/// then 16, and the rest through the AVX kernel. The same arithmetic in the same order, so the
+/// outputs are the plain loop's, bit for bit. tract prefers it on a CPU with AVX-512F (its
+/// registry ranks a routine by the instruction set it needs).
+///
+/// # Safety
+/// As [`depthwise_c_f32`]; the CPU must support AVX-512F (and so AVX).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn depthwise_c_f32_avx512(
+    input: *const f32,
+    output: *mut f32,
+    kernel: *const f32,
+    tap_indices: &[usize],
+    offsets: &[isize],
+    bias: *const f32,
+    channels: usize,
+    k_stride: usize,
+    len: usize,
+    in_stride: isize,
+    out_stride: isize,
+) {
+    use std::arch::x86_64::*;
+    let wide = channels / 16 * 16;
+    // SAFETY: every pointer below stays within what the contract makes readable / writable.
+    unsafe {
+        for i in 0..len {
+            let iptr = input.offset(i as isize * in_stride);
+            let optr = output.offset(i as isize * out_stride);
+            let mut c = 0usize;
+            while c + 64 <= channels {
+                let mut a = [
+                    _mm512_loadu_ps(bias.add(c)),
+                    _mm512_loadu_ps(bias.add(c + 16)),
+                    _mm512_loadu_ps(bias.add(c + 32)),
+                    _mm512_loadu_ps(bias.add(c + 48)),
+                ];
+                for (&kix, &off) in tap_indices.iter().zip(offsets) {
+                    let k = kernel.add(kix * k_stride + c);
+                    let x = iptr.offset(off).add(c);
+                    for (j, a) in a.iter_mut().enumerate() {
+                        let p = _mm512_mul_ps(
+                            _mm512_loadu_ps(k.add(16 * j)),
+                            _mm512_loadu_ps(x.add(16 * j)),
+                        );
+                        *a = _mm512_add_ps(*a, p);
+                    }
+                }
+                for (j, a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(optr.add(c + 16 * j), *a);
+                }
+                c += 64;
+            }
+            while c + 16 <= channels {
+                let mut a = _mm512_loadu_ps(bias.add(c));
+                for (&kix, &off) in tap_indices.iter().zip(offsets) {
+                    let k = _mm512_loadu_ps(kernel.add(kix * k_stride + c));
+                    let x = _mm512_loadu_ps(iptr.offset(off).add(c));
+                    a = _mm512_add_ps(a, _mm512_mul_ps(k, x));
+                }
+                _mm512_storeu_ps(optr.add(c), a);
+                c += 16;
+            }
+            debug_assert_eq!(c, wide);
+        }
+        if wide < channels {
+            // the last channels (fewer than 16) of every position, by the AVX kernel
+            depthwise_c_f32(
+                input.add(wide),
+                output.add(wide),
+                kernel.add(wide),
+                tap_indices,
+                offsets,
+                bias.add(wide),
+                channels - wide,
+                k_stride,
+                len,
+                in_stride,
+                out_stride,
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+inventory::submit! {
+    tract_linalg::routines::Routine {
+        func: tract_linalg::routines::Func::DepthwiseC,
+        arch: Some(tract_linalg::isa::Arch::X86_64),
+        isa: tract_linalg::isa::IsaReq::ANY.needing(&[
+            tract_linalg::isa::Isa::X86_64Avx,
+            tract_linalg::isa::Isa::X86_64Avx512f,
+        ]),
+        boost: 0,
+        round_trip: false,
+        factory: tract_linalg::routines::RoutineFactory::DepthwiseCF32 {
+            name: "sgps_x86_64_avx512_depthwise_c_f32",
+            run: depthwise_c_f32_avx512,
+        },
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 inventory::submit! {
     tract_linalg::routines::Routine {
@@ -130,6 +233,19 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX, so tract never selects the kernel");
         }
         avx
+    }
+
+    /// The kernels this CPU runs: the AVX one, and the AVX-512 one where the CPU has AVX-512F
+    /// (said when it does not; CI machines may lack it).
+    fn kernels() -> Vec<(&'static str, tract_linalg::routines::DepthwiseCF32)> {
+        let mut k: Vec<(&'static str, tract_linalg::routines::DepthwiseCF32)> =
+            vec![("avx", depthwise_c_f32)];
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            k.push(("avx512", depthwise_c_f32_avx512));
+        } else {
+            eprintln!("no AVX-512F on this CPU: its kernel is not compared here");
+        }
+        k
     }
 
     /// tract's plain loop, written out: bias, then each tap's product added in order.
@@ -195,27 +311,29 @@ mod tests {
                 &input, base, &kernel, &taps, &offsets, &bias, channels, k_stride, len, stride,
                 out_stride,
             );
-            let mut got = vec![f32::NAN; want.len()];
-            unsafe {
-                depthwise_c_f32(
-                    input.as_ptr().add(base),
-                    got.as_mut_ptr(),
-                    kernel.as_ptr(),
-                    &taps,
-                    &offsets,
-                    bias.as_ptr(),
-                    channels,
-                    k_stride,
-                    len,
-                    stride,
-                    out_stride as isize,
-                );
-            }
-            for (ix, (w, g)) in want.iter().zip(&got).enumerate() {
-                assert!(
-                    w.to_bits() == g.to_bits() || (w.is_nan() && g.is_nan()),
-                    "channels {channels}, taps {taps_n}: element {ix} is {g}, the plain loop gives {w}"
-                );
+            for (name, kernel_fn) in kernels() {
+                let mut got = vec![f32::NAN; want.len()];
+                unsafe {
+                    kernel_fn(
+                        input.as_ptr().add(base),
+                        got.as_mut_ptr(),
+                        kernel.as_ptr(),
+                        &taps,
+                        &offsets,
+                        bias.as_ptr(),
+                        channels,
+                        k_stride,
+                        len,
+                        stride,
+                        out_stride as isize,
+                    );
+                }
+                for (ix, (w, g)) in want.iter().zip(&got).enumerate() {
+                    assert!(
+                        w.to_bits() == g.to_bits() || (w.is_nan() && g.is_nan()),
+                        "{name}: channels {channels}, taps {taps_n}: element {ix} is {g}, the plain loop gives {w}"
+                    );
+                }
             }
         }
     }
@@ -230,10 +348,11 @@ mod tests {
             return;
         }
         let run = tract_linalg::routines::depthwise_c_f32().expect("a depthwise_c kernel");
-        assert!(std::ptr::fn_addr_eq(
-            run,
-            depthwise_c_f32 as tract_linalg::routines::DepthwiseCF32
-        ));
+        let (_, widest) = *kernels().last().unwrap();
+        assert!(
+            std::ptr::fn_addr_eq(run, widest),
+            "tract picks the widest kernel the CPU runs"
+        );
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         let manifest = crate::manifest::Manifest::load(&models).expect("models/manifest.json");
         let (_, _, file) = crate::encoders::ImageEncoder::model_file(&manifest, None).unwrap();

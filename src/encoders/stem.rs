@@ -29,13 +29,12 @@ use tract_nnef::tract_core::ops::nn::DataFormat;
 /// Input channels above which a convolution is left to tract (the stem has 3; wide inputs are
 /// what tract's matrix products are for).
 pub const MAX_INPUT_CHANNELS: usize = 4;
-/// Output points per vector run (one AVX-512 register, two AVX ones).
-const RUN: usize = 16;
-/// Output channels per block (each tap's input run is loaded once for all of them; the AVX2
-/// path takes them four at a time).
-const OC_BLOCK: usize = 8;
+/// Output channels per block: one AVX-512 register, two AVX ones.
+const CB: usize = 16;
+/// Output positions per tile (the most any path takes; AVX2 takes 4).
+const P_MAX: usize = 16;
 
-/// Which instructions run the blocks.
+/// Which instructions run the tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     Scalar,
@@ -59,9 +58,22 @@ impl Path {
         }
         Path::Scalar
     }
+
+    /// Output positions per tile: as many accumulators as the registers hold.
+    fn positions(self) -> usize {
+        match self {
+            Path::Scalar => P_MAX,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => 4,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => 16,
+        }
+    }
 }
 
-/// A direct convolution for a thin input: see the module documentation.
+/// A direct convolution for a thin input: see the module documentation. Its output is
+/// channel-last, `[1, oh, ow, oc]`; [`rewrite`] puts the move back to NCHW after it, which tract's
+/// optimiser cancels against the next depthwise convolution's own move to channel-last.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinConv {
     /// input channels, height, width (batch 1, NCHW)
@@ -73,7 +85,7 @@ pub struct ThinConv {
     /// padding before (top, left) and after (bottom, right)
     pad_before: [usize; 2],
     pad_after: [usize; 2],
-    /// weights packed by blocks of OC_BLOCK output channels: [block][tap][OC_BLOCK], the taps in
+    /// weights packed by blocks of CB output channels: [block][tap][CB], the taps in
     /// (input channel, ky, kx) order, zero for the channels past the last
     packed: Arc<Tensor>,
     /// bias padded to whole blocks
@@ -87,54 +99,43 @@ impl ThinConv {
         self.input[0] * self.kernel[0] * self.kernel[1]
     }
 
-    /// Padded width of a phase row: what the widest run reads, rounded up to whole runs.
-    fn phase_len(&self) -> usize {
-        self.output[2].div_ceil(RUN) * RUN + (self.kernel[1] - 1) / self.stride[1]
-    }
-
     fn padded_height(&self) -> usize {
         self.input[1] + self.pad_before[0] + self.pad_after[0]
     }
 
-    /// The zero-padded input, split into column phases: [channel][phase][padded row][phase_len].
-    fn split(&self, x: &[f32]) -> Vec<f32> {
+    /// Width of a padded input row: what the last tile reads, whole tiles of P_MAX positions.
+    fn padded_width(&self) -> usize {
+        (self.output[2].div_ceil(P_MAX) * P_MAX - 1) * self.stride[1] + self.kernel[1]
+    }
+
+    /// The zero-padded input: [channel][padded row][padded_width].
+    fn padded(&self, x: &[f32]) -> Vec<f32> {
         let [c_in, h, w] = self.input;
-        let (s, hp, len) = (self.stride[1], self.padded_height(), self.phase_len());
-        let mut out = vec![0f32; c_in * s * hp * len];
+        let (hp, wp) = (self.padded_height(), self.padded_width());
         let (top, left) = (self.pad_before[0], self.pad_before[1]);
+        let mut out = vec![0f32; c_in * hp * wp];
         for c in 0..c_in {
             for y in 0..h {
-                let row = &x[(c * h + y) * w..][..w];
-                for p in 0..s {
-                    // phase p, point j holds padded column j * s + p, i.e. input column
-                    // j * s + p - left: the first j at or after `left`, while inside the row
-                    let j0 = (left.saturating_sub(p)).div_ceil(s);
-                    let dst = &mut out[((c * s + p) * hp + y + top) * len..][..len];
-                    let first = j0 * s + p - left;
-                    for (d, v) in dst[j0..]
-                        .iter_mut()
-                        .zip(row[first.min(w)..].iter().step_by(s))
-                    {
-                        *d = *v;
-                    }
-                }
+                let n = w.min(wp - left);
+                out[(c * hp + y + top) * wp + left..][..n]
+                    .copy_from_slice(&x[(c * h + y) * w..][..n]);
             }
         }
         out
     }
 
-    /// Where tap `t`'s input for output row `oy`, point 0, starts in the split buffer.
+    /// Where tap `t`'s input for output row `oy`, position 0, is in the padded input.
     fn tap_offset(&self, t: usize, oy: usize) -> usize {
         let [kh, kw] = self.kernel;
         let (c, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
-        let (s, hp, len) = (self.stride[1], self.padded_height(), self.phase_len());
-        ((c * s + kx % s) * hp + oy * self.stride[0] + ky) * len + kx / s
+        (c * self.padded_height() + oy * self.stride[0] + ky) * self.padded_width() + kx
     }
 
+    /// The convolution of `x` (NCHW, batch 1) into `out` (channel-last, [oh][ow][oc]).
     fn run(&self, x: &[f32], out: &mut [f32], path: Path) {
-        let split = self.split(x);
+        let pad = self.padded(x);
         let [c_out, oh, ow] = self.output;
-        let taps = self.taps();
+        let (taps, sx, np) = (self.taps(), self.stride[1], path.positions());
         let packed = f32s(&self.packed).expect("f32 weights");
         let bias = f32s(&self.bias).expect("f32 bias");
         let (lo, hi) = match self.clip {
@@ -142,34 +143,35 @@ impl ThinConv {
             None => (f32::NEG_INFINITY, f32::INFINITY),
         };
         let mut offsets = vec![0usize; taps];
-        let mut tile = [[0f32; RUN]; OC_BLOCK];
+        let mut tile = [[0f32; CB]; P_MAX];
         for oy in 0..oh {
             for (t, o) in offsets.iter_mut().enumerate() {
                 *o = self.tap_offset(t, oy);
             }
-            for (block, w) in packed.chunks_exact(taps * OC_BLOCK).enumerate() {
-                let b = &bias[block * OC_BLOCK..][..OC_BLOCK];
-                for x0 in (0..ow).step_by(RUN) {
+            for x0 in (0..ow).step_by(np) {
+                let base = x0 * sx;
+                for (block, w) in packed.chunks_exact(taps * CB).enumerate() {
+                    let b = &bias[block * CB..][..CB];
                     match path {
-                        Path::Scalar => block_scalar(&split, &offsets, x0, w, b, lo, hi, &mut tile),
+                        Path::Scalar => {
+                            tile_scalar(&pad, &offsets, base, sx, w, b, lo, hi, &mut tile)
+                        }
                         // SAFETY: Path::native chose these only where the CPU has them; every
-                        // read stays inside `split` (phase rows are padded to whole runs past
-                        // the last tap; the kernels assert it).
+                        // read stays inside `pad` (rows are padded to whole tiles past the last
+                        // tap; the kernels assert it).
                         #[cfg(target_arch = "x86_64")]
                         Path::Avx2 => unsafe {
-                            block_avx2(&split, &offsets, x0, w, b, lo, hi, &mut tile)
+                            tile_avx2(&pad, &offsets, base, sx, w, b, lo, hi, &mut tile)
                         },
                         #[cfg(target_arch = "x86_64")]
                         Path::Avx512 => unsafe {
-                            block_avx512(&split, &offsets, x0, w, b, lo, hi, &mut tile)
+                            tile_avx512(&pad, &offsets, base, sx, w, b, lo, hi, &mut tile)
                         },
                     }
-                    let n = RUN.min(ow - x0);
-                    for (i, row) in tile.iter().enumerate() {
-                        let o = block * OC_BLOCK + i;
-                        if o < c_out {
-                            out[(o * oh + oy) * ow + x0..][..n].copy_from_slice(&row[..n]);
-                        }
+                    let channels = CB.min(c_out - block * CB);
+                    for (p, row) in tile.iter().enumerate().take(np.min(ow - x0)) {
+                        out[(oy * ow + x0 + p) * c_out + block * CB..][..channels]
+                            .copy_from_slice(&row[..channels]);
                     }
                 }
             }
@@ -177,125 +179,131 @@ impl ThinConv {
     }
 }
 
-/// One run of RUN points for OC_BLOCK channels, one multiply-add per tap in tap order (the
-/// arithmetic of [`block_avx2`], lane for lane).
+/// One tile: P_MAX positions `sx` apart from `pad[offsets[t] + base]`, CB channels, one
+/// multiply-add per tap in tap order (the arithmetic of the vector tiles, lane for lane).
 #[allow(clippy::too_many_arguments)]
-fn block_scalar(
-    split: &[f32],
+fn tile_scalar(
+    pad: &[f32],
     offsets: &[usize],
-    x0: usize,
+    base: usize,
+    sx: usize,
     w: &[f32],
     bias: &[f32],
     lo: f32,
     hi: f32,
-    tile: &mut [[f32; RUN]; OC_BLOCK],
+    tile: &mut [[f32; CB]; P_MAX],
 ) {
-    for (i, row) in tile.iter_mut().enumerate() {
-        row.fill(bias[i]);
+    for row in tile.iter_mut() {
+        row.copy_from_slice(&bias[..CB]);
     }
     for (t, &off) in offsets.iter().enumerate() {
-        let xs = &split[off + x0..][..RUN];
-        for (i, row) in tile.iter_mut().enumerate() {
-            let k = w[t * OC_BLOCK + i];
-            for (acc, x) in row.iter_mut().zip(xs) {
-                *acc = x.mul_add(k, *acc);
+        let k = &w[t * CB..][..CB];
+        for (p, row) in tile.iter_mut().enumerate() {
+            let x = pad[off + base + p * sx];
+            for (acc, k) in row.iter_mut().zip(k) {
+                *acc = x.mul_add(*k, *acc);
             }
         }
     }
-    for row in tile.iter_mut() {
-        for v in row.iter_mut() {
-            *v = v.max(lo).min(hi);
-        }
+    for v in tile.iter_mut().flatten() {
+        *v = v.max(lo).min(hi);
     }
 }
 
+/// The bounds every vector tile relies on.
+fn check_tile(
+    pad: &[f32],
+    offsets: &[usize],
+    base: usize,
+    sx: usize,
+    np: usize,
+    w: &[f32],
+    bias: &[f32],
+) {
+    assert!(offsets.iter().all(|o| o + base + (np - 1) * sx < pad.len()));
+    assert!(w.len() >= offsets.len() * CB && bias.len() >= CB);
+}
+
+/// [`tile_scalar`] for 4 positions, each CB channels in two AVX registers.
+///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `split[offsets[t] + x0 ..][..RUN]` must be in bounds for
-/// every tap.
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2(
-    split: &[f32],
+unsafe fn tile_avx2(
+    pad: &[f32],
     offsets: &[usize],
-    x0: usize,
+    base: usize,
+    sx: usize,
     w: &[f32],
     bias: &[f32],
     lo: f32,
     hi: f32,
-    tile: &mut [[f32; RUN]; OC_BLOCK],
+    tile: &mut [[f32; CB]; P_MAX],
 ) {
     use std::arch::x86_64::*;
-    assert!(offsets.iter().all(|o| o + x0 + RUN <= split.len()));
-    assert!(w.len() >= offsets.len() * OC_BLOCK && bias.len() >= OC_BLOCK);
-    // SAFETY: bounds asserted above; unaligned loads and stores throughout.
+    const NP: usize = 4;
+    check_tile(pad, offsets, base, sx, NP, w, bias);
+    // SAFETY: bounds checked above; unaligned loads and stores throughout.
     unsafe {
-        let sp = split.as_ptr().add(x0);
+        let b = [
+            _mm256_loadu_ps(bias.as_ptr()),
+            _mm256_loadu_ps(bias.as_ptr().add(8)),
+        ];
+        let mut acc = [b; NP];
+        let xp = pad.as_ptr().add(base);
+        for (t, &off) in offsets.iter().enumerate() {
+            let k0 = _mm256_loadu_ps(w.as_ptr().add(t * CB));
+            let k1 = _mm256_loadu_ps(w.as_ptr().add(t * CB + 8));
+            for (p, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*xp.add(off + p * sx));
+                a[0] = _mm256_fmadd_ps(x, k0, a[0]);
+                a[1] = _mm256_fmadd_ps(x, k1, a[1]);
+            }
+        }
         let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-        // four channels at a time: 8 accumulators of the 16 registers
-        for half in 0..OC_BLOCK / 4 {
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-            for (i, a) in acc.iter_mut().enumerate() {
-                let b = _mm256_set1_ps(bias[half * 4 + i]);
-                *a = [b, b];
-            }
-            let mut wp = w.as_ptr().add(half * 4);
-            for &off in offsets {
-                let x_lo = _mm256_loadu_ps(sp.add(off));
-                let x_hi = _mm256_loadu_ps(sp.add(off + 8));
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let k = _mm256_broadcast_ss(&*wp.add(i));
-                    a[0] = _mm256_fmadd_ps(x_lo, k, a[0]);
-                    a[1] = _mm256_fmadd_ps(x_hi, k, a[1]);
-                }
-                wp = wp.add(OC_BLOCK);
-            }
-            for (a, row) in acc.iter().zip(tile[half * 4..].iter_mut()) {
-                // max then min, as the clip's Max and Min ops
-                let v0 = _mm256_min_ps(_mm256_max_ps(a[0], lo), hi);
-                let v1 = _mm256_min_ps(_mm256_max_ps(a[1], lo), hi);
-                _mm256_storeu_ps(row.as_mut_ptr(), v0);
-                _mm256_storeu_ps(row.as_mut_ptr().add(8), v1);
-            }
+        for (a, row) in acc.iter().zip(tile.iter_mut()) {
+            // max then min, as the clip's Max and Min ops
+            _mm256_storeu_ps(row.as_mut_ptr(), _mm256_min_ps(_mm256_max_ps(a[0], lo), hi));
+            _mm256_storeu_ps(
+                row.as_mut_ptr().add(8),
+                _mm256_min_ps(_mm256_max_ps(a[1], lo), hi),
+            );
         }
     }
 }
 
-/// As [`block_avx2`], the run in one AVX-512 register and all OC_BLOCK channels at once.
+/// [`tile_scalar`] for 16 positions, each CB channels in one AVX-512 register.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `split[offsets[t] + x0 ..][..RUN]` must be in bounds for every
-/// tap.
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512(
-    split: &[f32],
+unsafe fn tile_avx512(
+    pad: &[f32],
     offsets: &[usize],
-    x0: usize,
+    base: usize,
+    sx: usize,
     w: &[f32],
     bias: &[f32],
     lo: f32,
     hi: f32,
-    tile: &mut [[f32; RUN]; OC_BLOCK],
+    tile: &mut [[f32; CB]; P_MAX],
 ) {
     use std::arch::x86_64::*;
-    assert!(offsets.iter().all(|o| o + x0 + RUN <= split.len()));
-    assert!(w.len() >= offsets.len() * OC_BLOCK && bias.len() >= OC_BLOCK);
-    // SAFETY: bounds asserted above; unaligned loads and stores throughout.
+    const NP: usize = 16;
+    check_tile(pad, offsets, base, sx, NP, w, bias);
+    // SAFETY: bounds checked above; unaligned loads and stores throughout.
     unsafe {
-        let mut acc = [_mm512_setzero_ps(); OC_BLOCK];
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_set1_ps(bias[i]);
-        }
-        let sp = split.as_ptr().add(x0);
-        let mut wp = w.as_ptr();
-        for &off in offsets {
-            let x = _mm512_loadu_ps(sp.add(off));
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(x, _mm512_set1_ps(*wp.add(i)), *a);
+        let mut acc = [_mm512_loadu_ps(bias.as_ptr()); NP];
+        let xp = pad.as_ptr().add(base);
+        for (t, &off) in offsets.iter().enumerate() {
+            let k = _mm512_loadu_ps(w.as_ptr().add(t * CB));
+            for (p, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(off + p * sx)), k, *a);
             }
-            wp = wp.add(OC_BLOCK);
         }
         let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
         for (a, row) in acc.iter().zip(tile.iter_mut()) {
@@ -361,7 +369,7 @@ impl EvalOp for ThinConv {
         );
         let [oc, oh, ow] = self.output;
         // SAFETY: every value is written by `run` (all channels, rows and points)
-        let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, oc, oh, ow])? };
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, oh, ow, oc])? };
         self.run(
             f32s(&x)?,
             out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
@@ -375,7 +383,7 @@ impl TypedOp for ThinConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
         let [oc, oh, ow] = self.output;
-        Ok(tvec!(f32::fact([1, oc, oh, ow])))
+        Ok(tvec!(f32::fact([1, oh, ow, oc])))
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -469,13 +477,13 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> 
     let w = f32s(&wf).ok()?;
     let b = f32s(&bf).ok()?;
     let taps = c_in * kh * kw;
-    let blocks = c_out.div_ceil(OC_BLOCK);
-    let mut packed = vec![0f32; blocks * taps * OC_BLOCK];
-    let mut bias = vec![0f32; blocks * OC_BLOCK];
+    let blocks = c_out.div_ceil(CB);
+    let mut packed = vec![0f32; blocks * taps * CB];
+    let mut bias = vec![0f32; blocks * CB];
     for o in 0..c_out {
-        let (block, i) = (o / OC_BLOCK, o % OC_BLOCK);
+        let (block, i) = (o / CB, o % CB);
         for t in 0..taps {
-            packed[(block * taps + t) * OC_BLOCK + i] = w[o * taps + t];
+            packed[(block * taps + t) * CB + i] = w[o * taps + t];
         }
         bias[o] = if b.len() == 1 { b[0] } else { b[o] };
     }
@@ -533,7 +541,9 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let node = model.node(*id);
         let x = patch.tap_model(model, node.inputs[0])?;
         let name = format!("{}.sgps_thin", node.name);
-        let y = patch.wire_node(name, op.clone(), &[x])?[0];
+        let y = patch.wire_node(name.clone(), op.clone(), &[x])?[0];
+        // back to NCHW for the graph; the optimiser cancels it where the next op goes channel-last
+        let y = patch.wire_node(format!("{name}.to_nchw"), AxisOp::Move(3, 1), &[y])?[0];
         patch.shunt_outside(model, OutletId::new(*last, 0), y)?;
         patch.apply(model)?;
     }

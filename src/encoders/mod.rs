@@ -5,6 +5,7 @@
 //! boards from the ONNX files: a board binary built without the ONNX reader is ~6 MB smaller).
 //! Both go through the same typed, decluttered graph, so they run the same plan.
 
+mod fused;
 pub mod image;
 mod kernels;
 #[cfg(feature = "onnx")]
@@ -217,10 +218,9 @@ impl ModelFile<'_> {
             // the image encoder's stem as a direct convolution where the CPU runs it (x86_64)
             stem::rewrite(&mut typed).map_err(err)?;
         }
-        typed
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(err)
+        let mut optimised = typed.into_optimized().map_err(err)?;
+        fused::depthwise_clips(&mut optimised).map_err(err)?;
+        optimised.into_runnable().map_err(err)
     }
 
     /// Write the typed, decluttered graph (at the file's own precision: a float16 translation

@@ -28,7 +28,7 @@ use tract_nnef::tract_core::ops::nn::DataFormat;
 
 /// Input channels above which a convolution is left to tract (the stem has 3; wide inputs are
 /// what tract's matrix products are for).
-pub const MAX_INPUT_CHANNELS: usize = 4;
+pub const MAX_INPUT_CHANNELS: usize = 48;
 /// Output channels per block: one AVX-512 register, two AVX ones.
 const CB: usize = 16;
 /// Output positions per tile (the most any path takes; AVX2 takes 4).
@@ -76,8 +76,12 @@ impl Path {
 /// optimiser cancels against the next depthwise convolution's own move to channel-last.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinConv {
-    /// input channels, height, width (batch 1, NCHW)
+    /// input channels, height, width (batch 1, NCHW), as the loops see them: a 1x1 convolution
+    /// with stride 1 and no padding sees its plane as one row
     input: [usize; 3],
+    /// the input's and output's shapes as the graph has them (the same memory as the loops'
+    /// NCHW input and channel-last output)
+    graph_shapes: [TVec<usize>; 2],
     /// output channels, height, width
     output: [usize; 3],
     kernel: [usize; 2],
@@ -361,15 +365,14 @@ impl EvalOp for ThinConv {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let [c, h, w] = self.input;
+        let [want, out_shape] = &self.graph_shapes;
         ensure!(
-            x.shape() == [1, c, h, w],
-            "SgpsThinConv expects 1x{c}x{h}x{w}, got {:?}",
+            x.shape() == &want[..],
+            "SgpsThinConv expects {want:?}, got {:?}",
             x.shape()
         );
-        let [oc, oh, ow] = self.output;
         // SAFETY: every value is written by `run` (all channels, rows and points)
-        let mut out = unsafe { Tensor::uninitialized::<f32>(&[1, oh, ow, oc])? };
+        let mut out = unsafe { Tensor::uninitialized::<f32>(out_shape)? };
         self.run(
             f32s(&x)?,
             out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
@@ -382,8 +385,7 @@ impl EvalOp for ThinConv {
 impl TypedOp for ThinConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
-        let [oc, oh, ow] = self.output;
-        Ok(tvec!(f32::fact([1, oh, ow, oc])))
+        Ok(tvec!(f32::fact(&*self.graph_shapes[1])))
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -477,25 +479,17 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> 
     let w = f32s(&wf).ok()?;
     let b = f32s(&bf).ok()?;
     let taps = c_in * kh * kw;
-    let blocks = c_out.div_ceil(CB);
-    let mut packed = vec![0f32; blocks * taps * CB];
-    let mut bias = vec![0f32; blocks * CB];
-    for o in 0..c_out {
-        let (block, i) = (o / CB, o % CB);
-        for t in 0..taps {
-            packed[(block * taps + t) * CB + i] = w[o * taps + t];
-        }
-        bias[o] = if b.len() == 1 { b[0] } else { b[o] };
-    }
+    let (packed, bias) = pack(w, b, c_out, taps);
     let mut op = ThinConv {
         input: [shape[1], shape[2], shape[3]],
+        graph_shapes: [shape.into(), tvec!(1, oshape[2], oshape[3], c_out)],
         output: [c_out, oshape[2], oshape[3]],
         kernel: [kh, kw],
         stride: [strides[0], strides[1]],
         pad_before: [before[0], before[1]],
         pad_after: [after[0], after[1]],
-        packed: Arc::new(tensor1(&packed)),
-        bias: Arc::new(tensor1(&bias)),
+        packed,
+        bias,
         clip: None,
     };
     // the output geometry tract computed must be the one the op's loops assume
@@ -508,20 +502,102 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> 
     {
         return None;
     }
-    // a clip right after: Max(lo) then Min(hi), each the only reader of what it reads
-    let mut last = node.id;
-    if let Some(max) = sole_successor(model, OutletId::new(node.id, 0))
-        && max.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Max>())
-        && let Some(lo) = scalar_operand(model, max, OutletId::new(node.id, 0))
-        && let Some(min) = sole_successor(model, OutletId::new(max.id, 0))
-        && min.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Min>())
-        && let Some(hi) = scalar_operand(model, min, OutletId::new(max.id, 0))
-        && model.outlet_fact(OutletId::new(min.id, 0)).ok()?.shape == of.shape
-        && lo <= hi
-    {
-        op.clip = Some([lo.to_bits(), hi.to_bits()]);
-        last = min.id;
+    // a pointwise convolution reads and writes its plane as one row: whole tiles of positions
+    // run across image rows instead of stopping at each row's end
+    if [kh, kw] == [1, 1] && op.stride == [1, 1] && op.pad_before == [0, 0] && op.pad_after == [0, 0] {
+        op.input = [c_in, 1, shape[2] * shape[3]];
+        op.output = [c_out, 1, oshape[2] * oshape[3]];
     }
+    let (clip, last) = clip_after(model, OutletId::new(node.id, 0));
+    op.clip = clip;
+    Some((op, last))
+}
+
+/// The clip right after `outlet`, if there is one: `Max(lo)` then `Min(hi)` with scalar bounds,
+/// each the only reader of what it reads; with the node whose output the clip's is. Otherwise
+/// (None, the outlet's node).
+fn clip_after(model: &TypedModel, outlet: OutletId) -> (Option<[u32; 2]>, usize) {
+    let found = || {
+        let max = sole_successor(model, outlet)?;
+        let lo = scalar_operand(model, max, outlet)?;
+        let min = sole_successor(model, OutletId::new(max.id, 0))?;
+        let hi = scalar_operand(model, min, OutletId::new(max.id, 0))?;
+        let same = model.outlet_fact(OutletId::new(min.id, 0)).ok()?.shape
+            == model.outlet_fact(outlet).ok()?.shape;
+        (max.op_as::<TypedBinOp>()?.0.is::<Max>()
+            && min.op_as::<TypedBinOp>()?.0.is::<Min>()
+            && same
+            && lo <= hi)
+            .then_some(([lo.to_bits(), hi.to_bits()], min.id))
+    };
+    match found() {
+        Some((bounds, last)) => (Some(bounds), last),
+        None => (None, outlet.node),
+    }
+}
+
+/// Weights `[c_out][taps]` and bias (one value or `c_out`) packed by blocks of CB channels.
+fn pack(w: &[f32], b: &[f32], c_out: usize, taps: usize) -> (Arc<Tensor>, Arc<Tensor>) {
+    let blocks = c_out.div_ceil(CB);
+    let mut packed = vec![0f32; blocks * taps * CB];
+    let mut bias = vec![0f32; blocks * CB];
+    for o in 0..c_out {
+        let (block, i) = (o / CB, o % CB);
+        for t in 0..taps {
+            packed[(block * taps + t) * CB + i] = w[o * taps + t];
+        }
+        bias[o] = if b.len() == 1 { b[0] } else { b[o] };
+    }
+    (Arc::new(tensor1(&packed)), Arc::new(tensor1(&bias)))
+}
+
+/// A pointwise convolution as tract's declutter leaves it when the next operator is
+/// channel-last: `EinSum IHW,OI->HWO` of a `[c, h, w]` input and constant `[o, c]` weights,
+/// then the bias `Add` of a constant `[1, 1, o]` (and a clip, where there is one). The op reads
+/// the plane as one row and writes `[h, w, o]` itself, so no move is needed after it.
+fn pointwise_candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> {
+    use tract_nnef::tract_core::ops::einsum::EinSum;
+    let op = node.op_as::<EinSum>()?;
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || op.axes.to_string() != "IHW,OI->HWO" {
+        return None;
+    }
+    let [x, wk] = node.inputs[..] else { return None };
+    let xf = model.outlet_fact(x).ok()?;
+    let &[c_in, h, w] = xf.shape.as_concrete()? else { return None };
+    let wt = model.outlet_fact(wk).ok()?.konst.clone()?;
+    let &[c_out, wc] = wt.shape() else { return None };
+    if xf.datum_type != f32::datum_type() || wt.datum_type() != f32::datum_type() || wc != c_in || c_in > MAX_INPUT_CHANNELS {
+        return None;
+    }
+    let out = OutletId::new(node.id, 0);
+    let add = sole_successor(model, out)?;
+    if !add.op_as::<TypedBinOp>()?.0.is::<tract_nnef::tract_core::ops::math::Add>() {
+        return None;
+    }
+    let [a, b] = add.inputs[..] else { return None };
+    let other = if a == out { b } else if b == out { a } else { return None };
+    let bias = model.outlet_fact(other).ok()?.konst.clone()?;
+    let add_fact = model.outlet_fact(OutletId::new(add.id, 0)).ok()?;
+    if bias.datum_type() != f32::datum_type()
+        || bias.shape() != [1, 1, c_out]
+        || add_fact.shape != model.outlet_fact(out).ok()?.shape
+    {
+        return None;
+    }
+    let (packed, bias) = pack(f32s(&wt).ok()?, f32s(&bias).ok()?, c_out, c_in);
+    let (clip, last) = clip_after(model, OutletId::new(add.id, 0));
+    let op = ThinConv {
+        input: [c_in, 1, h * w],
+        graph_shapes: [tvec!(c_in, h, w), tvec!(h, w, c_out)],
+        output: [c_out, 1, h * w],
+        kernel: [1, 1],
+        stride: [1, 1],
+        pad_before: [0, 0],
+        pad_after: [0, 0],
+        packed,
+        bias,
+        clip,
+    };
     Some((op, last))
 }
 
@@ -531,19 +607,26 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     if !available() {
         return Ok(0);
     }
-    let found: Vec<(usize, ThinConv, usize)> = model
+    // (node, op, the node whose output the op's replaces, whether the graph wants NCHW back)
+    let found: Vec<(usize, ThinConv, usize, bool)> = model
         .nodes()
         .iter()
-        .filter_map(|n| candidate(model, n).map(|(op, last)| (n.id, op, last)))
+        .filter_map(|n| {
+            let conv = candidate(model, n).map(|(op, last)| (n.id, op, last, true));
+            conv.or_else(|| pointwise_candidate(model, n).map(|(op, last)| (n.id, op, last, false)))
+        })
         .collect();
-    for (id, op, last) in &found {
+    for (id, op, last, to_nchw) in &found {
         let mut patch = TypedModelPatch::new("sgps thin conv");
         let node = model.node(*id);
         let x = patch.tap_model(model, node.inputs[0])?;
         let name = format!("{}.sgps_thin", node.name);
-        let y = patch.wire_node(name.clone(), op.clone(), &[x])?[0];
-        // back to NCHW for the graph; the optimiser cancels it where the next op goes channel-last
-        let y = patch.wire_node(format!("{name}.to_nchw"), AxisOp::Move(3, 1), &[y])?[0];
+        let mut y = patch.wire_node(name.clone(), op.clone(), &[x])?[0];
+        if *to_nchw {
+            // back to NCHW for the graph; the optimiser cancels it where the next op goes
+            // channel-last
+            y = patch.wire_node(format!("{name}.to_nchw"), AxisOp::Move(3, 1), &[y])?[0];
+        }
         patch.shunt_outside(model, OutletId::new(*last, 0), y)?;
         patch.apply(model)?;
     }

@@ -1,24 +1,34 @@
-//! The image encoder's stem as a direct convolution (x86_64 with AVX2 and FMA).
+//! Thin-input convolutions as direct, channel-last convolutions (x86_64 with AVX2 and FMA).
 //!
-//! EfficientNet-Lite's first layer is a 3x3, stride-2 convolution from the 3 colour planes to 32
-//! channels on the full 224x224 frame, followed by a ReLU6 clip. tract runs it as a lazy im2col
-//! feeding a matrix product (m 32, k 27, n 12544): its direct spatial convolution would suit
-//! the shape, but tract takes that path only for output rows of at least 128 points (the stem's
-//! are 112), and a single panel of 32 output channels sends it to the lazy gather, which costs
-//! 1.8 ms at one thread on the development machine, against 0.27 ms for onnxruntime's direct
-//! kernel (issue 19's profile). tract has no knob for either rule.
+//! Two kinds of layer in the image encoder cost tract far more than onnxruntime (issue 19's
+//! per-operator profiles, one thread, the development machine):
 //!
-//! [`rewrite`] replaces such a convolution (f32, NCHW, one group, at most [`MAX_INPUT_CHANNELS`]
-//! input channels, any kernel size, stride and explicit padding, batch 1), together with the
-//! `Max(lo)` / `Min(hi)` clip that follows it when there is one, by [`ThinConv`]: each input
-//! channel is copied once, zero-padded, into `stride` column phases (phase `p` holds the padded
-//! columns `p, p + stride, ...`), so that every tap of every output run reads contiguous memory;
-//! then four output channels by sixteen output points at a time are accumulated with fused
-//! multiply-adds, the taps in the order of the weight tensor, clipped and stored. The graph is
-//! rewritten only on a CPU with AVX2 and FMA (where tract's own x86_64 kernels run); elsewhere,
-//! the boards included, tract's plan is untouched. Outputs differ from tract's im2col product by
-//! float rounding only (the parity tests compare the embeddings; `tests` below compare the op with
-//! a double-precision convolution and its vector path with its scalar one, bit for bit).
+//! - the stem, a 3x3 stride-2 convolution from the 3 colour planes to 32 channels on the full
+//!   frame, plus its ReLU6 clip: tract runs it as a lazy im2col feeding a matrix product (m 32,
+//!   k 27, n 12544; 1.8 ms against onnxruntime's 0.27). Its direct spatial convolution would suit
+//!   the shape, but tract takes that path only for output rows of at least 128 points (these are
+//!   112), and one panel of 32 output channels sends it to the lazy gather; no knob reaches either
+//!   rule.
+//! - the expansions of blocks 1-5, pointwise convolutions from 16-40 channels to 6 times as many,
+//!   channel-last because a depthwise convolution follows: with so few input channels tract's
+//!   matrix product is bound by its stores, which its AVX-512 kernels write one value at a time
+//!   (block 1's, 12544 x 16 x 96: 2.05 ms against onnxruntime's 1.02).
+//!
+//! [`rewrite`] replaces each such layer, with the `Max(lo)` / `Min(hi)` clip after it where there
+//! is one, by [`ThinConv`]: for each output row, tiles of 16 positions (4 on AVX2) by 16 output
+//! channels accumulate one fused multiply-add per tap (input channel x kernel tap, in the weight
+//! tensor's order) of the input value, broadcast, with the tap's 16 weights, then clip and store
+//! the tile channel-last with vector stores. Convolutions (f32, NCHW, one group, at most
+//! [`MAX_INPUT_CHANNELS`] input channels, any kernel, stride and explicit padding, batch 1) read a
+//! zero-padded copy of their input and are followed by a move back to NCHW, which tract's
+//! optimiser cancels against the next depthwise convolution's own move to channel-last (so block
+//! 0's depthwise convolution runs channel-last too). Pointwise ones, in the form tract's declutter
+//! leaves them (`EinSum IHW,OI->HWO`, then the bias `Add`), read their input in place and write
+//! the `[h, w, o]` the graph expects. The graph is rewritten only on a CPU with AVX2 and FMA; on
+//! the boards (aarch64) tract's plan is untouched. Outputs differ from tract's by float rounding
+//! (the parity tests compare the embeddings with onnxruntime's; `tests` below compare the op with
+//! double-precision convolutions, its vector paths with its scalar one bit for bit, and the
+//! shipped encoder's embedding with tract's own).
 
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::binary::TypedBinOp;
@@ -26,8 +36,8 @@ use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_nnef::tract_core::ops::math::{Max, Min};
 use tract_nnef::tract_core::ops::nn::DataFormat;
 
-/// Input channels above which a convolution is left to tract (the stem has 3; wide inputs are
-/// what tract's matrix products are for).
+/// Input channels above which a convolution is left to tract (the stem has 3, the expansions
+/// 16-40; from 80 up, tract's matrix products are no longer bound by their stores).
 pub const MAX_INPUT_CHANNELS: usize = 48;
 /// Output channels per block: one AVX-512 register, two AVX ones.
 const CB: usize = 16;
@@ -137,7 +147,20 @@ impl ThinConv {
 
     /// The convolution of `x` (NCHW, batch 1) into `out` (channel-last, [oh][ow][oc]).
     fn run(&self, x: &[f32], out: &mut [f32], path: Path) {
-        let pad = self.padded(x);
+        // a pointwise convolution over whole tiles reads its input in place
+        let whole = self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.pad_before == [0, 0]
+            && self.pad_after == [0, 0]
+            && self.input[1] == 1
+            && self.input[2].is_multiple_of(P_MAX);
+        let copy;
+        let pad: &[f32] = if whole {
+            x
+        } else {
+            copy = self.padded(x);
+            &copy
+        };
         let [c_out, oh, ow] = self.output;
         let (taps, sx, np) = (self.taps(), self.stride[1], path.positions());
         let packed = f32s(&self.packed).expect("f32 weights");
@@ -147,7 +170,7 @@ impl ThinConv {
             None => (f32::NEG_INFINITY, f32::INFINITY),
         };
         let mut offsets = vec![0usize; taps];
-        let mut tile = [[0f32; CB]; P_MAX];
+        let mut tile = [0f32; CB * P_MAX];
         for oy in 0..oh {
             for (t, o) in offsets.iter_mut().enumerate() {
                 *o = self.tap_offset(t, oy);
@@ -156,26 +179,38 @@ impl ThinConv {
                 let base = x0 * sx;
                 for (block, w) in packed.chunks_exact(taps * CB).enumerate() {
                     let b = &bias[block * CB..][..CB];
+                    let (positions, channels) = (np.min(ow - x0), CB.min(c_out - block * CB));
+                    let at = (oy * ow + x0) * c_out + block * CB;
+                    // a whole tile goes straight to the output, a partial one through `tile`
+                    let full = positions == np && channels == CB;
+                    let (dst, stride) = if full {
+                        (&mut out[at..], c_out)
+                    } else {
+                        (&mut tile[..], CB)
+                    };
+                    let t = Tile {
+                        pad,
+                        offsets: &offsets,
+                        base,
+                        sx,
+                        w,
+                        bias: b,
+                        lo,
+                        hi,
+                    };
                     match path {
-                        Path::Scalar => {
-                            tile_scalar(&pad, &offsets, base, sx, w, b, lo, hi, &mut tile)
-                        }
-                        // SAFETY: Path::native chose these only where the CPU has them; every
-                        // read stays inside `pad` (rows are padded to whole tiles past the last
-                        // tap; the kernels assert it).
+                        Path::Scalar => t.scalar(dst, stride, np),
+                        // SAFETY: Path::native chose these only where the CPU has them
                         #[cfg(target_arch = "x86_64")]
-                        Path::Avx2 => unsafe {
-                            tile_avx2(&pad, &offsets, base, sx, w, b, lo, hi, &mut tile)
-                        },
+                        Path::Avx2 => unsafe { t.avx2(dst, stride) },
                         #[cfg(target_arch = "x86_64")]
-                        Path::Avx512 => unsafe {
-                            tile_avx512(&pad, &offsets, base, sx, w, b, lo, hi, &mut tile)
-                        },
+                        Path::Avx512 => unsafe { t.avx512(dst, stride) },
                     }
-                    let channels = CB.min(c_out - block * CB);
-                    for (p, row) in tile.iter().enumerate().take(np.min(ow - x0)) {
-                        out[(oy * ow + x0 + p) * c_out + block * CB..][..channels]
-                            .copy_from_slice(&row[..channels]);
+                    if !full {
+                        for p in 0..positions {
+                            out[at + p * c_out..][..channels]
+                                .copy_from_slice(&tile[p * CB..][..channels]);
+                        }
                     }
                 }
             }
@@ -183,135 +218,110 @@ impl ThinConv {
     }
 }
 
-/// One tile: P_MAX positions `sx` apart from `pad[offsets[t] + base]`, CB channels, one
-/// multiply-add per tap in tap order (the arithmetic of the vector tiles, lane for lane).
-#[allow(clippy::too_many_arguments)]
-fn tile_scalar(
-    pad: &[f32],
-    offsets: &[usize],
+/// One tile's inputs: positions `sx` apart from `pad[offsets[t] + base]` for each tap `t`, the
+/// block's weights `[tap][CB]` and bias, and the clip.
+struct Tile<'a> {
+    pad: &'a [f32],
+    offsets: &'a [usize],
     base: usize,
     sx: usize,
-    w: &[f32],
-    bias: &[f32],
+    w: &'a [f32],
+    bias: &'a [f32],
     lo: f32,
     hi: f32,
-    tile: &mut [[f32; CB]; P_MAX],
-) {
-    for row in tile.iter_mut() {
-        row.copy_from_slice(&bias[..CB]);
+}
+
+impl Tile<'_> {
+    /// The bounds every tile relies on, for `np` positions written `stride` apart in `dst`.
+    fn check(&self, np: usize, dst: &[f32], stride: usize) {
+        assert!(
+            self.offsets
+                .iter()
+                .all(|o| o + self.base + (np - 1) * self.sx < self.pad.len())
+        );
+        assert!(self.w.len() >= self.offsets.len() * CB && self.bias.len() >= CB);
+        assert!(dst.len() >= (np - 1) * stride + CB);
     }
-    for (t, &off) in offsets.iter().enumerate() {
-        let k = &w[t * CB..][..CB];
-        for (p, row) in tile.iter_mut().enumerate() {
-            let x = pad[off + base + p * sx];
-            for (acc, k) in row.iter_mut().zip(k) {
-                *acc = x.mul_add(*k, *acc);
+
+    /// `np` positions, CB channels each, one multiply-add per tap in tap order (the arithmetic
+    /// of the vector tiles, lane for lane), written `stride` apart in `dst`.
+    fn scalar(&self, dst: &mut [f32], stride: usize, np: usize) {
+        self.check(np, dst, stride);
+        for p in 0..np {
+            let acc = &mut dst[p * stride..][..CB];
+            acc.copy_from_slice(&self.bias[..CB]);
+            for (t, &off) in self.offsets.iter().enumerate() {
+                let x = self.pad[off + self.base + p * self.sx];
+                for (a, k) in acc.iter_mut().zip(&self.w[t * CB..][..CB]) {
+                    *a = x.mul_add(*k, *a);
+                }
+            }
+            for v in acc {
+                *v = v.max(self.lo).min(self.hi);
             }
         }
     }
-    for v in tile.iter_mut().flatten() {
-        *v = v.max(lo).min(hi);
-    }
-}
 
-/// The bounds every vector tile relies on.
-fn check_tile(
-    pad: &[f32],
-    offsets: &[usize],
-    base: usize,
-    sx: usize,
-    np: usize,
-    w: &[f32],
-    bias: &[f32],
-) {
-    assert!(offsets.iter().all(|o| o + base + (np - 1) * sx < pad.len()));
-    assert!(w.len() >= offsets.len() * CB && bias.len() >= CB);
-}
-
-/// [`tile_scalar`] for 4 positions, each CB channels in two AVX registers.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx2(
-    pad: &[f32],
-    offsets: &[usize],
-    base: usize,
-    sx: usize,
-    w: &[f32],
-    bias: &[f32],
-    lo: f32,
-    hi: f32,
-    tile: &mut [[f32; CB]; P_MAX],
-) {
-    use std::arch::x86_64::*;
-    const NP: usize = 4;
-    check_tile(pad, offsets, base, sx, NP, w, bias);
-    // SAFETY: bounds checked above; unaligned loads and stores throughout.
-    unsafe {
-        let b = [
-            _mm256_loadu_ps(bias.as_ptr()),
-            _mm256_loadu_ps(bias.as_ptr().add(8)),
-        ];
-        let mut acc = [b; NP];
-        let xp = pad.as_ptr().add(base);
-        for (t, &off) in offsets.iter().enumerate() {
-            let k0 = _mm256_loadu_ps(w.as_ptr().add(t * CB));
-            let k1 = _mm256_loadu_ps(w.as_ptr().add(t * CB + 8));
-            for (p, a) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*xp.add(off + p * sx));
-                a[0] = _mm256_fmadd_ps(x, k0, a[0]);
-                a[1] = _mm256_fmadd_ps(x, k1, a[1]);
+    /// 4 positions, each CB channels in two AVX registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(&self, dst: &mut [f32], stride: usize) {
+        use std::arch::x86_64::*;
+        const NP: usize = 4;
+        self.check(NP, dst, stride);
+        // SAFETY: bounds checked above; unaligned loads and stores throughout.
+        unsafe {
+            let bias = self.bias.as_ptr();
+            let b = [_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))];
+            let mut acc = [b; NP];
+            let xp = self.pad.as_ptr().add(self.base);
+            for (t, &off) in self.offsets.iter().enumerate() {
+                let k0 = _mm256_loadu_ps(self.w.as_ptr().add(t * CB));
+                let k1 = _mm256_loadu_ps(self.w.as_ptr().add(t * CB + 8));
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*xp.add(off + p * self.sx));
+                    a[0] = _mm256_fmadd_ps(x, k0, a[0]);
+                    a[1] = _mm256_fmadd_ps(x, k1, a[1]);
+                }
+            }
+            let (lo, hi) = (_mm256_set1_ps(self.lo), _mm256_set1_ps(self.hi));
+            for (p, a) in acc.iter().enumerate() {
+                // max then min, as the clip's Max and Min ops
+                let d = dst.as_mut_ptr().add(p * stride);
+                _mm256_storeu_ps(d, _mm256_min_ps(_mm256_max_ps(a[0], lo), hi));
+                _mm256_storeu_ps(d.add(8), _mm256_min_ps(_mm256_max_ps(a[1], lo), hi));
             }
         }
-        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-        for (a, row) in acc.iter().zip(tile.iter_mut()) {
-            // max then min, as the clip's Max and Min ops
-            _mm256_storeu_ps(row.as_mut_ptr(), _mm256_min_ps(_mm256_max_ps(a[0], lo), hi));
-            _mm256_storeu_ps(
-                row.as_mut_ptr().add(8),
-                _mm256_min_ps(_mm256_max_ps(a[1], lo), hi),
-            );
-        }
     }
-}
 
-/// [`tile_scalar`] for 16 positions, each CB channels in one AVX-512 register.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512(
-    pad: &[f32],
-    offsets: &[usize],
-    base: usize,
-    sx: usize,
-    w: &[f32],
-    bias: &[f32],
-    lo: f32,
-    hi: f32,
-    tile: &mut [[f32; CB]; P_MAX],
-) {
-    use std::arch::x86_64::*;
-    const NP: usize = 16;
-    check_tile(pad, offsets, base, sx, NP, w, bias);
-    // SAFETY: bounds checked above; unaligned loads and stores throughout.
-    unsafe {
-        let mut acc = [_mm512_loadu_ps(bias.as_ptr()); NP];
-        let xp = pad.as_ptr().add(base);
-        for (t, &off) in offsets.iter().enumerate() {
-            let k = _mm512_loadu_ps(w.as_ptr().add(t * CB));
-            for (p, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(off + p * sx)), k, *a);
+    /// 16 positions, each CB channels in one AVX-512 register.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(&self, dst: &mut [f32], stride: usize) {
+        use std::arch::x86_64::*;
+        const NP: usize = 16;
+        self.check(NP, dst, stride);
+        // SAFETY: bounds checked above; unaligned loads and stores throughout.
+        unsafe {
+            let mut acc = [_mm512_loadu_ps(self.bias.as_ptr()); NP];
+            let xp = self.pad.as_ptr().add(self.base);
+            for (t, &off) in self.offsets.iter().enumerate() {
+                let k = _mm512_loadu_ps(self.w.as_ptr().add(t * CB));
+                for (p, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(off + p * self.sx)), k, *a);
+                }
             }
-        }
-        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-        for (a, row) in acc.iter().zip(tile.iter_mut()) {
-            _mm512_storeu_ps(row.as_mut_ptr(), _mm512_min_ps(_mm512_max_ps(*a, lo), hi));
+            let (lo, hi) = (_mm512_set1_ps(self.lo), _mm512_set1_ps(self.hi));
+            for (p, a) in acc.iter().enumerate() {
+                let d = dst.as_mut_ptr().add(p * stride);
+                _mm512_storeu_ps(d, _mm512_min_ps(_mm512_max_ps(*a, lo), hi));
+            }
         }
     }
 }
@@ -504,7 +514,11 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> 
     }
     // a pointwise convolution reads and writes its plane as one row: whole tiles of positions
     // run across image rows instead of stopping at each row's end
-    if [kh, kw] == [1, 1] && op.stride == [1, 1] && op.pad_before == [0, 0] && op.pad_after == [0, 0] {
+    if [kh, kw] == [1, 1]
+        && op.stride == [1, 1]
+        && op.pad_before == [0, 0]
+        && op.pad_after == [0, 0]
+    {
         op.input = [c_in, 1, shape[2] * shape[3]];
         op.output = [c_out, 1, oshape[2] * oshape[3]];
     }
@@ -558,24 +572,47 @@ fn pack(w: &[f32], b: &[f32], c_out: usize, taps: usize) -> (Arc<Tensor>, Arc<Te
 fn pointwise_candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> {
     use tract_nnef::tract_core::ops::einsum::EinSum;
     let op = node.op_as::<EinSum>()?;
-    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || op.axes.to_string() != "IHW,OI->HWO" {
+    if op.q_params.is_some()
+        || op.operating_dt != f32::datum_type()
+        || op.axes.to_string() != "IHW,OI->HWO"
+    {
         return None;
     }
-    let [x, wk] = node.inputs[..] else { return None };
+    let [x, wk] = node.inputs[..] else {
+        return None;
+    };
     let xf = model.outlet_fact(x).ok()?;
-    let &[c_in, h, w] = xf.shape.as_concrete()? else { return None };
+    let &[c_in, h, w] = xf.shape.as_concrete()? else {
+        return None;
+    };
     let wt = model.outlet_fact(wk).ok()?.konst.clone()?;
-    let &[c_out, wc] = wt.shape() else { return None };
-    if xf.datum_type != f32::datum_type() || wt.datum_type() != f32::datum_type() || wc != c_in || c_in > MAX_INPUT_CHANNELS {
+    let &[c_out, wc] = wt.shape() else {
+        return None;
+    };
+    if xf.datum_type != f32::datum_type()
+        || wt.datum_type() != f32::datum_type()
+        || wc != c_in
+        || c_in > MAX_INPUT_CHANNELS
+    {
         return None;
     }
     let out = OutletId::new(node.id, 0);
     let add = sole_successor(model, out)?;
-    if !add.op_as::<TypedBinOp>()?.0.is::<tract_nnef::tract_core::ops::math::Add>() {
+    if !add
+        .op_as::<TypedBinOp>()?
+        .0
+        .is::<tract_nnef::tract_core::ops::math::Add>()
+    {
         return None;
     }
     let [a, b] = add.inputs[..] else { return None };
-    let other = if a == out { b } else if b == out { a } else { return None };
+    let other = if a == out {
+        b
+    } else if b == out {
+        a
+    } else {
+        return None;
+    };
     let bias = model.outlet_fact(other).ok()?.konst.clone()?;
     let add_fact = model.outlet_fact(OutletId::new(add.id, 0)).ok()?;
     if bias.datum_type() != f32::datum_type()
@@ -799,6 +836,78 @@ mod tests {
         }
     }
 
+    /// A pointwise convolution as tract's declutter leaves it before a channel-last operator
+    /// (EinSum IHW,OI->HWO, bias Add, clip): rewritten to one ThinConv, with the
+    /// convolution's values; without the bias Add it is left to tract.
+    #[test]
+    fn pointwise_convolutions_compute_the_convolution() {
+        use tract_nnef::tract_core::ops::einsum::EinSum;
+        use tract_nnef::tract_core::ops::math::Add;
+        if !has_simd() {
+            return;
+        }
+        let (c, o, h, w) = (24, 40, 6, 16);
+        let val = |i: usize, f: f32| ((i as f32) * f).sin() * 2.0;
+        let x: Vec<f32> = (0..c * h * w).map(|i| val(i, 0.37)).collect();
+        let k: Vec<f32> = (0..o * c).map(|i| val(i, 0.11)).collect();
+        let b: Vec<f32> = (0..o).map(|i| val(i, 0.7)).collect();
+        for with_bias in [true, false] {
+            let mut model = TypedModel::default();
+            let src = model.add_source("x", f32::fact([c, h, w])).unwrap();
+            let kk = model
+                .add_const("k", tensor1(&k).into_shape(&[o, c]).unwrap())
+                .unwrap();
+            let op = EinSum::new("IHW,OI->HWO".parse().unwrap(), f32::datum_type());
+            let mut y = model.wire_node("pw", op, &[src, kk]).unwrap()[0];
+            if with_bias {
+                let bb = model
+                    .add_const("b", tensor1(&b).into_shape(&[1, 1, o]).unwrap())
+                    .unwrap();
+                y = model
+                    .wire_node("add", TypedBinOp(Box::new(Add), None), &[y, bb])
+                    .unwrap()[0];
+            }
+            let lo = model
+                .add_const("lo", tensor0(0f32).broadcast_into_rank(3).unwrap())
+                .unwrap();
+            let hi = model
+                .add_const("hi", tensor0(6f32).broadcast_into_rank(3).unwrap())
+                .unwrap();
+            y = model
+                .wire_node("max", TypedBinOp(Box::new(Max), None), &[y, lo])
+                .unwrap()[0];
+            y = model
+                .wire_node("min", TypedBinOp(Box::new(Min), None), &[y, hi])
+                .unwrap()[0];
+            model.select_output_outlets(&[y]).unwrap();
+            if !with_bias {
+                assert_eq!(
+                    rewrite(&mut model).unwrap(),
+                    0,
+                    "no bias Add: not the declutter's pattern"
+                );
+                continue;
+            }
+            assert_eq!(rewrite(&mut model).unwrap(), 1);
+            let input = tensor1(&x).into_shape(&[c, h, w]).unwrap();
+            let got = run(model, &input);
+            for p in 0..h * w {
+                for q in 0..o {
+                    let mut acc = b[q] as f64;
+                    for i in 0..c {
+                        acc += x[i * h * w + p] as f64 * k[q * c + i] as f64;
+                    }
+                    let want = acc.clamp(0.0, 6.0);
+                    let g = got[p * o + q] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The vector path and the scalar one do the same arithmetic in the same order.
     #[test]
     fn vector_and_scalar_paths_agree_bit_for_bit() {
@@ -806,7 +915,7 @@ mod tests {
             return;
         }
         let (model, input, _, [oc, oh, ow]) =
-            conv_case(3, 32, [61, 64], [3, 3], [2, 2], ([0, 0], [1, 1]), true);
+            conv_case(3, 40, [61, 70], [3, 3], [2, 2], ([0, 0], [1, 1]), true);
         let node = model.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
         let (op, _) = candidate(&model, node).unwrap();
         let x = f32s(&input).unwrap();
@@ -841,24 +950,51 @@ mod tests {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         let manifest = crate::manifest::Manifest::load(&models).expect("models/manifest.json");
         let (_, _, file) = crate::encoders::ImageEncoder::model_file(&manifest, None).unwrap();
-        let mut model = file.typed().unwrap();
-        assert_eq!(rewrite(&mut model).unwrap(), 1);
+        let original = file.typed().unwrap();
+        let mut model = original.clone();
+        // the stem and the expansions of blocks 1-5 (16, 24, 24, 40, 40 input channels)
+        assert_eq!(rewrite(&mut model).unwrap(), 6);
         let thin: Vec<&ThinConv> = model
             .nodes()
             .iter()
             .filter_map(|n| n.op_as::<ThinConv>())
             .collect();
-        assert_eq!(thin.len(), 1);
+        assert_eq!(thin.len(), 6);
         assert_eq!(
             (thin[0].input, thin[0].output),
             ([3, 224, 224], [32, 112, 112])
         );
         assert_eq!(
-            thin[0].clip.map(|c| c.map(f32::from_bits)),
-            Some([0.0, 6.0])
+            thin.iter().map(|t| t.input[0]).collect::<Vec<_>>(),
+            [3, 16, 24, 24, 40, 40]
+        );
+        assert!(
+            thin.iter()
+                .all(|t| t.clip.map(|c| c.map(f32::from_bits)) == Some([0.0, 6.0]))
         );
         let plan = file.load().unwrap();
-        assert!(plan.model().nodes().iter().any(|n| n.op_is::<ThinConv>()));
+        assert_eq!(
+            plan.model()
+                .nodes()
+                .iter()
+                .filter(|n| n.op_is::<ThinConv>())
+                .count(),
+            6
+        );
+        // and the embedding is tract's own to float rounding
+        let x: Vec<f32> = (0..3 * 224 * 224)
+            .map(|i| ((i as f32) * 0.013).sin() * 2.0)
+            .collect();
+        let input = tensor1(&x).into_shape(&[1, 3, 224, 224]).unwrap();
+        let a = run(original, &input);
+        let b = f32s(&plan.run(tvec!(input.into_tvalue())).unwrap()[0])
+            .unwrap()
+            .to_vec();
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            a.iter().zip(&b).all(|(a, b)| (a - b).abs() <= 1e-4 * scale),
+            "max {scale}"
+        );
     }
 
     /// What the op does not cover stays with tract: grouped, wide-input or dilated convolutions.
@@ -867,8 +1003,8 @@ mod tests {
         if !has_simd() {
             return;
         }
-        let (mut model, ..) = conv_case(8, 16, [20, 20], [3, 3], [1, 1], ([1, 1], [1, 1]), true);
-        assert_eq!(rewrite(&mut model).unwrap(), 0, "8 input channels");
+        let (mut model, ..) = conv_case(64, 16, [20, 20], [3, 3], [1, 1], ([1, 1], [1, 1]), true);
+        assert_eq!(rewrite(&mut model).unwrap(), 0, "64 input channels");
         let (mut model, ..) = conv_case(3, 16, [20, 20], [3, 3], [1, 1], ([1, 1], [1, 1]), true);
         let conv = model.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap().id;
         let op = model.node_mut(conv).op_as_mut::<Conv>().unwrap();

@@ -119,7 +119,7 @@ impl TypedOp for ClipAfter {
 }
 
 /// The constant f32 scalar at `outlet`, if it is one.
-fn scalar(model: &TypedModel, outlet: OutletId) -> Option<f32> {
+pub(super) fn const_scalar(model: &TypedModel, outlet: OutletId) -> Option<f32> {
     let k = model.outlet_fact(outlet).ok()?.konst.clone()?;
     (k.len() == 1 && k.datum_type() == f32::datum_type())
         .then(|| k.cast_to_scalar::<f32>().ok())
@@ -137,8 +137,8 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, [f32; 2])> 
         return None;
     }
     let (lo, hi) = (
-        scalar(model, node.inputs[1])?,
-        scalar(model, node.inputs[2])?,
+        const_scalar(model, node.inputs[1])?,
+        const_scalar(model, node.inputs[2])?,
     );
     let src = node.inputs[0];
     let conv = model.node(src.node);

@@ -426,10 +426,7 @@ fn scalar_operand(model: &TypedModel, node: &TypedNode, from: OutletId) -> Optio
     } else {
         return None;
     };
-    let k = model.outlet_fact(other).ok()?.konst.clone()?;
-    (k.len() == 1 && k.datum_type() == f32::datum_type())
-        .then(|| k.cast_to_scalar::<f32>().ok())
-        .flatten()
+    super::fused::const_scalar(model, other)
 }
 
 /// The only node reading `outlet`, if exactly one does and the outlet is not a model output.
@@ -678,6 +675,22 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
 mod tests {
     use super::*;
 
+    /// `Max(0)` then `Min(6)` after `y`, as tract's ONNX reader translates a ReLU6 `Clip`.
+    fn wire_relu6(model: &mut TypedModel, y: OutletId, rank: usize) -> OutletId {
+        let lo = tensor0(0f32).broadcast_into_rank(rank).unwrap();
+        let hi = tensor0(6f32).broadcast_into_rank(rank).unwrap();
+        let (lo, hi) = (
+            model.add_const("lo", lo).unwrap(),
+            model.add_const("hi", hi).unwrap(),
+        );
+        let y = model
+            .wire_node("max", TypedBinOp(Box::new(Max), None), &[y, lo])
+            .unwrap()[0];
+        model
+            .wire_node("min", TypedBinOp(Box::new(Min), None), &[y, hi])
+            .unwrap()[0]
+    }
+
     /// A random convolution with the stem's geometry (or another), as a one-node graph, its
     /// input and a double-precision reference output.
     fn conv_case(
@@ -727,18 +740,7 @@ mod tests {
         };
         let mut y = model.wire_node("conv", conv, &[src, wk, bk]).unwrap()[0];
         if clip {
-            let lo = model
-                .add_const("lo", tensor0(0f32).broadcast_into_rank(4).unwrap())
-                .unwrap();
-            let hi = model
-                .add_const("hi", tensor0(6f32).broadcast_into_rank(4).unwrap())
-                .unwrap();
-            y = model
-                .wire_node("max", TypedBinOp(Box::new(Max), None), &[y, lo])
-                .unwrap()[0];
-            y = model
-                .wire_node("min", TypedBinOp(Box::new(Min), None), &[y, hi])
-                .unwrap()[0];
+            y = wire_relu6(&mut model, y, 4);
         }
         model.select_output_outlets(&[y]).unwrap();
         let oh = (hw[0] + pad.0[0] + pad.1[0] - k[0]) / s[0] + 1;
@@ -868,18 +870,7 @@ mod tests {
                     .wire_node("add", TypedBinOp(Box::new(Add), None), &[y, bb])
                     .unwrap()[0];
             }
-            let lo = model
-                .add_const("lo", tensor0(0f32).broadcast_into_rank(3).unwrap())
-                .unwrap();
-            let hi = model
-                .add_const("hi", tensor0(6f32).broadcast_into_rank(3).unwrap())
-                .unwrap();
-            y = model
-                .wire_node("max", TypedBinOp(Box::new(Max), None), &[y, lo])
-                .unwrap()[0];
-            y = model
-                .wire_node("min", TypedBinOp(Box::new(Min), None), &[y, hi])
-                .unwrap()[0];
+            y = wire_relu6(&mut model, y, 3);
             model.select_output_outlets(&[y]).unwrap();
             if !with_bias {
                 assert_eq!(

@@ -441,7 +441,7 @@ fn sole_successor(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
 
 /// A `ThinConv` for `node`, if it is a convolution the op covers (with its constant weights and
 /// bias), and the clip node after it (whose output the op's replaces) when there is one.
-fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> {
+fn conv_candidate(model: &TypedModel, node: &TypedNode) -> Option<(ThinConv, usize)> {
     let conv = node.op_as::<Conv>()?;
     let spec = &conv.pool_spec;
     if conv.q_params.is_some()
@@ -647,7 +647,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         .nodes()
         .iter()
         .filter_map(|n| {
-            let conv = candidate(model, n).map(|(op, last)| (n.id, op, last, true));
+            let conv = conv_candidate(model, n).map(|(op, last)| (n.id, op, last, true));
             conv.or_else(|| pointwise_candidate(model, n).map(|(op, last)| (n.id, op, last, false)))
         })
         .collect();
@@ -665,9 +665,9 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         patch.shunt_outside(model, OutletId::new(*last, 0), y)?;
         patch.apply(model)?;
     }
-    if !found.is_empty() {
-        *model = model.clone().into_decluttered()?;
-    }
+    // the patches left the replaced nodes as dummies; drop them (tract's optimiser, which runs
+    // next, declutters the graph itself)
+    model.compact()?;
     Ok(found.len())
 }
 
@@ -909,7 +909,7 @@ mod tests {
         let (model, input, _, [oc, oh, ow]) =
             conv_case(3, 40, [61, 70], [3, 3], [2, 2], ([0, 0], [1, 1]), true);
         let node = model.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
-        let (op, _) = candidate(&model, node).unwrap();
+        let (op, _) = conv_candidate(&model, node).unwrap();
         let x = f32s(&input).unwrap();
         let mut scalar = vec![0f32; oc * oh * ow];
         op.run(x, &mut scalar, Path::Scalar);

@@ -203,6 +203,14 @@ pub fn arm_count(root: &Path, a: &ArmCountArgs) -> Result<()> {
     for cpu in &cpus {
         let sysroot = build::emulated_sysroot(root, cpu)?;
         for (model, key) in MODELS {
+            if key == "text_encoder" && !run_manifest.uses_minilm() {
+                // board models for a word-feature synthesizer carry no text encoder (nor its
+                // tokenizer): the device never runs it, so there is nothing to count
+                log::info!(
+                    "{cpu}: the synthesizer reads no MiniLM embedding; the text encoder is not counted"
+                );
+                continue;
+            }
             let variants: Vec<String> = match key {
                 "image_encoder" => run_manifest
                     .image_encoder

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[cfg(feature = "terminal")]
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -124,6 +125,26 @@ impl Method for Sgps<'_> {
     }
 }
 
+/// Without the `terminal` feature (board binaries, whose output goes to the journal) evaluation
+/// shows no progress bar, only one line per stage saying what it is doing.
+#[cfg(not(feature = "terminal"))]
+struct ProgressBar;
+
+#[cfg(not(feature = "terminal"))]
+impl ProgressBar {
+    fn inc(&self, _: u64) {}
+    fn finish_and_clear(&self) {}
+}
+
+#[cfg(not(feature = "terminal"))]
+fn progress_bar(len: u64, what: &str, show: bool) -> ProgressBar {
+    if show {
+        eprintln!("{what}: {len} ...");
+    }
+    ProgressBar
+}
+
+#[cfg(feature = "terminal")]
 fn progress_bar(len: u64, what: &str, show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();

@@ -196,21 +196,22 @@ pub fn arm_count(root: &Path, a: &ArmCountArgs) -> Result<()> {
         data: a.data.clone(),
     };
 
+    // board models for a word-feature synthesizer carry no text encoder (nor its tokenizer): the
+    // device never runs it, so there is nothing to count
+    let counted: Vec<(&str, &str)> = MODELS
+        .into_iter()
+        .filter(|&(_, key)| key != "text_encoder" || run_manifest.uses_minilm())
+        .collect();
+    if counted.len() < MODELS.len() {
+        log::info!("the synthesizer reads no MiniLM embedding: the text encoder is not counted");
+    }
     let mut cpus: Vec<String> = boards.iter().map(|b| b.qemu_cpu.clone()).collect();
     cpus.sort();
     cpus.dedup();
     let mut counts = Vec::new();
     for cpu in &cpus {
         let sysroot = build::emulated_sysroot(root, cpu)?;
-        for (model, key) in MODELS {
-            if key == "text_encoder" && !run_manifest.uses_minilm() {
-                // board models for a word-feature synthesizer carry no text encoder (nor its
-                // tokenizer): the device never runs it, so there is nothing to count
-                log::info!(
-                    "{cpu}: the synthesizer reads no MiniLM embedding; the text encoder is not counted"
-                );
-                continue;
-            }
+        for &(model, key) in &counted {
             let variants: Vec<String> = match key {
                 "image_encoder" => run_manifest
                     .image_encoder
